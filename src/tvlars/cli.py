@@ -1,0 +1,90 @@
+"""The ``tvlars`` command: one sub-command per module, imported only when used.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``. A
+command whose parser has ``--config`` reads a YAML file of flag values first; flags
+given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tvlars.errors import UserError
+
+COMMANDS = {
+    "train": ("tvlars.harness.train", "train a classifier with LARS, LAMB, TVLARS or SGD"),
+    "ssl": ("tvlars.harness.ssl", "Barlow Twins pre-training, then linear-probe and kNN evaluation"),
+    "sweep": ("tvlars.study.sweep", "run the Cartesian product of train/ssl flags from a grid file"),
+    "report": ("tvlars.study.report", "Table 1 of a sweep: accuracy per optimizer, batch size and lr"),
+    "plot": ("tvlars.study.plot", "the paper's figures for a run or a sweep"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Flag values from a YAML file, checked against the parser's flags."""
+    import yaml  # the harness extra; the optimizers never get here
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must map flag names to values")
+    known = {a.dest for a in parser._actions}
+    normalised = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise UserError(f"config file {path}: unknown setting '{key}'")
+        normalised[dest] = value
+    return normalised
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = _Parser(prog="tvlars", description="Large-batch training with layer-wise adaptive optimizers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = {}
+    for name, (module, summary) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        importlib.import_module(module).add_arguments(p)
+        subparsers[name] = p
+    return parser, subparsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser, subparsers = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        sub = subparsers[args.command]
+        if getattr(args, "config", None):
+            sub.set_defaults(**_config_defaults(sub, args.config))
+            args = parser.parse_args(argv)
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except UserError as err:
+        print(f"tvlars: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tvlars: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
