@@ -1,0 +1,1 @@
+"""The training harness: data, models, the training loop and self-supervised learning."""
