@@ -1,0 +1,104 @@
+"""Checkpoints: atomic writes, one-line errors on unreadable files, RNG state capture.
+
+API (reusable by ``tvlars ssl``)::
+
+    save_checkpoint(path, state: dict) -> None
+        torch.save to ``<path>.tmp-<pid>`` in the same folder, flush + fsync, then
+        os.replace over ``path`` (and fsync the folder). A crash at any point leaves the
+        previous checkpoint intact; the temp file is removed on failure.
+    load_checkpoint(path, map_location="cpu") -> dict
+        raises UserError (one line) when the file is missing, truncated or not a checkpoint.
+    rng_state() -> dict                 torch, cuda (all devices), numpy and python RNG states
+    set_rng_state(state: dict) -> None  the inverse (cuda skipped when unavailable)
+
+What ``tvlars train`` stores (``CHECKPOINT_KEYS``): model (the raw module's state_dict,
+never a DDP/compiled wrapper's), optimizer (with its step counter), scheduler (or None),
+scaler (or None), rng, epoch (epochs completed), step (optimizer steps completed),
+best_test_acc, best_epoch, plus "format" (= FORMAT) to recognise our files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from tvlars.errors import UserError
+
+FORMAT = "tvlars-checkpoint-1"
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
+                   "best_test_acc", "best_epoch")
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (temp file + fsync + os.replace)."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    state = {"format": FORMAT, **state}
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`; UserError if unusable."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False: the file holds numpy/python RNG states. Only load your own runs.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, pickle garbage, permissions ...
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = msg.split(". ")[0]
+        raise UserError(f"cannot read checkpoint {path}: {msg}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a tvlars checkpoint")
+    return state
+
+
+def rng_state() -> dict:
+    """Every RNG a run draws from: torch (CPU), cuda (all devices), numpy, python."""
+    import numpy as np
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "cuda": None}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = [s.cpu() for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

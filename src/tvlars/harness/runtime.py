@@ -1,0 +1,188 @@
+"""Process / device runtime: single process or DDP (torchrun), seeding, model wrapping.
+
+API (reusable by ``tvlars ssl``)::
+
+    setup_runtime(device="auto") -> Runtime
+        Under torchrun (WORLD_SIZE > 1 in the environment) initialises the default process
+        group from the environment (env://; backend nccl on CUDA, gloo otherwise) and picks
+        the device cuda:LOCAL_RANK. ``device``: "auto" (cuda if available, else mps, else
+        cpu), "cpu", "cuda", "cuda:N", "mps". Raises UserError for an unusable device.
+    Runtime(rank, world_size, local_rank, device, distributed)
+        .is_main                     rank == 0 (the only rank that writes files)
+        .barrier()
+        .all_reduce_sum(tensor)      in place, returns the tensor (no-op on one process)
+        .all_reduce_min_int(value) -> int
+        .broadcast_object(obj)       rank 0's object on every rank
+        .shutdown()                  destroy the process group (call in a finally block)
+    seed_everything(seed) -> None    python, numpy, torch (all devices)
+    prepare_model(model, rt, *, sync_bn=False, channels_last=False, compile=False)
+        -> (train_model, raw_model)
+        moves to rt.device, optional SyncBatchNorm (CUDA + DDP only) and channels_last,
+        wraps in DistributedDataParallel when distributed, then torch.compile. ``raw_model``
+        is the plain module: save/load its state_dict and map parameter names with it.
+    autocast(rt, amp) -> context manager   amp in {"none", "bf16"}
+    maybe_no_sync(model, skip) -> context manager   DDP's no_sync() when skip, else nullcontext
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+from tvlars.errors import UserError
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: "object"  # torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor):
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_min_int(self, value: int) -> int:
+        if not self.distributed:
+            return int(value)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shutdown(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device '{name}' requested but MPS is not available")
+    return dev
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """One process, or one rank of a torchrun job (see the module doc)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Runtime(0, 1, 0, _pick_device(device), False)
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device)
+    if dev.type == "cuda":
+        if torch.cuda.device_count() > 1 or dev.index is None:
+            dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    elif dev.type == "cpu":
+        backend = "gloo"
+    else:
+        raise UserError(f"distributed training needs device cuda or cpu, not '{dev.type}'")
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        try:
+            dist.init_process_group(backend=backend, **kwargs)
+        except TypeError:  # older torch without device_id
+            dist.init_process_group(backend=backend)
+    return Runtime(rank, world, local_rank, dev, True)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def prepare_model(model, rt: Runtime, *, sync_bn: bool = False, channels_last: bool = False,
+                  compile: bool = False):
+    """(train_model, raw_model): device, SyncBN, channels_last, DDP, compile -- in that order."""
+    import torch
+
+    raw = model.to(rt.device)
+    if channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    train_model = raw
+    if rt.distributed:
+        if sync_bn and rt.device.type == "cuda":
+            raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+            train_model = raw
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        train_model = DDP(raw, device_ids=ids, broadcast_buffers=not sync_bn or rt.device.type != "cuda")
+    if compile:
+        train_model = torch.compile(train_model)
+    return train_model, raw
+
+
+def autocast(rt: Runtime, amp: str):
+    import torch
+
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "bf16":
+        return torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16)
+    raise UserError(f"unknown --amp '{amp}' (use none or bf16)")
+
+
+def maybe_no_sync(model, skip: bool):
+    """DDP's ``no_sync()`` (skip the gradient all-reduce) for all but the last micro-batch."""
+    if skip:
+        inner = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+        if hasattr(inner, "no_sync"):
+            return inner.no_sync()
+    return contextlib.nullcontext()

@@ -1,0 +1,380 @@
+"""``tvlars train``: supervised large-batch training, one readable loop (top to bottom).
+
+    tvlars train --dataset digits --optimizer tvlars --batch-size 256 --lr 1 --epochs 30
+    torchrun --nproc_per_node 4 -m tvlars train --dataset cifar10 --data-dir data ...
+
+What it does, in order:
+ 1. flags -> resolved configuration (tvlars.harness.config); the run folder is checked: a
+    folder holding another run is refused unless --resume, which takes the saved
+    config.yaml (a changed flag that affects results is an error) and the checkpoint.
+ 2. runtime (one process or DDP under torchrun), data (whole splits as uint8 tensors),
+    model, loaders, optimizer (+ schedule stepped per optimizer step).
+ 3. per epoch: train over global batches of --batch-size rows, each split into this
+    rank's share and then into micro-batches whose gradients are accumulated (the loss of
+    every micro-batch is its SUM of losses times world / rows-in-the-global-batch, so the
+    accumulated, DDP-averaged gradient is exactly the full-batch mean gradient; DDP's
+    gradient all-reduce runs only on the last micro-batch); per-layer stats every K steps;
+    evaluation on the WHOLE test set, sharded over ranks and summed with all_reduce;
+    one metrics.csv row; an atomic checkpoint; summary.json.
+ 4. a non-finite loss or weight stops the run: status "diverged", exit status 1, the last
+    good checkpoint is kept.
+
+Distributed: every rank checks the run folder and, on --resume, reads the checkpoint
+(multi-node runs need the folder on a shared filesystem); only rank 0 writes.
+
+Exit status: 0 completed (or stopped by --stop-after-epochs), 1 diverged, 2 user error.
+metrics.csv "epoch_time" is the training time of the epoch (evaluation excluded) and
+"images_per_sec" the training images per second over it; "lr" is the learning rate of
+the epoch's last optimizer step (the group lr: for TVLARS phi_t multiplies it inside the
+optimizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+from tvlars.errors import UserError
+from tvlars.harness import config as cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cfg.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvlars.harness.runtime import setup_runtime
+
+    rt = setup_runtime(args.device)
+    try:
+        return train(args, rt)
+    finally:
+        rt.shutdown()
+
+
+# ---------------------------------------------------------------------------------------
+def train(args: argparse.Namespace, rt) -> int:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from tvlars.harness import checkpoint as ckpt
+    from tvlars.harness import optimizers as opt_lib
+    from tvlars.harness.data import load_data
+    from tvlars.harness.loader import DeviceLoader, make_loader
+    from tvlars.harness.models import build_model
+    from tvlars.harness.runlog import RUN_FILES, RunLog, read_config
+    from tvlars.harness.runtime import autocast, maybe_no_sync, prepare_model, seed_everything
+
+    t_start = time.time()
+    # ---- 1. configuration and run folder ------------------------------------------------
+    probe = copy.copy(args)
+    cfg.resolve_auto(probe)
+    out = Path(args.out or cfg.default_out(probe))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run folder")
+    saved = read_config(out)
+    if not args.resume and (saved is not None or any((out / f).exists() for f in RUN_FILES)):
+        raise UserError(f"run folder {out} already holds a run; use --resume to continue it or choose another --out")
+    state = None
+    if args.resume and saved is not None:
+        if saved.get("command") != "train":
+            raise UserError(f"run folder {out} holds a '{saved.get('command')}' run, not a train run")
+        args = cfg.merge_resume(args, saved, cfg.parser_defaults())
+        summary = _read_summary(out)
+        if summary.get("status") == "completed":
+            _say(rt, f"tvlars: run in {out} already completed ({summary.get('epochs_done')} epochs); nothing to do")
+            return 0
+        if summary.get("status") == "diverged":
+            raise UserError(f"run in {out} diverged at epoch {summary.get('epochs_done', 0) + 1}; nothing to resume")
+        if (out / "checkpoint.pt").exists():
+            state = ckpt.load_checkpoint(out / "checkpoint.pt")
+    cfg.resolve_auto(args)
+    args.out = str(out)
+
+    # ---- 2. data, model, loaders, optimizer ---------------------------------------------
+    synthetic = dict(num_train=args.synthetic_train, num_test=args.synthetic_test, num_classes=args.synthetic_classes,
+                     channels=args.synthetic_channels, image_size=args.synthetic_image_size)
+    data = load_data(args.dataset, args.data_dir, download=args.download, synthetic=synthetic)
+    n_train, n_test = len(data.train_labels), len(data.test_labels)
+    if args.batch_size > n_train:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {n_train} training images of {args.dataset}")
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {rt.world_size} processes")
+    per_rank = args.batch_size // rt.world_size
+
+    seed_everything(args.seed)
+    try:
+        model = build_model(args.model, data.num_classes, data.in_channels, data.image_size, stem=args.stem,
+                            init=args.init)
+    except ValueError as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    model, raw = prepare_model(model, rt, sync_bn=args.sync_bn, channels_last=args.channels_last, compile=False)
+    micro = _micro_batch_size(args, raw, data, rt, per_rank)
+    model, raw = _wrap(model, raw, rt, args)
+    names = {id(p): n for n, p in raw.named_parameters()}
+
+    on_device = {"auto": "auto", "yes": True, "no": False}[args.data_on_device]
+    common = dict(mean=data.mean, std=data.std, device=rt.device, rank=rt.rank, world_size=rt.world_size,
+                  seed=args.seed, channels_last=args.channels_last)
+    augment = None
+    if args.augment:
+        from tvlars.harness.augment import RandomCropFlip
+
+        augment = RandomCropFlip(4)
+    train_loader = make_loader(data.train_images, data.train_labels, data_on_device=on_device,
+                               num_workers=args.num_workers, batch_size=args.batch_size, shuffle=True,
+                               drop_last=args.drop_last, augment=augment, **common)
+    exact_rows = isinstance(train_loader, DeviceLoader)  # global-batch slicing: rows known without comms
+    test_on_device = isinstance(train_loader, DeviceLoader)
+    test_loader = DeviceLoader(data.test_images, data.test_labels, batch_size=args.eval_batch_size * rt.world_size,
+                               shuffle=False, drop_last=False,
+                               **{**common, "device": rt.device if test_on_device else "cpu"})
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * args.epochs
+    optimizer = opt_lib.build_optimizer(raw, args, steps_per_epoch)
+    scheduler = opt_lib.build_scheduler(optimizer, args, steps_per_epoch, total_steps)
+
+    start_epoch, step, best_acc, best_epoch = 0, 0, None, None
+    if state is not None:
+        try:
+            raw.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UserError(f"checkpoint {out / 'checkpoint.pt'} does not match this run: "
+                            f"{str(err).strip().splitlines()[0]}") from None
+        ckpt.set_rng_state(state["rng"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        best_acc, best_epoch = state.get("best_test_acc"), state.get("best_epoch")
+        t_start -= float(state.get("wall_time_s", 0.0))  # wall_time_s counts every invocation
+
+    resolved = dict(vars(args), command="train", out=str(out), micro_batch_size=micro,
+                    accumulation_steps=math.ceil(per_rank / micro), world_size=rt.world_size,
+                    torch_version=torch.__version__, tvlars_version=_version(), steps_per_epoch=steps_per_epoch,
+                    total_steps=total_steps,
+                    delay_steps_resolved=opt_lib.delay_in_steps(args, steps_per_epoch),
+                    train_size=n_train, test_size=n_test)
+    if saved is not None and saved.get("world_size") not in (None, rt.world_size):
+        _say(rt, f"tvlars: note: resuming a run started with {saved['world_size']} process(es) on {rt.world_size}")
+    rt.barrier()  # every rank has checked the folder before rank 0 writes to it
+    if args.sync_bn and rt.distributed and rt.device.type != "cuda":
+        _say(rt, "tvlars: note: --sync-bn needs CUDA; batch norm statistics stay per process on the CPU")
+    try:
+        log = RunLog(out, enabled=rt.is_main, resume_epoch=start_epoch if state is not None else None,
+                     resume_step=step)
+        log.write_config(resolved)
+    except OSError as err:
+        raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
+    log.write_summary(status="running", epochs_done=start_epoch, final_test_acc=None, best_test_acc=best_acc,
+                      best_epoch=best_epoch, wall_time_s=None, world_size=rt.world_size)
+    _say(rt, f"tvlars: training {args.model} on {args.dataset} ({n_train} images) with {args.optimizer}, "
+             f"batch {args.batch_size} = {rt.world_size} x {math.ceil(per_rank / micro)} x {micro}, "
+             f"{steps_per_epoch} steps/epoch, run folder {out}")
+
+    # ---- 3. the loop -----------------------------------------------------------------------
+    dev = rt.device
+    params = [p for p in raw.parameters()]
+    epochs_run, last_acc = 0, None
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        correct = torch.zeros((), device=dev, dtype=torch.int64)
+        rows_seen = 0
+        lr_used = float(optimizer.param_groups[0]["lr"])
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=not (args.progress and rt.is_main), file=sys.stderr)
+        t0 = time.time()
+        for i, (x, y) in enumerate(train_loader):
+            global_rows = min(args.batch_size, n_train - i * args.batch_size) if exact_rows else len(y) * rt.world_size
+            stats_now = rt.is_main and args.layer_stats_every > 0 and (step + 1) % args.layer_stats_every == 0
+            opt_lib.enable_stats(optimizer, stats_now)
+            chunks = list(zip(x.split(micro), y.split(micro))) or [(x, y)]
+            for j, (xm, ym) in enumerate(chunks):
+                with maybe_no_sync(model, j < len(chunks) - 1), autocast(rt, args.amp):
+                    logits = model(xm)
+                loss = F.cross_entropy(logits.float(), ym, reduction="sum")
+                (loss * (rt.world_size / global_rows)).backward()
+                loss_sum += loss.detach()
+                correct += (logits.detach().argmax(1) == ym).sum()
+            lr_used = float(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if stats_now:
+                st = opt_lib.layer_stats(optimizer, names)
+                if st is not None:
+                    log.log_layers([{"step": step + 1, "epoch": epoch + 1, **{k: v[n] for k, v in st.items()}}
+                                    for n in range(len(st["layer"]))])
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            rows_seen += len(y)
+            if not bar.disable and (i % 10 == 0 or i == steps_per_epoch - 1):  # host sync: rank 0 only
+                seen = max(rows_seen, 1)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.1f}",
+                                img_s=f"{rows_seen * rt.world_size / max(time.time() - t0, 1e-9):.0f}")
+            bar.update(1)
+        bar.close()
+        totals = rt.all_reduce_sum(torch.stack([loss_sum, correct.to(torch.float64),
+                                                torch.tensor(float(rows_seen), device=dev, dtype=torch.float64)]))
+        train_loss, train_correct, train_rows = totals.tolist()
+        epoch_time = time.time() - t0
+        finite = math.isfinite(train_loss) and bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+        row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "train_loss": train_loss / max(train_rows, 1),
+               "train_acc": 100.0 * train_correct / max(train_rows, 1), "epoch_time": round(epoch_time, 4),
+               "images_per_sec": round(train_rows / max(epoch_time, 1e-9), 2)}
+        if finite and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            row["test_loss"], row["test_acc"] = evaluate(model, test_loader, rt, args.amp, n_test)
+            finite = math.isfinite(row["test_loss"])
+        epochs_run += 1
+        log.log_epoch(row)
+        if not finite:  # ---- 4. divergence: keep everything written so far, stop -------------
+            log.write_summary(status="diverged", epochs_done=epoch, final_test_acc=None, best_test_acc=best_acc,
+                              best_epoch=best_epoch, wall_time_s=round(time.time() - t_start, 3),
+                              diverged_at_epoch=epoch + 1)
+            log.close()
+            kept = f"the checkpoint of epoch {epoch} is kept" if epoch > 0 else "no checkpoint was written"
+            print(f"tvlars: error: training diverged in epoch {epoch + 1} (non-finite loss or weights); {kept} "
+                  f"in {out}", file=sys.stderr)
+            return 1
+        if "test_acc" in row:
+            last_acc = row["test_acc"]
+            if best_acc is None or last_acc > best_acc:
+                best_acc, best_epoch = last_acc, epoch + 1
+        if rt.is_main:
+            ckpt.save_checkpoint(out / "checkpoint.pt", {
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(), "scaler": None,
+                "rng": ckpt.rng_state(), "epoch": epoch + 1, "step": step,
+                "best_test_acc": best_acc, "best_epoch": best_epoch, "last_test_acc": last_acc,
+                "wall_time_s": time.time() - t_start})
+        log.write_summary(status="running", epochs_done=epoch + 1, best_test_acc=best_acc, best_epoch=best_epoch,
+                          wall_time_s=round(time.time() - t_start, 3))
+        _say(rt, f"epoch {epoch + 1}/{args.epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} "
+                 + (f"test_loss {row['test_loss']:.4f} test_acc {row['test_acc']:.2f} " if "test_acc" in row else "")
+                 + f"({epoch_time:.1f}s, {row['images_per_sec']:.0f} img/s)")
+        if args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs and epoch + 1 < args.epochs:
+            log.close()
+            _say(rt, f"tvlars: stopped after {epochs_run} epoch(s) as asked; continue with --resume --out {out}")
+            return 0
+    rt.barrier()
+    if epochs_run == 0 and state is not None:  # the checkpoint was the last epoch's
+        last_acc = state.get("last_test_acc")
+    log.write_summary(status="completed", epochs_done=args.epochs, final_test_acc=last_acc, best_test_acc=best_acc,
+                      best_epoch=best_epoch, wall_time_s=round(time.time() - t_start, 3))
+    log.close()
+    _say(rt, f"tvlars: done: test accuracy {last_acc if last_acc is None else round(last_acc, 2)}% "
+             f"(best {best_acc if best_acc is None else round(best_acc, 2)}% at epoch {best_epoch}), run folder {out}")
+    return 0
+
+
+def evaluate(model, loader, rt, amp: str, n_test: int) -> tuple[float, float]:
+    """Mean loss and top-1 accuracy (percent) over the WHOLE test set: every rank evaluates
+    its share of each batch, and the sums of loss and correct predictions are all-reduced."""
+    import torch
+    import torch.nn.functional as F
+
+    from tvlars.harness.runtime import autocast
+
+    model.eval()
+    dev = rt.device
+    sums = torch.zeros(3, device=dev, dtype=torch.float64)
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if len(y) == 0:
+                continue
+            with autocast(rt, amp):
+                logits = _unwrapped(model)(x)
+            sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += len(y)
+    loss, correct, rows = rt.all_reduce_sum(sums).tolist()
+    if int(rows) != n_test:  # the sharding must cover the test set exactly once
+        raise RuntimeError(f"evaluated {int(rows)} test images, expected {n_test}")
+    model.train()
+    return loss / rows, 100.0 * correct / rows
+
+
+# ---- helpers ---------------------------------------------------------------------------
+def _unwrapped(model):
+    """The module to call for evaluation: DDP's inner module (no gradient sync hooks needed)."""
+    inner = getattr(model, "_orig_mod", None)
+    if inner is not None and hasattr(inner, "module"):
+        return model  # compiled DDP: call the compiled one
+    return getattr(model, "module", model)
+
+
+def _wrap(model, raw, rt, args):
+    """torch.compile after DDP (prepare_model already handled device/SyncBN/DDP)."""
+    if args.compile:
+        import torch
+
+        model = torch.compile(model)
+    return model, raw
+
+
+def _micro_batch_size(args, raw, data, rt, per_rank: int) -> int:
+    """--micro-batch-size: an integer (capped at the per-rank batch), or auto: on CUDA the
+    largest power-of-two fraction of the per-rank batch whose forward+backward fits, else
+    the per-rank batch capped at 1024. The smallest choice over ranks wins."""
+    if args.micro_batch_size != "auto":
+        return max(1, min(int(args.micro_batch_size), per_rank))
+    if rt.device.type != "cuda":
+        return rt.all_reduce_min_int(min(per_rank, 1024))
+    import torch
+
+    from tvlars.harness.runtime import autocast
+
+    probe = copy.deepcopy(raw)  # batch-norm statistics of the real model stay untouched
+    shape = (data.in_channels, data.image_size, data.image_size)
+    micro = per_rank
+    while True:
+        try:
+            x = torch.randn(micro, *shape, device=rt.device, generator=None)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(rt, args.amp):
+                probe(x).float().sum().backward()
+            probe.zero_grad(set_to_none=True)
+            break
+        except torch.cuda.OutOfMemoryError:
+            probe.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if micro == 1:
+                raise UserError("one image per micro-batch does not fit in GPU memory") from None
+            micro = max(1, micro // 2)
+    del probe
+    torch.cuda.empty_cache()
+    # headroom for the optimizer state and fragmentation
+    micro = micro if micro == per_rank else max(1, micro // 2)
+    return rt.all_reduce_min_int(micro)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tvlars")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+def _read_summary(out: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _say(rt, message: str) -> None:
+    if rt.is_main:
+        print(message, file=sys.stderr, flush=True)
