@@ -1,0 +1,503 @@
+"""``tvlars plot RUN_OR_SWEEP_DIR``: the paper's figures for one run or a whole sweep.
+
+Figures (written atomically into ``--out``, default ``<dir>/figures/``, one file per
+``--format``: png, svg, pdf):
+
+``curves_B<batch>``   test accuracy and test loss against epochs for one batch size, a
+                      line per optimizer variant and learning rate (mean over seeds):
+                      the counterpart of the paper's Figures 1, 5 and 60-63.
+``layers_<variant>_B<batch>``  per-layer weight norm ||w||, gradient norm ||g||, their ratio
+                      ||w||/||g|| (from layers.csv) and the test loss against optimizer
+                      steps, a row per learning rate (first seed): Figures 2 and 6-59. The
+                      layers shown are chosen with ``--layers``: ``auto`` (first, middle and
+                      last weight layers, biases and norm layers left out) or a
+                      comma-separated list of layer names, substrings of names, indices,
+                      ``first``, ``middle``, ``last``.
+``tv-factor``         phi_t (Eq. 4, ``tvlars.tv_factor``) against steps for several lam
+                      (``--lams``, default the paper's 1e-2 .. 1e-6): Figure 3. For a sweep,
+                      the span of steps its runs trained is shaded.
+``accuracy-vs-lam``   best test accuracy against lam, when the sweep varies lam: Figure 4.
+``epochs-to-target``  per batch size and optimizer variant (each at its best lr), the
+                      epochs to reach ``--target`` % of the best accuracy any run reached at
+                      that batch size; bars that never get there are marked.
+
+For a single run folder: its curves, its layer figure and the tv-factor figure.
+``--figures`` picks a subset (curves, layers, tv-factor, lam, epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from tvlars.errors import UserError
+
+FIGURES = ("curves", "layers", "tv-factor", "lam", "epochs")
+FORMATS = ("png", "svg", "pdf")
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="RUN_OR_SWEEP_DIR", help="a run folder or a sweep folder")
+    parser.add_argument("--out", metavar="DIR", default=None, help="where the figures go (default DIR/figures)")
+    parser.add_argument("--format", default="png", metavar="LIST", help="comma-separated: png, svg, pdf (default png)")
+    parser.add_argument("--figures", default=",".join(FIGURES), metavar="LIST",
+                        help=f"comma-separated subset of {', '.join(FIGURES)} (default all)")
+    parser.add_argument("--layers", default="auto", metavar="LIST",
+                        help="layers of the per-layer figures: auto, or names / substrings / indices / "
+                             "first, middle, last, comma-separated")
+    parser.add_argument("--lams", default="1e-2,5e-3,1e-3,1e-4,1e-5,1e-6", metavar="LIST",
+                        help="lam values of the tv-factor figure (default the paper's)")
+    parser.add_argument("--delay", type=float, default=0.0, metavar="STEPS",
+                        help="delay d_e of the tv-factor figure, in steps (default 0)")
+    parser.add_argument("--target", type=float, default=95.0, metavar="PERCENT",
+                        help="epochs-to-target figure: %% of the best accuracy at each batch size (default 95)")
+    parser.add_argument("--dpi", type=int, default=120, help="resolution of png files (default 120)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvlars.study.report import parse_formats
+
+    formats = parse_formats(args.format, FORMATS)
+    figures = [f.strip() for f in args.figures.split(",") if f.strip()]
+    for f in figures:
+        if f not in FIGURES:
+            raise UserError(f"--figures: unknown figure '{f}' (expected {', '.join(FIGURES)})")
+    try:
+        lams = [float(x) for x in args.lams.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lams: not a list of numbers: {args.lams}") from None
+    if not 0 < args.target <= 100:
+        raise UserError(f"--target must be a percentage in (0, 100], not {args.target}")
+    written = make_figures(args.path, out=args.out, formats=formats, figures=figures, layers=args.layers,
+                           lams=lams, delay=args.delay, target=args.target / 100, dpi=args.dpi)
+    for path in written:
+        print(path)
+    return 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, out: Path, stem: str, formats: Sequence[str], dpi: int = 120, tight: bool = True) -> list[Path]:
+    """Save a figure atomically (temp file + os.replace) in every format; close it."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out / f"{stem}.{fmt}"
+        tmp = out / f".{stem}.{os.getpid()}.tmp.{fmt}"
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight" if tight else None)
+        os.replace(tmp, path)
+        paths.append(path)
+    _pyplot().close(fig)
+    return paths
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "-", text).strip("-").lower()
+
+
+def read_layers(path: Path) -> dict[str, dict[str, list[float]]]:
+    """layers.csv -> {layer: {"step": [...], "weight_norm": [...], "grad_norm": [...], ...}} in file order."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return {}
+    layers: dict[str, dict[str, list[float]]] = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        name = row.get("layer")
+        if not name:
+            continue
+        series = layers.setdefault(name, {"step": [], "weight_norm": [], "grad_norm": [], "trust_ratio": [],
+                                          "step_size": []})
+        for key in series:
+            try:
+                series[key].append(float(row.get(key) or "nan"))
+            except ValueError:
+                series[key].append(float("nan"))
+    return layers
+
+
+def _is_weight_layer(name: str) -> bool:
+    lowered = name.lower()
+    if lowered.endswith(".bias") or "bias" in lowered.split(".")[-1]:
+        return False
+    return not any(tag in lowered for tag in ("bn", "norm", "downsample.1", "shortcut.1"))
+
+
+def select_layers(names: Sequence[str], spec: str = "auto") -> list[str]:
+    """The layers to draw: ``auto`` = first, middle and last weight layer; else a list of
+    names, substrings of names, indices, or first/middle/last (of all layers)."""
+    names = list(names)
+    if not names:
+        return []
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        pool = [n for n in names if _is_weight_layer(n)] or names
+        picks = [pool[0], pool[len(pool) // 2], pool[-1]]
+        return list(dict.fromkeys(picks))
+    chosen = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if token in ("first", "middle", "last"):
+            chosen.append({"first": names[0], "middle": names[len(names) // 2], "last": names[-1]}[token])
+        elif token in names:
+            chosen.append(token)
+        elif token.lstrip("-").isdigit() and -len(names) <= int(token) < len(names):
+            chosen.append(names[int(token)])
+        else:
+            matches = [n for n in names if token in n]
+            if not matches:
+                shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise UserError(f"--layers: no layer matches '{token}' (layers: {shown})")
+            chosen.append(matches[0])
+    return list(dict.fromkeys(chosen))
+
+
+def _mean_curve(runs, column: str) -> tuple[list[float], list[float]]:
+    """Mean over runs of a metrics.csv column, per epoch."""
+    by_epoch: dict[float, list[float]] = {}
+    for r in runs:
+        for e, v in zip(*r.curve(column)):
+            if math.isfinite(v):
+                by_epoch.setdefault(e, []).append(v)
+    xs = sorted(by_epoch)
+    return xs, [sum(by_epoch[x]) / len(by_epoch[x]) for x in xs]
+
+
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+
+def _lr(lr: float) -> str:
+    from tvlars.study.sweep import format_value
+
+    return format_value(lr)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _groups(runs):
+    """{(label, batch, lr): [finished-or-not runs with curves]} plus the label order."""
+    from tvlars.study import report
+
+    labels = report.row_labels(runs)
+    groups: dict[tuple[str, int, float], list] = {}
+    for r in runs:
+        batch, lr = report._number(r.get("batch_size")), report._number(r.get("lr"))
+        if batch is None or lr is None or not r.metrics:
+            continue
+        groups.setdefault((labels[str(r.path)], int(batch), lr), []).append(r)
+    order = sorted({k[0] for k in groups}, key=report._label_order)
+    return groups, order
+
+
+def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Path]:
+    """Test accuracy and loss against epochs, one figure per batch size (Figures 1, 5, 60-63)."""
+    plt = _pyplot()
+    groups, order = _groups(runs)
+    colors = _colors(order)
+    written = []
+    for batch in sorted({k[1] for k in groups}):
+        lrs = sorted({k[2] for k in groups if k[1] == batch})
+        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.6))
+        for label in order:
+            for i, lr in enumerate(lrs):
+                members = groups.get((label, batch, lr))
+                if not members:
+                    continue
+                style = dict(color=colors[label], linestyle=LINESTYLES[i % len(LINESTYLES)], linewidth=1.6)
+                n = len(members)
+                name = f"{label}, lr {_lr(lr)}" + (f" (mean of {n})" if n > 1 else "")
+                xs, ys = _mean_curve(members, "test_acc")
+                if xs:
+                    ax_acc.plot(xs, ys, label=name, **style)
+                xs, ys = _mean_curve(members, "test_loss")
+                pos = [(x, y) for x, y in zip(xs, ys) if y > 0]
+                if pos:
+                    ax_loss.plot([p[0] for p in pos], [p[1] for p in pos], **style)
+        ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"Test accuracy, batch size {batch}")
+        ax_loss.set(xlabel="epoch", ylabel="test loss (cross-entropy, log scale)", title=f"Test loss, batch size {batch}")
+        ax_loss.set_yscale("log")
+        _clip_exploded(ax_loss)
+        for ax in (ax_acc, ax_loss):
+            ax.grid(True, alpha=0.3)
+        handles, names = ax_acc.get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+        fig.suptitle(f"{title_prefix}test accuracy and loss per optimizer and learning rate (B = {batch})")
+        fig.tight_layout()
+        written += save(fig, out, f"curves_B{batch}", formats, dpi)
+    return written
+
+
+def _clip_exploded(ax, factor: float = 1e3) -> None:
+    """Keep runs whose loss exploded (1e30 ...) from flattening the others: cap the y axis
+    at ``factor`` times the median loss and say so."""
+    values = sorted(y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y) and y > 0)
+    if not values:
+        return
+    cap = values[len(values) // 2] * factor
+    if values[-1] > cap:
+        low = values[0] / 1.5
+        ax.set_ylim(low, cap)
+        ax.set_title(ax.get_title() + f"\n(axis cut at {cap:.3g}: higher lines exploded)", fontsize=10)
+
+
+def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=False) -> list[Path]:
+    """Per-layer ||w||, ||g||, ||w||/||g|| and test loss against steps (Figures 2, 6-59)."""
+    plt = _pyplot()
+    groups, order = _groups(runs)
+    written = []
+    keys = sorted({(k[0], k[1]) for k in groups}, key=lambda k: (order.index(k[0]), k[1]))
+    for label, batch in keys:
+        lrs = sorted({k[2] for k in groups if k[0] == label and k[1] == batch})
+        chosen_runs = []
+        for lr in lrs:
+            members = sorted(groups[(label, batch, lr)], key=lambda r: (str(r.get("seed", "")), r.name))
+            members = [r for r in members if (r.path / "layers.csv").is_file()]
+            if members:
+                chosen_runs.append((lr, members[0]))
+        if not chosen_runs:
+            continue
+        fig, axes = plt.subplots(len(chosen_runs), 4, figsize=(16, 3.4 * len(chosen_runs)), squeeze=False)
+        for row, (lr, r) in enumerate(chosen_runs):
+            data = read_layers(r.path / "layers.csv")
+            names = select_layers(list(data), layers_spec)
+            cmap = plt.get_cmap("viridis")
+            for j, name in enumerate(names):
+                series = data[name]
+                color = cmap(j / max(1, len(names) - 1) * 0.85)
+                steps = series["step"]
+                ratio = [w / g if g and g > 0 else float("nan") for w, g in zip(series["weight_norm"], series["grad_norm"])]
+                axes[row, 0].plot(steps, series["weight_norm"], color=color, label=name, linewidth=1.3)
+                axes[row, 1].plot(steps, series["grad_norm"], color=color, label=name, linewidth=1.3)
+                axes[row, 2].plot(steps, ratio, color=color, label=name, linewidth=1.3)
+            if r.metrics and all(m.get("step") is not None for m in r.metrics):
+                pairs = [(m["step"], m.get("test_loss")) for m in r.metrics if m.get("test_loss") is not None]
+                xs, ys, loss_x = [p[0] for p in pairs], [p[1] for p in pairs], "step"
+            else:
+                (xs, ys), loss_x = r.curve("test_loss"), "epoch"
+            axes[row, 3].plot(xs, ys, color="black", linewidth=1.4)
+            suffix = f" (lr {_lr(lr)})"
+            titles = ("weight norm ||w||", "gradient norm ||g||", "ratio ||w|| / ||g||", "test loss")
+            ylabels = ("||w|| (L2 norm)", "||g|| (L2 norm)", "||w|| / ||g||", "test loss (cross-entropy)")
+            for col in range(4):
+                ax = axes[row, col]
+                ax.set_title(titles[col] + suffix, fontsize=10)
+                ax.set_xlabel("optimizer step" if col < 3 or loss_x == "step" else "epoch")
+                ax.set_ylabel(ylabels[col])
+                ax.grid(True, alpha=0.3)
+                if any(line.get_ydata().size for line in ax.get_lines()):
+                    data_y = [y for line in ax.get_lines() for y in line.get_ydata() if y == y]
+                    if data_y and min(data_y) > 0:
+                        ax.set_yscale("log")
+            if row == 0 and names:
+                axes[row, 0].legend(fontsize=8, title="layer", title_fontsize=8)
+        fig.suptitle(f"Per-layer norms and test loss: {label}, batch size {batch}"
+                     + (f" ({chosen_runs[0][1].name})" if single else ""), fontsize=12)
+        fig.tight_layout()
+        stem = "layers" if single else f"layers_{_slug(label)}_B{batch}"
+        written += save(fig, out, stem, formats, dpi, tight=False)
+    return written
+
+
+def figure_tv_factor(out: Path, formats, lams: Sequence[float], delay: float = 0.0, runs=(), dpi=120) -> list[Path]:
+    """phi_t against steps for several lam (Figure 3)."""
+    try:
+        from tvlars import tv_factor
+    except ImportError:
+        tv_factor = None
+    if tv_factor is None:
+        try:
+            from tvlars.optim.factor import tv_factor
+        except ImportError:
+            tv_factor = None
+    if tv_factor is None:
+        print("tvlars plot: tvlars.tv_factor is not available; skipping the tv-factor figure", file=sys.stderr)
+        return []
+    plt = _pyplot()
+    import numpy as np
+
+    steps = np.unique(np.concatenate([[0], np.geomspace(1, 1e7, 600)]))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    cmap = plt.get_cmap("plasma")
+    for i, lam in enumerate(lams):
+        phi = [tv_factor(float(t), lam, delay=delay) for t in steps]
+        ax.plot(steps + 1, phi, label=f"λ = {lam:g}", color=cmap(i / max(1, len(lams) - 1) * 0.9), linewidth=1.8)
+    trained = [r.metrics[-1].get("step") for r in runs if r.metrics and r.metrics[-1].get("step")]
+    if trained and min(trained) < max(trained):
+        ax.axvspan(1 + min(trained), 1 + max(trained), color="grey", alpha=0.2,
+                   label=f"steps trained in this sweep ({int(min(trained))}–{int(max(trained))})")
+    elif trained:
+        ax.axvline(1 + trained[0], color="grey", linestyle="--", label=f"steps trained here ({int(trained[0])})")
+    ax.set_xscale("log")
+    ax.set(xlabel="optimizer step t + 1 (log scale)", ylabel="φ_t",
+           title="TVLARS time-varying factor φ_t = 1 / (α + exp(λ (t − d_e))) + γ_min"
+                 + (f", d_e = {delay:g}" if delay else ", d_e = 0"))
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return save(fig, out, "tv-factor", formats, dpi)
+
+
+def figure_accuracy_vs_lam(runs, out: Path, formats, dpi=120) -> list[Path]:
+    """Best test accuracy against lam, for the TVLARS runs of a sweep that varies lam (Figure 4)."""
+    from tvlars.study import report
+
+    points: dict[tuple[int, float], dict[float, list[float]]] = {}
+    for r in runs:
+        if not r.finished or str(r.get("optimizer", "")).lower() != "tvlars":
+            continue
+        lam, batch, lr = (report._number(r.get(k)) for k in ("lam", "batch_size", "lr"))
+        acc = report.run_accuracy(r, "best")
+        if None in (lam, batch, lr) or acc is None or lam <= 0:
+            continue
+        points.setdefault((int(batch), lr), {}).setdefault(lam, []).append(acc)
+    if not any(len(v) > 1 for v in points.values()):
+        return []
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    batches = sorted({k[0] for k in points})
+    colors = _colors([str(b) for b in batches])
+    for (batch, lr), by_lam in sorted(points.items()):
+        if len(by_lam) < 2:
+            continue
+        lams = sorted(by_lam)
+        stats = [report.mean_std(by_lam[x]) for x in lams]
+        lrs = sorted({k[1] for k in points if k[0] == batch})
+        ax.errorbar(lams, [s[0] for s in stats], yerr=[s[1] or 0.0 for s in stats], marker="o", capsize=3,
+                    color=colors[str(batch)], linestyle=LINESTYLES[lrs.index(lr) % len(LINESTYLES)],
+                    label=f"B = {batch}, lr {_lr(lr)}")
+    ax.set_xscale("log")
+    ax.set(xlabel="decay coefficient λ (log scale)", ylabel="best test accuracy (%)",
+           title="TVLARS: accuracy against λ (mean ± std over seeds)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return save(fig, out, "accuracy-vs-lam", formats, dpi)
+
+
+def epochs_to_target_table(runs, fraction: float = 0.95):
+    """{(label, batch): (mean epochs or inf, lr, target)}: each variant at its best lr, the epochs
+    its runs took to reach ``fraction`` of the best accuracy any run reached at that batch size
+    (inf when a run never did)."""
+    from tvlars.study import report
+
+    groups, order = _groups([r for r in runs if r.finished])
+    best_at_batch: dict[int, float] = {}
+    for (label, batch, lr), members in groups.items():
+        for r in members:
+            acc = report.run_accuracy(r, "best")
+            if acc is not None:
+                best_at_batch[batch] = max(best_at_batch.get(batch, acc), acc)
+    result = {}
+    for label in order:
+        for batch in sorted(best_at_batch):
+            choices = []
+            for (lab, b, lr), members in groups.items():
+                if lab != label or b != batch:
+                    continue
+                mean = report.mean_std(report.run_accuracy(r, "best") for r in members)[0]
+                if mean is not None:
+                    choices.append((mean, lr, members))
+            if not choices:
+                continue
+            _, lr, members = max(choices, key=lambda c: c[0])
+            target = fraction * best_at_batch[batch]
+            epochs = []
+            for r in members:
+                e = report.epochs_to_accuracy(*r.curve("test_acc"), target)
+                epochs.append(math.inf if e is None else e)
+            mean = math.inf if any(math.isinf(e) for e in epochs) else sum(epochs) / len(epochs)
+            result[(label, batch)] = (mean, lr, target)
+    return result, order
+
+
+def figure_epochs_to_target(runs, out: Path, formats, fraction=0.95, dpi=120) -> list[Path]:
+    table, order = epochs_to_target_table(runs, fraction)
+    if not table:
+        return []
+    plt = _pyplot()
+    import numpy as np
+
+    batches = sorted({k[1] for k in table})
+    labels = [label for label in order if any((label, b) in table for b in batches)]
+    colors = _colors(order)
+    finite = [v[0] for v in table.values() if math.isfinite(v[0])]
+    top = (max(finite) if finite else 1.0) * 1.15
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(batches) + 3), 4.8))
+    x = np.arange(len(batches))
+    for i, label in enumerate(labels):
+        heights, hatches = [], []
+        for b in batches:
+            value = table.get((label, b), (math.nan, None, None))[0]
+            heights.append(top if math.isinf(value) else value)
+            hatches.append(math.isinf(value))
+        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, heights, width, color=colors[label], label=label)
+        for bar, never in zip(bars, hatches):
+            if never:
+                bar.set_hatch("//")
+                bar.set_alpha(0.35)
+                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() / 2, "never reached", ha="center",
+                        va="center", fontsize=7, rotation=90)
+    ax.set_xticks(x, [str(b) for b in batches])
+    ax.set(xlabel="batch size", ylabel="epochs",
+           title=f"Epochs to reach {fraction * 100:g}% of the best test accuracy at each batch size\n"
+                 "(each optimizer at its best learning rate; hatched: never reached)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return save(fig, out, "epochs-to-target", formats, dpi)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Sequence[str] = ("png",),
+                 figures: Sequence[str] = FIGURES, layers: str = "auto", lams: Sequence[float] = (),
+                 delay: float = 0.0, target: float = 0.95, dpi: int = 120) -> list[Path]:
+    from tvlars.study import report
+
+    folder = Path(path)
+    runs = report.load_runs(folder)
+    single = len(runs) == 1 and runs[0].path == folder
+    destination = Path(out) if out else folder / "figures"
+    lams = list(lams) or [1e-2, 5e-3, 1e-3, 1e-4, 1e-5, 1e-6]
+    written: list[Path] = []
+    if "curves" in figures:
+        written += figure_curves(runs, destination, formats, dpi)
+    if "layers" in figures:
+        written += figure_layers(runs, destination, formats, layers, dpi, single=single)
+    if "tv-factor" in figures:
+        written += figure_tv_factor(destination, formats, lams, delay, runs, dpi)
+    if "lam" in figures and not single:
+        written += figure_accuracy_vs_lam(runs, destination, formats, dpi)
+    if "epochs" in figures and not single:
+        written += figure_epochs_to_target(runs, destination, formats, target, dpi)
+    return written

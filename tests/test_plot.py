@@ -1,0 +1,107 @@
+"""tvlars plot: every figure is written, as a valid image, for fabricated run folders."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_report import fabricate_sweep, make_run  # noqa: E402
+
+from tvlars.errors import UserError  # noqa: E402
+from tvlars.study import plot  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path: Path, min_kb: float = 10) -> None:
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG, path
+    assert len(data) > min_kb * 1024, (path, len(data))
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    folder = fabricate_sweep(tmp_path_factory.mktemp("plot") / "sw", seeds=(0, 1))
+    for lam in (1e-3, 1e-5):  # a small lam ablation beside the main grid
+        for seed in (0, 1):
+            make_run(folder, f"lam-{lam}_s{seed}", optimizer="tvlars", batch_size=512, lr=1.0, seed=seed,
+                     accs=(20.0, 50.0 + 1e4 * lam, 60.0 + 1e3 * lam, 58.0), extra={"lam": lam})
+    return folder
+
+
+def test_sweep_figures(sweep_dir):
+    written = plot.make_figures(sweep_dir, formats=("png", "svg"), figures=("curves", "tv-factor", "lam", "epochs"))
+    names = {p.name for p in written}
+    expected = {"curves_B512.png", "curves_B1024.png", "tv-factor.png", "epochs-to-target.png", "accuracy-vs-lam.png"}
+    assert expected | {n.replace(".png", ".svg") for n in expected} == names
+    assert all(p.parent == sweep_dir / "figures" for p in written)
+    for p in written:
+        if p.suffix == ".png":
+            check_png(p)
+        else:
+            assert p.read_text().lstrip().startswith("<?xml") and "</svg>" in p.read_text()
+    assert not [p for p in (sweep_dir / "figures").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_layer_figures(tmp_path):
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    (folder / "sweep.json").write_text("{}")
+    for lr in (10.0, 12.0, 15.0):
+        make_run(folder, f"lr{lr:g}", optimizer="tvlars", batch_size=8192, lr=lr)
+    make_run(folder, "lamb", optimizer="lamb", warmup_epochs=0, batch_size=16384, lr=15.0)
+    written = plot.make_figures(folder, formats=("png",), figures=("layers",))
+    assert sorted(p.name for p in written) == ["layers_lamb-no-warm-up_B16384.png", "layers_tvlars_B8192.png"]
+    for p in written:
+        check_png(p, min_kb=30)
+
+
+def test_single_run_and_cli(tmp_path, capsys):
+    from tvlars import cli
+
+    run = make_run(tmp_path, "one", accs=(10.0, 40.0, 60.0, 70.0, 72.0))
+    parser = cli._Parser(prog="tvlars plot")
+    plot.add_arguments(parser)
+    out = tmp_path / "figs"
+    assert plot.run(parser.parse_args([str(run), "--out", str(out), "--layers", "conv1,fc.weight,2"])) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(Path(p).name for p in printed) == ["curves_B512.png", "layers.png", "tv-factor.png"]
+    for p in printed:
+        check_png(Path(p))
+    with pytest.raises(UserError, match="no layer matches 'nope'"):
+        plot.run(parser.parse_args([str(run), "--out", str(out), "--layers", "nope", "--figures", "layers"]))
+    with pytest.raises(UserError, match="unknown figure"):
+        plot.run(parser.parse_args([str(run), "--figures", "pie"]))
+    with pytest.raises(UserError, match="unknown format"):
+        plot.run(parser.parse_args([str(run), "--format", "gif"]))
+
+
+def test_select_layers():
+    names = ["conv1.weight", "bn1.weight", "bn1.bias", "layer1.0.conv1.weight", "layer2.0.conv1.weight",
+             "layer3.0.conv1.weight", "fc.weight", "fc.bias"]
+    assert plot.select_layers(names) == ["conv1.weight", "layer2.0.conv1.weight", "fc.weight"]
+    assert plot.select_layers(names, "first,last,-1,layer1") == ["conv1.weight", "fc.bias", "layer1.0.conv1.weight"]
+    assert plot.select_layers([], "auto") == []
+
+
+def test_epochs_to_target_hand_computed(tmp_path):
+    (tmp_path / "sweep.json").write_text("{}")
+    # B=512: best accuracy anywhere 80 -> target 76 at 95%
+    make_run(tmp_path, "a1", optimizer="lars", lr=1.0, accs=(50.0, 70.0, 80.0))   # epoch 3
+    make_run(tmp_path, "a2", optimizer="lars", lr=2.0, accs=(50.0, 60.0, 70.0))   # worse lr: not chosen
+    make_run(tmp_path, "t1", optimizer="tvlars", lr=1.0, accs=(77.0, 78.0, 78.0))  # epoch 1
+    make_run(tmp_path, "m1", optimizer="lamb", lr=1.0, accs=(10.0, 20.0, 30.0))   # never
+    from tvlars.study import report
+
+    table, order = plot.epochs_to_target_table(report.load_runs(tmp_path), 0.95)
+    assert table[("LARS (warm-up)", 512)][:2] == (3.0, 1.0)
+    assert table[("TVLARS", 512)][0] == 1.0 and table[("TVLARS", 512)][2] == pytest.approx(76.0)
+    assert table[("LAMB (warm-up)", 512)][0] == float("inf")
+    check_png(plot.figure_epochs_to_target(report.load_runs(tmp_path), tmp_path / "f", ("png",))[0])

@@ -1,0 +1,200 @@
+"""tvlars report: aggregation against hand-computed numbers, Table 1 layout, files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tvlars.errors import UserError
+from tvlars.study import report
+from tvlars.study.report import epochs_to_accuracy, epochs_to_fraction, mean_std
+
+
+def make_run(folder: Path, name: str, *, optimizer="lars", batch_size=512, lr=1.0, seed=0, warmup_epochs=None,
+             accs=(10.0, 50.0, 70.0, 65.0), losses=None, status="completed", dataset="cifar10", command="train",
+             extra=None, layers=True, summary=True) -> Path:
+    """A fabricated run folder as `tvlars train` writes it (docs/ARCHITECTURE.md, "Run folder")."""
+    d = Path(folder) / name
+    d.mkdir(parents=True)
+    if warmup_epochs is None:
+        warmup_epochs = 0 if optimizer == "tvlars" else 2
+    flags = {"dataset": dataset, "optimizer": optimizer, "batch_size": batch_size, "lr": lr, "seed": seed,
+             "warmup_epochs": warmup_epochs, "epochs": len(accs), **(extra or {})}
+    (d / "sweep-run.yaml").write_text(yaml.safe_dump(flags))
+    config = dict(flags, command=command, schedule="none" if optimizer == "tvlars" else
+                  ("warmup-cosine" if warmup_epochs else "poly"), out=str(d), device="cpu", delay_steps=batch_size)
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    losses = losses or [3.0 / (i + 1) for i in range(len(accs))]
+    rows = ["epoch,step,lr,train_loss,train_acc,test_loss,test_acc,epoch_time,images_per_sec"]
+    for i, (a, l) in enumerate(zip(accs, losses), 1):
+        rows.append(f"{i},{i * 10},{lr},{l},{a},{l},{a},0.5,1000")
+    (d / "metrics.csv").write_text("\n".join(rows) + "\n")
+    if layers:
+        lines = ["step,epoch,layer,weight_norm,grad_norm,trust_ratio,step_size"]
+        names = ["conv1.weight", "bn1.weight", "bn1.bias", "layer1.0.conv1.weight", "layer2.0.conv1.weight",
+                 "layer3.0.conv1.weight", "fc.weight", "fc.bias"]
+        for step in range(0, 10 * len(accs) + 1, 5):
+            for k, layer in enumerate(names):
+                w = 1.0 + k + 0.01 * step
+                g = (0.5 + k) * math.exp(-step / 20) + 1e-3
+                lines.append(f"{step},{step // 10},{layer},{w},{g},{1e-3 * w / g},{lr * 1e-3 * w / g}")
+        (d / "layers.csv").write_text("\n".join(lines) + "\n")
+    if summary:
+        finite = [a for a in accs if a == a]
+        (d / "summary.json").write_text(json.dumps({
+            "status": status, "epochs_done": len(accs), "final_test_acc": accs[-1] if status == "completed" else None,
+            "best_test_acc": max(finite) if finite else None,
+            "best_epoch": accs.index(max(finite)) + 1 if finite else None, "wall_time_s": 1.0}))
+    return d
+
+
+def fabricate_sweep(folder: Path, seeds=(0, 1), batch_lrs=None) -> Path:
+    """A whole Table-1-shaped sweep: 5 variants x batch sizes x 3 lrs x seeds, accuracies known."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sweep.json").write_text("{}")
+    batch_lrs = batch_lrs or {512: (1.0, 2.0, 3.0), 1024: (2.0, 3.0, 4.0)}
+    variants = [("lars", 2), ("lars", 0), ("lamb", 2), ("lamb", 0), ("tvlars", 0)]
+    for opt_i, (opt, warm) in enumerate(variants):
+        for batch, lrs in batch_lrs.items():
+            for lr_i, lr in enumerate(lrs):
+                for seed in seeds:
+                    base = 40 + 5 * opt_i + lr_i + batch / 1024 + seed
+                    accs = (base - 30, base - 10, base, base - 2)
+                    make_run(folder, f"o-{opt}_w-{warm}_b-{batch}_lr-{lr:g}_s-{seed}", optimizer=opt,
+                             warmup_epochs=warm, batch_size=batch, lr=lr, seed=seed, accs=accs,
+                             extra={"lam": 1e-4} if opt == "tvlars" else None)
+    return folder
+
+
+# ------------------------------------------------------------------ plain functions
+
+
+def test_mean_std_hand_computed():
+    mean, std, n = mean_std([80.0, 82.0, 84.0])
+    assert (mean, n) == (82.0, 3) and std == pytest.approx(2.0)
+    mean, std, n = mean_std([78.0, 80.0, 85.0])
+    assert mean == pytest.approx(81.0) and std == pytest.approx(math.sqrt(13.0))  # ((-3)^2+(-1)^2+4^2)/2
+    assert mean_std([70.0]) == (70.0, None, 1)
+    assert mean_std([]) == (None, None, 0)
+    assert mean_std([1.0, float("nan"), None, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)), 2)
+
+
+def test_epochs_to_target():
+    epochs, accs = [1, 2, 3, 4, 5], [10.0, 60.0, 76.0, 80.0, 79.0]
+    assert epochs_to_fraction(epochs, accs, 0.95) == 3      # 0.95 * 80 = 76
+    assert epochs_to_fraction(epochs, accs, 1.0) == 4
+    assert epochs_to_fraction(epochs, accs, 0.5) == 2
+    assert epochs_to_fraction([], [], 0.9) is None
+    assert epochs_to_accuracy(epochs, accs, 70) == 3 and epochs_to_accuracy(epochs, accs, 90) is None
+
+
+def test_epochs_cell_text():
+    cell = report.Cell((None, None, 0), (None, None, 0), (4.0, 1.0, 2), runs=3, reached=2)
+    assert report.fmt_epochs(cell) == "4.0 ± 1.0 (2) (2/3 reached)"
+    assert report.fmt_epochs(None) == "—"
+    assert report.fmt_epochs(report.Cell((None, None, 0), (None, None, 0), (None, None, 0), runs=2)) == "never"
+
+
+def test_best_and_final_and_fallback_to_metrics(tmp_path):
+    run = report.read_run(make_run(tmp_path, "a", accs=(10.0, 70.0, 65.0)))
+    assert report.run_accuracy(run, "best") == 70.0 and report.run_accuracy(run, "final") == 65.0
+    bare = report.read_run(make_run(tmp_path, "b", accs=(10.0, 72.0, 60.0), summary=False))
+    assert report.run_accuracy(bare, "best") == 72.0 and report.run_accuracy(bare, "final") == 60.0
+    assert not bare.finished
+
+
+def test_cells_against_hand_computed(tmp_path):
+    # three seeds of one setting: best 80/82/84, final 77/80/83
+    for seed, accs in enumerate([(50.0, 80.0, 77.0), (60.0, 82.0, 80.0), (84.0, 83.0, 83.0)]):
+        make_run(tmp_path, f"s{seed}", seed=seed, accs=accs)
+    make_run(tmp_path, "other-lr", lr=2.0, accs=(30.0, 40.0, 20.0))
+    make_run(tmp_path, "running", lr=3.0, accs=(30.0,), status="running", extra={"epochs": 3})
+    (tmp_path / "sweep.json").write_text("{}")
+    table = report.build_table(report.load_runs(tmp_path), target=0.95)
+    cell = table.cells[("LARS (warm-up)", 512, 1.0)]
+    assert cell.best == (82.0, pytest.approx(2.0), 3)
+    assert cell.final == (pytest.approx(80.0), pytest.approx(3.0), 3)
+    # epochs to 95% of the best at B=512 (84 -> 79.8): seed0 epoch 2, seed1 2, seed2 1 => mean 5/3
+    assert cell.epochs[0] == pytest.approx(5 / 3) and cell.epochs[2] == 3 and cell.reached == 3
+    assert table.cells[("LARS (warm-up)", 512, 2.0)].reached == 0
+    assert table.cells[("LARS (warm-up)", 512, 2.0)].best == (40.0, None, 1)
+    assert ("LARS (warm-up)", 512, 3.0) not in table.cells  # unfinished: not counted
+    assert table.unfinished == 1 and table.lrs[512] == [1.0, 2.0, 3.0]
+    md = report.render_markdown(table)
+    assert "| LARS (warm-up) | 512 (1/2/3) | 82.00 ± 2.00 (3) | 40.00 (1) | — |" in md
+    assert "| LARS (warm-up) | 512 (1/2/3) | 80.00 ± 3.00 (3) | 20.00 (1) | — |" in md  # the final table
+    assert "1 not finished" in md
+    assert "| LARS (warm-up) | 512 (1/2/3) | 1.7 ± 0.6 (3) | never | — |" in md
+
+
+def test_full_sweep_every_cell_present_with_paper(tmp_path):
+    folder = fabricate_sweep(tmp_path / "sw")
+    text = report.write_report(folder)
+    assert (folder / "report.md").read_text() == text
+    table = report.build_table(report.load_runs(folder))
+    assert table.rows == ["LARS (warm-up)", "LARS (no warm-up)", "LAMB (warm-up)", "LAMB (no warm-up)", "TVLARS"]
+    assert len(table.cells) == 5 * 2 * 3 and all(c.best[2] == 2 for c in table.cells.values())
+    # a hand check: TVLARS (opt 4), B=1024, lr index 2, seeds 0/1: best = 40+20+2+1+seed = 63, 64
+    assert table.cells[("TVLARS", 1024, 4.0)].best[0] == pytest.approx(63.5)
+    assert table.cells[("TVLARS", 1024, 4.0)].best[1] == pytest.approx(math.sqrt(0.5))
+    # the table body holds no missing cell; the paper's numbers stand beside
+    body = text.split("## Table 1: best")[1].split("## Table 1: final")[0]
+    assert "—" not in body.split("|---|")[1]
+    assert "paper a" in body and "| TVLARS | 512 (1/2/3) | 61.00 ± 0.71 (2) | 62.00 ± 0.71 (2) | 63.00 ± 0.71 (2) " \
+                                 "| 78.92 | 81.42 | 81.56 |" in body
+    assert "| LARS (no warm-up) | 1024 (2/3/4) |" in body and "74.70 | 78.83 | 80.52 |" in body
+    rows = list(csv.DictReader(io.StringIO((folder / "report.csv").read_text())))
+    assert len(rows) == 30
+    tv = [r for r in rows if r["row"] == "TVLARS" and r["batch_size"] == "512" and r["lr_index"] == "a"][0]
+    assert float(tv["best_mean"]) == pytest.approx(61.0) and float(tv["paper_acc"]) == 78.92
+    assert float(tv["final_mean"]) == pytest.approx(59.0) and tv["n"] == "2"
+    assert "## Epochs to reach 95% of the best test accuracy at the batch size" in text
+    best = text.split("## Best over learning rates")[1]
+    assert "| 512 | 43.00 (lr 3) |" in best
+    # TVLARS 63.0 - max(LARS no warm-up 48.0, LAMB no warm-up 58.0); LARS 43.0 - 48.0
+    assert "| 63.00 (lr 3) | +5.00 | -5.00 |" in best
+
+
+def test_missing_cells_marked_and_no_paper_for_other_datasets(tmp_path):
+    (tmp_path / "sweep.json").write_text("{}")
+    make_run(tmp_path, "a", dataset="digits", batch_size=14, lr=1.0)
+    make_run(tmp_path, "b", dataset="digits", batch_size=14, lr=2.0, optimizer="tvlars")
+    make_run(tmp_path, "c", dataset="digits", batch_size=14, lr=3.0, optimizer="tvlars", status="diverged",
+             accs=(10.0, 30.0, float("nan"), float("nan")))
+    text = report.render_markdown(report.build_table(report.load_runs(tmp_path)))
+    assert "paper a" not in text
+    assert "| TVLARS | 14 (1/2/3) | — | 70.00 | 30.00 † |" in text
+    assert "| LARS (warm-up) | 14 (1/2/3) | 70.00 | — | — |" in text
+
+
+def test_extra_varying_flag_splits_rows(tmp_path):
+    (tmp_path / "sweep.json").write_text("{}")
+    for lam in (1e-3, 1e-4):
+        make_run(tmp_path, f"lam{lam}", optimizer="tvlars", extra={"lam": lam})
+    table = report.build_table(report.load_runs(tmp_path))
+    assert table.rows == ["TVLARS [lam=0.0001]", "TVLARS [lam=0.001]"]
+
+
+def test_cli(tmp_path, capsys):
+    from tvlars import cli
+
+    folder = fabricate_sweep(tmp_path / "sw", seeds=(0,))
+    parser = cli._Parser(prog="tvlars report")
+    report.add_arguments(parser)
+    assert report.run(parser.parse_args([str(folder), "--metric", "final", "--format", "csv",
+                                         "--out", str(tmp_path / "o")])) == 0
+    assert "## Table 1: final test accuracy" in capsys.readouterr().out
+    assert (tmp_path / "o" / "report.csv").is_file() and not (tmp_path / "o" / "report.md").exists()
+    with pytest.raises(UserError, match="unknown format 'pdf'"):
+        report.run(parser.parse_args([str(folder), "--format", "pdf"]))
+    with pytest.raises(UserError, match="no run folders"):
+        report.run(parser.parse_args([str(tmp_path / "o")]))
+    with pytest.raises(UserError, match="not a folder"):
+        report.run(parser.parse_args([str(tmp_path / "nope")]))
