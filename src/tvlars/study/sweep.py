@@ -131,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "CPU count divided by --workers, unless OMP_NUM_THREADS is already set")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the grid and list the runs and their state; run and write nothing")
-    parser.add_argument("--report", action="store_true", help="write `tvlars report` for the sweep at the end")
+    parser.add_argument("--report", action="store_true", help="at the end, write and print `tvlars report` for the sweep")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         from tvlars.study import report
 
-        report.write_report(out)
+        print(report.write_report(out), end="")
     return 0 if not result.failed else 1
 
 

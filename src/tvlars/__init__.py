@@ -1,0 +1,9 @@
+"""tvlars: LARS, LAMB and TVLARS for large-batch training, and the paper's study harness.
+
+The optimizer library is ``tvlars.optim`` (torch only); its public API is re-exported here.
+"""
+
+from tvlars.optim import LAMB, LARS, TVLARS, LayerStats, TVFactorLR, param_groups, tv_factor
+
+__all__ = ["LARS", "LAMB", "TVLARS", "LayerStats", "TVFactorLR", "tv_factor", "param_groups"]
+__version__ = "0.1.0"

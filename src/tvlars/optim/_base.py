@@ -1,0 +1,170 @@
+"""What LARS, TVLARS and LAMB share as torch optimizers: gathering the parameters to step,
+the non-finite-gradient policy, optimizer-level counters, telemetry and path selection.
+The maths is in ``_functional``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+# Key of the optimizer-level counters in ``optimizer.state``. torch's state_dict keeps
+# non-tensor keys as they are, so the counters resume with everything else.
+COUNTERS = "counters"
+
+
+class LayerStats(NamedTuple):
+    """Per-parameter statistics of the last ``step()``, 1-D float64 CPU tensors.
+
+    ``grad_norm`` is the norm in the trust ratio's denominator: ||g + wd*w|| for the
+    coupled LARS form, ||g|| for the separate form, ||u|| (the Adam direction plus decay)
+    for LAMB. ``step_size`` is the scalar that multiplied the layer's update direction.
+    """
+
+    params: list
+    weight_norm: Tensor
+    grad_norm: Tensor
+    trust_ratio: Tensor
+    step_size: Tensor
+
+
+def check(name: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {name}: {value!r}; {rule}")
+
+
+def _value(x):
+    return x.item() if torch.is_tensor(x) else x
+
+
+class LayerwiseOptimizer(Optimizer):
+    """Base of the layer-wise optimizers (not public).
+
+    Non-finite gradients: if any gradient of the optimizer holds inf or NaN, the whole step
+    is skipped: weights, state and the step counter stay as they were, and
+    ``skipped_steps`` counts it. The decision is taken on the device, so ``step()`` never
+    waits for it; nothing is printed (that would need a host read). Under
+    ``torch.amp.GradScaler`` the scaler skips such steps before they reach the optimizer.
+    """
+
+    def __init__(self, params, defaults: dict, foreach: Optional[bool], fused: Optional[bool], stats: bool):
+        if foreach and fused:
+            raise ValueError("invalid foreach/fused: at most one of them can be True")
+        defaults = dict(defaults, adapt=True, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+        self.stats = bool(stats)
+        self._records: list = []
+
+    # -- hyper-parameters ---------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._validate(self.param_groups[-1])
+
+    def _validate(self, group: dict) -> None:
+        lr = _value(group["lr"])
+        check("lr", lr, lr >= 0.0, "must be >= 0")
+        check("weight_decay", group["weight_decay"], group["weight_decay"] >= 0.0, "must be >= 0")
+        check("eps", group["eps"], group["eps"] >= 0.0, "must be >= 0")
+        if group["foreach"] and group["fused"]:
+            raise ValueError("invalid foreach/fused: at most one of them can be True")
+        for p in group["params"]:
+            check("params", p.dtype, p.is_floating_point(), "parameters must be floating point")
+
+    @staticmethod
+    def _paths(group: dict) -> dict:
+        """fused=True: the compiled per-parameter kernel. foreach=None: as torch.optim, the
+        multi-tensor path when every parameter is on CUDA; on the CPU the single-tensor loop
+        is as fast or faster (BENCHMARKS.md), since foreach kernels are loops there too."""
+        fused = bool(group["fused"])
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = not fused and all(p.is_cuda for p in group["params"])
+        return dict(foreach=bool(foreach), fused=fused)
+
+    # -- pickling keeps the telemetry switch ---------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["stats"] = self.stats
+        return state
+
+    def __setstate__(self, state):
+        stats = state.pop("stats", False)
+        super().__setstate__(state)
+        self.stats = stats
+        self._records = []
+
+    # -- counters ------------------------------------------------------------------------
+    def _counters(self, device: torch.device) -> dict:
+        counters = self.state.get(COUNTERS)
+        if counters is None:
+            zero = torch.zeros((), dtype=torch.float32, device=device)
+            counters = self.state[COUNTERS] = {"step": zero, "skipped_steps": zero.clone()}
+        elif counters["step"].device != device:
+            counters = self.state[COUNTERS] = {k: v.to(device) for k, v in counters.items()}
+        return counters
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reads the device)."""
+        counters = self.state.get(COUNTERS)
+        return 0 if counters is None else int(counters["skipped_steps"].item())
+
+    # -- the step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if params:
+                work.append((group, params))
+        if not work:
+            return loss
+        device = work[0][1][0].device
+        ok = _all_finite([p.grad for _, params in work for p in params], device)
+        counters = self._counters(device)
+        want = self.stats
+        records = []
+        for group, params in work:
+            records += self._update(group, params, ok, counters, want)
+        okf = ok.to(counters["step"].dtype)
+        counters["step"].add_(okf)
+        counters["skipped_steps"].add_(1.0 - okf)
+        self._records = records
+        return loss
+
+    def _update(self, group: dict, params: list, ok: Tensor, counters: dict, want_stats: bool) -> list:
+        raise NotImplementedError
+
+    # -- telemetry -----------------------------------------------------------------------
+    def last_stats(self) -> Optional[LayerStats]:
+        """Statistics of the last step() taken with ``stats`` on; one device-to-host copy.
+
+        Parameters are in group order; inside a group that mixes devices or dtypes they come
+        bucket by bucket, as the multi-tensor path updates them.
+        """
+        if not self._records:
+            return None
+        params = [p for ps, _ in self._records for p in ps]
+        device = self._records[0][1].device
+        table = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in self._records], dim=1)
+        table = table.cpu()
+        return LayerStats(params, *table.unbind(0))
+
+
+def _all_finite(grads: list[Tensor], device: torch.device) -> Tensor:
+    """0-d bool on ``device``: every gradient is finite (a norm that overflows counts as not)."""
+    flags = []
+    for (dev, _), ((gs,), _) in _group_tensors_by_device_and_dtype([grads]).items():
+        flags.append(torch.stack(torch._foreach_norm(gs)).isfinite().all().to(device))
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()

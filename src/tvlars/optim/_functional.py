@@ -1,0 +1,399 @@
+"""The maths of LARS, TVLARS and LAMB, one idea per piece.
+
+Every layer-wise update here is the composition of four pieces:
+
+    weight decay    d = g + wd * w                       (LARS, TVLARS; LAMB adds wd*w to u)
+    trust ratio     trust_ratio(||w||, ||d||, ...)       (written once, shared by all three)
+    learning rate   scale = lr * trust [* phi_t]         (phi_t: the TVLARS factor)
+    momentum        heavy-ball, Nesterov, or Algorithm 1's look-ahead
+
+Three paths compute the same update:
+  * ``_single_tensor_*``: one parameter at a time (``_lars_param`` / ``_lamb_param``);
+  * ``_multi_tensor_*``: ``torch._foreach_*`` ops per (device, dtype) bucket;
+  * fused: ``_lars_param`` / ``_lamb_param`` compiled by ``torch.compile`` with dynamic
+    shapes, so one generated kernel (norms and update together) serves every parameter.
+
+Non-finite gradients: each function takes ``ok``, a 0-d bool tensor on the device that is
+False when any gradient of the optimizer is inf/NaN. The update is then an exact no-op
+(gradients replaced by 0, momentum decay 1, step size 0), chosen with arithmetic instead of
+an ``if`` so that no step ever waits for the device.
+
+Every function returns per-parameter statistics ``[weight_norm, grad_norm, trust, step_size]``
+as tensors on the device; the optimizer stacks them only when telemetry is on.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+Scalar = Union[float, Tensor]
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms of half-precision tensors are accumulated in float32; float64 stays float64."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def trust_ratio(
+    w_norm: Tensor,
+    u_norm: Tensor,
+    coefficient: Scalar,
+    *,
+    eps: float = 0.0,
+    extra: Optional[Tensor] = None,
+    clip_lr: Optional[Scalar] = None,
+    max_norm: Optional[float] = None,
+) -> Tensor:
+    """``coefficient * ||w|| / (||u|| [+ extra] + eps)``, elementwise over norm tensors.
+
+    ``u`` is the direction whose size is measured (LARS: g + wd*w, or g with
+    ``extra = wd*||w||``; LAMB: the Adam update). The ratio is 1 where either norm is 0, so a
+    fresh zero-initialised layer or a layer with no gradient still moves at the plain lr
+    and nothing is ever inf or NaN. ``clip_lr`` is LARC / LAMBC clipping:
+    ``min(ratio / clip_lr, 1)``. ``max_norm`` clamps both norms first (the TVLARS
+    authors' code clamps them to 10).
+    """
+    if max_norm is not None:
+        w_norm, u_norm = w_norm.clamp(max=max_norm), u_norm.clamp(max=max_norm)
+    denominator = u_norm if extra is None else u_norm + extra
+    if eps:
+        denominator = denominator + eps
+    ratio = torch.where((w_norm > 0) & (u_norm > 0), coefficient * w_norm / denominator, 1.0)
+    if clip_lr is not None:
+        ratio = torch.clamp(ratio / clip_lr, max=1.0)
+    return ratio
+
+
+def _zero_if_skipped(g: Tensor, okf: Tensor) -> Tensor:
+    """A fresh copy of g, or zeros on a skipped step (okf = 0); exact when okf = 1.
+
+    Eager CPU ``torch.where`` with a 0-d condition is unvectorised (about 5x a multiply), so
+    eager code multiplies and clears the NaN that 0 * inf makes; compiled code, where the
+    NaN test is the unvectorised part, selects instead.
+    """
+    if torch.compiler.is_compiling():
+        return torch.where(okf > 0, g, 0.0)
+    return torch.nan_to_num_(g * okf, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def lars_scale(
+    w_norm: Tensor,
+    u_norm: Tensor,
+    *,
+    lr: Scalar,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    trust_form: str,
+    trust_clip: bool,
+    adapt: bool,
+    max_norm: Optional[float],
+    factor: Optional[Tensor],
+    factor_in_ratio: bool,
+) -> tuple[Tensor, Tensor]:
+    """The multiplier of the direction d for LARS-type updates, and the trust ratio.
+
+    Returns ``(scale, trust)`` where the layer moves by ``lr * scale * d`` (before momentum).
+    ``factor`` (phi_t) multiplies every layer's step (TVLARS, Algorithm 1) or, with
+    ``factor_in_ratio``, only the ratio branch (the authors' code, which leaves excluded and
+    zero-norm layers at the plain lr).
+    """
+    if adapt:
+        coefficient = trust_coefficient * factor if factor is not None and factor_in_ratio else trust_coefficient
+        extra = weight_decay * w_norm if trust_form == "separate" and weight_decay else None
+        trust = trust_ratio(w_norm, u_norm, coefficient, eps=eps, extra=extra,
+                            clip_lr=lr if trust_clip else None, max_norm=max_norm)
+    else:
+        trust = torch.ones_like(w_norm)
+    scale = trust * factor if factor is not None and not factor_in_ratio else trust
+    return scale, trust
+
+
+# ---------------------------------------------------------------------------------------
+# LARS family (LARS and TVLARS)
+#
+# momentum forms (buf starts at 0):
+#   heavy-ball    buf = mu*buf + s*d;          w -= lr*buf
+#   nesterov      buf = mu*buf + s*d;          w -= lr*(s*d + mu*buf)
+#   look-ahead    Algorithm 1: m' = w - lr*s*d; w' = m' + mu*(m' - m), m_0 = w_0.
+#                 With buf = m - m' this is exactly Nesterov with lr inside the buffer:
+#                 buf = mu*buf + lr*s*d;  w -= lr*s*d + mu*buf  ("lr_in_buffer").
+#                 So TVLARS keeps no copy of the weights, and a mid-run lr change
+#                 does not rescale the momentum already accumulated (nor stop it).
+# ---------------------------------------------------------------------------------------
+
+
+def _lars_param(
+    p: Tensor, g: Tensor, buf: Optional[Tensor], ok: Tensor, lr: Scalar, factor: Optional[Tensor],
+    *, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
+    trust_form: str, trust_clip: bool, adapt: bool, max_norm: Optional[float],
+    factor_in_ratio: bool, nesterov: bool, lr_in_buffer: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ndt = norm_dtype(p.dtype)
+    okf = ok.to(ndt)
+    d = _zero_if_skipped(g, okf)  # a fresh tensor: p.grad is never written
+    g_norm = torch.linalg.vector_norm(d, dtype=ndt) if trust_form == "separate" else None
+    if weight_decay:
+        d.add_(p, alpha=weight_decay)
+    u_norm = g_norm if g_norm is not None else torch.linalg.vector_norm(d, dtype=ndt)
+    w_norm = torch.linalg.vector_norm(p, dtype=ndt)
+    scale, trust = lars_scale(
+        w_norm, u_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+        eps=eps, trust_form=trust_form, trust_clip=trust_clip, adapt=adapt, max_norm=max_norm,
+        factor=factor, factor_in_ratio=factor_in_ratio)
+    step_size = lr * scale
+    inner, outer = (step_size, okf) if lr_in_buffer else (scale, lr * okf)
+    d.mul_(inner * okf)
+    if buf is None:
+        p.sub_(d.mul_(outer))
+    else:
+        buf.mul_(okf * momentum + (1.0 - okf)).add_(d)
+        update = d.add_(buf, alpha=momentum).mul_(outer) if nesterov else buf.mul(outer)
+        p.sub_(update)
+    return w_norm, u_norm, trust, step_size
+
+
+def _multi_tensor_lars(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], ok: Tensor, lr: Scalar,
+    factor: Optional[Tensor], *, momentum: float, weight_decay: float, trust_coefficient: float,
+    eps: float, trust_form: str, trust_clip: bool, adapt: bool, max_norm: Optional[float],
+    factor_in_ratio: bool, nesterov: bool, lr_in_buffer: bool, want_stats: bool,
+) -> list[tuple[list[Tensor], Tensor]]:
+    records = []
+    buckets = _group_tensors_by_device_and_dtype([params, grads, bufs])
+    for (device, dtype), ((ps, gs, bs), _) in buckets.items():
+        ndt = norm_dtype(dtype)
+        okf = ok.to(device=device, dtype=ndt)
+        fac = factor.to(device=device, dtype=ndt) if factor is not None else None
+        d = [_zero_if_skipped(g, okf) for g in gs]
+        g_norms = torch.stack(torch._foreach_norm(d, dtype=ndt)) if trust_form == "separate" else None
+        if weight_decay:
+            torch._foreach_add_(d, ps, alpha=weight_decay)
+        u_norms = g_norms if g_norms is not None else torch.stack(torch._foreach_norm(d, dtype=ndt))
+        w_norms = torch.stack(torch._foreach_norm(ps, dtype=ndt))
+        scale, trust = lars_scale(
+            w_norms, u_norms, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+            eps=eps, trust_form=trust_form, trust_clip=trust_clip, adapt=adapt, max_norm=max_norm,
+            factor=fac, factor_in_ratio=factor_in_ratio)
+        step_size = lr * scale
+        inner, outer = (step_size, okf) if lr_in_buffer else (scale, lr * okf)
+        torch._foreach_mul_(d, list((inner * okf).unbind()))
+        if bs[0] is None:
+            update = d
+        else:
+            torch._foreach_mul_(bs, okf * momentum + (1.0 - okf))
+            torch._foreach_add_(bs, d)
+            if nesterov:
+                torch._foreach_add_(d, bs, alpha=momentum)
+                update = d
+            else:
+                update = torch._foreach_mul(bs, outer)
+                outer = None
+        if outer is not None:
+            torch._foreach_mul_(update, outer)
+        torch._foreach_sub_(ps, update)
+        if want_stats:
+            records.append((ps, torch.stack([w_norms, u_norms, trust, step_size])))
+    return records
+
+
+# ---------------------------------------------------------------------------------------
+# LAMB
+#   m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+#   u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + wd*w
+#   w -= lr * trust_ratio(||w||, ||u||, 1) * u
+# ---------------------------------------------------------------------------------------
+
+
+def _lamb_param(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, ok: Tensor, lr: Scalar,
+    bc1: Optional[Tensor], bc2_sqrt: Optional[Tensor],
+    *, beta1: float, beta2: float, eps: float, weight_decay: float, trust_clip: bool, adapt: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ndt = norm_dtype(p.dtype)
+    okf = ok.to(ndt)
+    gs = _zero_if_skipped(g, okf)
+    m.mul_(okf * beta1 + (1.0 - okf)).add_(gs, alpha=1.0 - beta1)
+    v.mul_(okf * beta2 + (1.0 - okf)).addcmul_(gs, gs, value=1.0 - beta2)
+    u = _lamb_direction(p, m, v, bc1, bc2_sqrt, eps=eps, weight_decay=weight_decay)
+    w_norm = torch.linalg.vector_norm(p, dtype=ndt)
+    u_norm = torch.linalg.vector_norm(u, dtype=ndt)
+    trust = trust_ratio(w_norm, u_norm, 1.0, clip_lr=1.0 if trust_clip else None) if adapt else torch.ones_like(w_norm)
+    step_size = lr * trust
+    p.sub_(u.mul_(step_size * okf))
+    step.add_(okf)
+    return w_norm, u_norm, trust, step_size
+
+
+def bias_corrections(step: Tensor, ndt: torch.dtype, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """``1 - b1^t`` and ``sqrt(1 - b2^t)`` for the step t = step + 1 being taken.
+
+    Also on a skipped step, so that they are > 0 and u stays finite. Computed outside the
+    compiled kernel, which would otherwise evaluate the powers once per element.
+    """
+    t = step.to(ndt) + 1.0
+    return 1.0 - beta1 ** t, torch.sqrt(1.0 - beta2 ** t)
+
+
+def _lamb_direction(p, m, v, bc1, bc2_sqrt, *, eps, weight_decay):
+    if bc1 is not None:
+        u = m / bc1
+        denominator = v.sqrt().div_(bc2_sqrt).add_(eps)
+    else:
+        u = m.clone()
+        denominator = v.sqrt().add_(eps)
+    u.div_(denominator)
+    if weight_decay:
+        u.add_(p, alpha=weight_decay)
+    return u
+
+
+def _multi_tensor_lamb(
+    params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
+    ok: Tensor, lr: Scalar, *, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction: bool, trust_clip: bool, adapt: bool, want_stats: bool,
+) -> list[tuple[list[Tensor], Tensor]]:
+    records = []
+    buckets = _group_tensors_by_device_and_dtype([params, grads, ms, vs, steps])
+    for (device, dtype), ((ps, gs, m_, v_, st), _) in buckets.items():
+        ndt = norm_dtype(dtype)
+        okf = ok.to(device=device, dtype=ndt)
+        g0 = [_zero_if_skipped(g, okf) for g in gs]
+        torch._foreach_mul_(m_, okf * beta1 + (1.0 - okf))
+        torch._foreach_add_(m_, g0, alpha=1.0 - beta1)
+        torch._foreach_mul_(v_, okf * beta2 + (1.0 - okf))
+        torch._foreach_addcmul_(v_, g0, g0, value=1.0 - beta2)
+        denominator = torch._foreach_sqrt(v_)
+        if bias_correction:
+            bc1, bc2_sqrt = bias_corrections(torch.stack(st), ndt, beta1, beta2)
+            u = torch._foreach_div(m_, list(bc1.unbind()))
+            torch._foreach_div_(denominator, list(bc2_sqrt.unbind()))
+        else:
+            u = torch._foreach_mul(m_, 1.0)
+        torch._foreach_add_(denominator, eps)
+        torch._foreach_div_(u, denominator)
+        if weight_decay:
+            torch._foreach_add_(u, ps, alpha=weight_decay)
+        w_norms = torch.stack(torch._foreach_norm(ps, dtype=ndt))
+        u_norms = torch.stack(torch._foreach_norm(u, dtype=ndt))
+        trust = (trust_ratio(w_norms, u_norms, 1.0, clip_lr=1.0 if trust_clip else None)
+                 if adapt else torch.ones_like(w_norms))
+        step_size = lr * trust
+        torch._foreach_mul_(u, list((step_size * okf).unbind()))
+        torch._foreach_sub_(ps, u)
+        torch._foreach_add_(st, okf)
+        if want_stats:
+            records.append((ps, torch.stack([w_norms, u_norms, trust, step_size])))
+    return records
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------
+
+_compiled: dict[tuple, object] = {}
+
+
+def _fused(fn, options: dict):
+    """``fn`` with ``options`` bound, compiled once per process and configuration.
+
+    Dynamic shapes let one kernel serve every layer. Binding the options (rather than passing
+    them as keywords) cuts the per-call guard cost about sixfold. Each configuration compiles a
+    fresh copy of ``fn``'s code: torch.compile caps the graphs kept per code object (8 by
+    default), and LARS, TVLARS, weight-decay/adapt groups and dtypes would otherwise share it.
+    """
+    key = (fn.__name__, tuple(sorted(options.items())))
+    if key not in _compiled:
+        def bound(*args):
+            return fn(*args, **options)
+
+        bound = types.FunctionType(bound.__code__.replace(), bound.__globals__, fn.__name__, None, bound.__closure__)
+        _compiled[key] = torch.compile(bound, dynamic=True, fullgraph=True)
+    return _compiled[key]
+
+
+def _per_param(fn, fused: bool, lr: Scalar, ref: Tensor, options: dict):
+    """The per-parameter update with ``options`` bound: compiled (fused) or eager, and the lr
+    to pass it."""
+    if not fused:
+        return functools.partial(fn, **options), lr
+    # A Python-float lr would be baked into the compiled code and recompile at every change.
+    if not torch.is_tensor(lr):
+        lr = torch.tensor(lr, dtype=torch.float64).to(ref.device)
+    return _fused(fn, options), lr
+
+
+def _flat(fused: bool, *tensors: Optional[Tensor]) -> tuple:
+    """1-D views for the compiled kernel, so that 1-D, 2-D and 4-D layers share one graph.
+
+    Non-contiguous tensors (e.g. channels_last weights) cannot be viewed flat; they take the
+    eager per-parameter code, which is the same maths.
+    """
+    if fused and all(t is None or t.is_contiguous() for t in tensors):
+        return tuple(None if t is None else t.view(-1) for t in tensors)
+    return tensors
+
+
+def _stack_records(params, rows, want_stats):
+    if not want_stats or not params:
+        return []
+    return [(params, torch.stack([torch.stack([r[i].to(torch.float64) for r in rows])
+                                  for i in range(4)]))]
+
+
+def lars(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], ok: Tensor, *,
+    lr: Scalar, factor: Optional[Tensor] = None, momentum: float, weight_decay: float,
+    trust_coefficient: float, eps: float, trust_form: str, trust_clip: bool, adapt: bool,
+    max_norm: Optional[float] = None, factor_in_ratio: bool = False, nesterov: bool = False,
+    lr_in_buffer: bool = False, foreach: bool = False, fused: bool = False, want_stats: bool = False,
+) -> list[tuple[list[Tensor], Tensor]]:
+    """One LARS-type update of ``params`` in place (functional form of LARS and TVLARS).
+
+    ``bufs`` holds momentum buffers (all None when momentum is 0). Returns telemetry
+    records ``(params, [4, n] tensor)`` when ``want_stats``.
+    """
+    options = dict(momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                   eps=eps, trust_form=trust_form, trust_clip=trust_clip, adapt=adapt,
+                   max_norm=max_norm, factor_in_ratio=factor_in_ratio, nesterov=nesterov,
+                   lr_in_buffer=lr_in_buffer)
+    if foreach and not fused:
+        return _multi_tensor_lars(params, grads, bufs, ok, lr, factor, want_stats=want_stats, **options)
+    fn, lr = _per_param(_lars_param, fused, lr, params[0], options)
+    rows, scalars = [], {}
+    for p, g, buf in zip(params, grads, bufs):
+        if (p.device, p.dtype) not in scalars:
+            fac = factor.to(device=p.device, dtype=norm_dtype(p.dtype)) if factor is not None else None
+            scalars[p.device, p.dtype] = (ok.to(p.device), lr, fac)
+        tensors = _flat(fused, p, g, buf)
+        update = fn if tensors[0] is not p else functools.partial(_lars_param, **options)
+        rows.append(update(*tensors, *scalars[p.device, p.dtype]))
+    return _stack_records(params, rows, want_stats)
+
+
+def lamb(
+    params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
+    ok: Tensor, *, lr: Scalar, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction: bool, trust_clip: bool, adapt: bool, foreach: bool = False, fused: bool = False,
+    want_stats: bool = False,
+) -> list[tuple[list[Tensor], Tensor]]:
+    """One LAMB update of ``params`` in place; ``steps`` are per-parameter step counters."""
+    options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   trust_clip=trust_clip, adapt=adapt)
+    if foreach and not fused:
+        return _multi_tensor_lamb(params, grads, ms, vs, steps, ok, lr, bias_correction=bias_correction,
+                                  want_stats=want_stats, **options)
+    fn, lr = _per_param(_lamb_param, fused, lr, params[0], options)
+    rows = []
+    for p, g, m, v, s in zip(params, grads, ms, vs, steps):
+        bc = bias_corrections(s, norm_dtype(p.dtype), beta1, beta2) if bias_correction else (None, None)
+        tensors = _flat(fused, p, g, m, v)
+        update = fn if tensors[0] is not p else functools.partial(_lamb_param, **options)
+        rows.append(update(*tensors, s, ok.to(p.device), lr, *bc))
+    return _stack_records(params, rows, want_stats)

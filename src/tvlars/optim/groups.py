@@ -1,0 +1,58 @@
+"""Parameter groups that keep 1-D tensors (biases, norm-layer weights) out of weight decay
+and out of layer-wise adaptation, the convention of every LARS/LAMB recipe.
+
+The two exclusions are separate switches: some recipes decay biases but do not adapt them,
+others the reverse.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+Predicate = Callable[[str, torch.Tensor], bool]
+
+
+def _is_1d(name: str, p: torch.Tensor) -> bool:
+    return p.ndim <= 1
+
+
+def _as_predicate(rule: Union[bool, Predicate]) -> Predicate:
+    if callable(rule):
+        return rule
+    return _is_1d if rule else (lambda name, p: False)
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    exclude_from_decay: Union[bool, Predicate] = True,
+    exclude_from_adaptation: Union[bool, Predicate] = True,
+    **group_options,
+) -> list[dict]:
+    """Split ``model``'s trainable parameters into at most four groups.
+
+    ``exclude_from_decay`` / ``exclude_from_adaptation``: ``True`` excludes 1-D parameters,
+    ``False`` excludes none, or a predicate ``(name, param) -> bool`` selects the excluded
+    ones. Excluded parameters get ``weight_decay=0.0`` / ``adapt=False`` (trust ratio 1).
+    ``group_options`` (e.g. ``lr=...``) are copied into every group. Empty groups are
+    dropped; parameter order inside a group follows ``model.named_parameters()``.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"invalid weight_decay: {weight_decay}; must be >= 0")
+    no_decay, no_adapt = _as_predicate(exclude_from_decay), _as_predicate(exclude_from_adaptation)
+    buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (not no_decay(name, p), not no_adapt(name, p))
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for (decay, adapt) in [(True, True), (False, True), (True, False), (False, False)]:
+        if (decay, adapt) in buckets:
+            groups.append(dict(group_options, params=buckets[(decay, adapt)],
+                               weight_decay=weight_decay if decay else 0.0, adapt=adapt))
+    return groups

@@ -1,0 +1,59 @@
+"""LAMB (You et al. 2020): Adam's direction, scaled per layer by ||w|| / ||u||."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _functional as F
+from ._base import LayerwiseOptimizer, check
+
+
+class LAMB(LayerwiseOptimizer):
+    r"""LAMB with optional bias correction and LAMBC trust clipping.
+
+    Per parameter tensor w with gradient g (t = this parameter's step, from 1)::
+
+        m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g^2
+        u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps) + wd * w
+        trust = ||w|| / ||u||        (1 where either is 0, or for adapt=False groups;
+                                      min(trust, 1) with trust_clip)
+        w -= lr * trust * u
+
+    The first step moves each adapted layer by exactly lr * ||w||. Without bias correction
+    the divisions by 1 - b^t are dropped. See :class:`tvlars.LARS` for ``foreach``,
+    ``fused``, ``stats`` and the non-finite policy.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 bias_correction=True, trust_clip=False, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None, *, stats: bool = False):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, trust_clip=trust_clip)
+        super().__init__(params, defaults, foreach, fused, stats)
+
+    def _validate(self, group: dict) -> None:
+        super()._validate(group)
+        b1, b2 = group["betas"]
+        check("betas", group["betas"], 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0, "each must be in [0, 1)")
+
+    def _update(self, group, params, ok, counters, want_stats):
+        ms, vs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device != p.device:
+                # torch's load_state_dict leaves "step" where it was saved (e.g. on the CPU).
+                state["step"] = state["step"].to(p.device)
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        b1, b2 = group["betas"]
+        return F.lamb(params, [p.grad for p in params], ms, vs, steps, ok, lr=group["lr"], beta1=b1,
+                      beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
+                      bias_correction=group["bias_correction"], trust_clip=group["trust_clip"],
+                      adapt=group["adapt"], want_stats=want_stats, **self._paths(group))

@@ -1,0 +1,77 @@
+"""LARS (You, Gitman, Ginsburg 2017): heavy-ball SGD with a layer-wise trust ratio."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _functional as F
+from ._base import LayerwiseOptimizer, check
+
+TRUST_FORMS = ("coupled", "separate")
+
+
+class LARS(LayerwiseOptimizer):
+    r"""LARS with optional Nesterov momentum and LARC trust clipping.
+
+    Per parameter tensor ("layer") w with gradient g::
+
+        d     = g + wd * w
+        trust = eta * ||w|| / (||g + wd*w|| + eps)          trust_form="coupled"
+                eta * ||w|| / (||g|| + wd*||w|| + eps)      trust_form="separate" (timm)
+        trust = 1 where ||w|| or the measured gradient norm is 0; 1 for groups with adapt=False
+        trust = min(trust / lr, 1)                          trust_clip=True (LARC)
+        buf   = mu * buf + trust * d                        (buf starts at 0)
+        w    -= lr * buf            or  lr * (trust * d + mu * buf) with nesterov
+
+    Use :func:`tvlars.param_groups` to keep biases and norm weights out of weight decay
+    (``weight_decay=0``) and out of adaptation (``adapt=False``).
+
+    Args:
+        foreach: multi-tensor path (default: on when all parameters are on CUDA); fused: ``torch.compile``
+            the per-layer update once per process (first step pays the compile).
+        stats: record per-layer statistics, read with :meth:`last_stats`.
+
+    Non-finite gradients skip the step (see ``skipped_steps``). ``p.grad`` is never written.
+    """
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
+                 eps=0.0, nesterov=False, trust_clip=False, trust_form="coupled",
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, *, stats: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
+                        trust_clip=trust_clip, trust_form=trust_form)
+        super().__init__(params, defaults, foreach, fused, stats)
+
+    def _validate(self, group: dict) -> None:
+        super()._validate(group)
+        mu = group["momentum"]
+        check("momentum", mu, 0.0 <= mu < 1.0, "must be in [0, 1)")
+        check("trust_coefficient", group["trust_coefficient"], group["trust_coefficient"] > 0.0, "must be > 0")
+        check("trust_form", group["trust_form"], group["trust_form"] in TRUST_FORMS, f"must be one of {TRUST_FORMS}")
+        check("nesterov", group["nesterov"], not group["nesterov"] or mu > 0, "Nesterov needs momentum > 0")
+
+    def _buffers(self, group: dict, params: list) -> list:
+        if group["momentum"] == 0:
+            return [None] * len(params)
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        return bufs
+
+    def _momentum_form(self, group: dict, counters: dict) -> dict:
+        """How the trust-scaled direction becomes a step; TVLARS overrides this."""
+        return dict(nesterov=group["nesterov"])
+
+    def _update(self, group, params, ok, counters, want_stats):
+        options = dict(
+            lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+            trust_coefficient=group["trust_coefficient"], eps=group["eps"],
+            trust_form=group["trust_form"], trust_clip=group["trust_clip"], adapt=group["adapt"])
+        options.update(self._momentum_form(group, counters))
+        return F.lars(params, [p.grad for p in params], self._buffers(group, params), ok,
+                      want_stats=want_stats, **options, **self._paths(group))

@@ -1,0 +1,76 @@
+"""TVLARS (Do et al., "Revisiting LARS for large batch training"): LARS whose step is
+scaled by the time-varying factor phi_t of Eq. 4 instead of a warm-up schedule."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ._base import check
+from .factor import check_factor_args, tv_factor_tensor
+from .lars import LARS
+
+VARIANTS = ("paper", "official")
+
+# The authors' published code (SPEC.md section 1): phi = 1 / (0.1 + exp(lam * t)), t from 1,
+# both norms clamped to 10 before the ratio.
+OFFICIAL_ALPHA = 0.1
+OFFICIAL_MAX_NORM = 10.0
+
+
+class TVLARS(LARS):
+    r"""LARS plus a time-varying factor phi_t (paper Eq. 4) and a momentum form.
+
+    ``phi_t = 1 / (alpha + exp(lam * (t - delay))) + min_factor``, t = optimizer steps taken
+    so far (the first step is t = 0; skipped steps do not count), ``delay`` in steps.
+
+    ``variant="paper"`` is Algorithm 1::
+
+        gamma = lr * phi_t * trust                  (trust = 1 for adapt=False groups,
+                                                     so they step by lr * phi_t * d)
+        m'    = w - gamma * (g + wd * w)            m_0 = w_0
+        w     = m' + mu * (m' - m)
+
+    computed as Nesterov momentum with the step size inside the buffer, which is the same
+    recurrence without a copy of the weights. Unlike torch's SGD, the look-ahead keeps
+    moving by momentum when lr drops to 0 mid-run (lr = 0 from the start leaves w unchanged).
+
+    ``variant="official"`` reproduces the authors' code: alpha = 0.1, t counted from 1, no
+    delay and no floor (leave ``alpha``, ``delay``, ``min_factor`` at their defaults),
+    heavy-ball momentum, both norms clamped to 10, phi_t inside the trust ratio (so
+    adapt=False and zero-norm layers step at the plain lr); ``trust_ratio`` in
+    :meth:`last_stats` then includes phi_t. Unlike that code, the step counter is saved in
+    the optimizer state.
+
+    No learning-rate scheduler is needed: phi_t is the schedule.
+    """
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
+                 lam=1e-4, delay=0, alpha=1.0, min_factor=0.0, variant="paper",
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, *, stats: bool = False):
+        check("variant", variant, variant in VARIANTS, f"must be one of {VARIANTS}")
+        if variant == "official":
+            check("delay/alpha/min_factor", (delay, alpha, min_factor),
+                  (delay, alpha, min_factor) == (0, 1.0, 0.0),
+                  "variant='official' fixes alpha=0.1, delay=0, min_factor=0")
+            alpha = OFFICIAL_ALPHA
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         trust_coefficient=trust_coefficient, foreach=foreach, fused=fused, stats=stats)
+        for group in self.param_groups:
+            for key, value in dict(lam=lam, delay=delay, alpha=alpha, min_factor=min_factor, variant=variant).items():
+                group.setdefault(key, value)
+            self._validate(group)
+        self.defaults.update(lam=lam, delay=delay, alpha=alpha, min_factor=min_factor, variant=variant)
+
+    def _validate(self, group: dict) -> None:
+        super()._validate(group)
+        if "variant" in group:  # LARS.__init__ validates before the TVLARS keys exist
+            check("variant", group["variant"], group["variant"] in VARIANTS, f"must be one of {VARIANTS}")
+            check_factor_args(group["lam"], group["delay"], group["alpha"], group["min_factor"])
+
+    def _momentum_form(self, group: dict, counters: dict) -> dict:
+        official = group["variant"] == "official"
+        t = counters["step"] + 1.0 if official else counters["step"]
+        factor = tv_factor_tensor(t, group["lam"], group["delay"], group["alpha"], group["min_factor"])
+        if official:
+            return dict(factor=factor, factor_in_ratio=True, max_norm=OFFICIAL_MAX_NORM, nesterov=False)
+        return dict(factor=factor, nesterov=True, lr_in_buffer=True)

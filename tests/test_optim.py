@@ -1,0 +1,266 @@
+"""LARS, LAMB and TVLARS against plain float64 per-parameter implementations of their
+equations (SPEC.md section 1), on every execution path, plus resume/copy/pickle."""
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tvlars import LAMB, LARS, TVLARS, param_groups, tv_factor
+
+STEPS = 20
+PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
+class Net(nn.Module):
+    """Conv and linear layers with biases and a norm layer: 2-D/4-D and 1-D parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.norm = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x):
+        # ReLU before the norm: a bias straight before BatchNorm has a zero gradient, pure
+        # rounding noise that LAMB would normalise into O(1) steps.
+        return self.fc(self.norm(F.relu(self.conv(x))).flatten(1))
+
+
+def make_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return Net().to(dtype)
+
+
+def make_data(steps=STEPS, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 2, 6, 6, generator=gen).to(dtype), torch.randint(0, 4, (8,), generator=gen))
+            for _ in range(steps)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+# ---------------------------------------------------------------------------------------
+# Reference implementations: the equations, one parameter at a time, Python floats.
+# ---------------------------------------------------------------------------------------
+
+
+class Ref:
+    def __init__(self, groups, **hp):
+        self.groups, self.hp, self.state, self.t = groups, hp, {}, 0
+
+    def zero_grad(self):
+        for g in self.groups:
+            for p in g["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.groups:
+            for p in group["params"]:
+                self.update(p, p.grad, group["weight_decay"], group["adapt"], self.state.setdefault(p, {}))
+        self.t += 1
+
+
+def ratio(wn, un, coeff, denominator):
+    return 1.0 if wn == 0 or un == 0 else coeff * wn / denominator
+
+
+class RefLARS(Ref):
+    def update(self, p, g, wd, adapt, st):
+        h = self.hp
+        lr, mu = h["lr"], h.get("momentum", 0.9)
+        d = g + wd * p
+        wn = p.norm().item()
+        if h.get("trust_form", "coupled") == "separate":
+            gn = g.norm().item()
+            trust = ratio(wn, gn, h["eta"], gn + wd * wn + h.get("eps", 0.0))
+        else:
+            dn = d.norm().item()
+            trust = ratio(wn, dn, h["eta"], dn + h.get("eps", 0.0))
+        if not adapt:
+            trust = 1.0
+        if h.get("trust_clip"):
+            trust = min(trust / lr, 1.0)
+        buf = st.get("buf", torch.zeros_like(p)) * mu + trust * d
+        st["buf"] = buf
+        p -= lr * (trust * d + mu * buf if h.get("nesterov") else buf)
+
+
+class RefTVLARS(Ref):
+    """Algorithm 1 literally: keeps m, starts it at w_0."""
+
+    def update(self, p, g, wd, adapt, st):
+        h = self.hp
+        phi = tv_factor(self.t, h["lam"], h.get("delay", 0), h.get("alpha", 1.0), h.get("min_factor", 0.0))
+        d = g + wd * p
+        wn, dn = p.norm().item(), d.norm().item()
+        trust = ratio(wn, dn, h["eta"], dn) if adapt else 1.0
+        gamma = h["lr"] * phi * trust
+        m = st.get("m", p.clone())
+        m_new = p - gamma * d
+        p.copy_(m_new + h["momentum"] * (m_new - m))
+        st["m"] = m_new
+
+
+class RefTVLARSOfficial(Ref):
+    """The authors' opt/tvlars.py as SPEC.md lists it."""
+
+    def update(self, p, g, wd, adapt, st):
+        h = self.hp
+        phi = 1.0 / (0.1 + math.exp(h["lam"] * (self.t + 1)))
+        d = g + wd * p
+        wn, dn = min(p.norm().item(), 10.0), min(d.norm().item(), 10.0)
+        q = h["eta"] * phi * wn / dn if adapt and wn > 0 and dn > 0 else 1.0
+        buf = st.get("buf", torch.zeros_like(p)) * h["momentum"] + q * d
+        st["buf"] = buf
+        p -= h["lr"] * buf
+
+
+class RefLAMB(Ref):
+    def update(self, p, g, wd, adapt, st):
+        h = self.hp
+        b1, b2 = h.get("betas", (0.9, 0.999))
+        t = st["t"] = st.get("t", 0) + 1
+        m = st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
+        v = st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
+        bc1, bc2 = (1 - b1**t, 1 - b2**t) if h.get("bias_correction", True) else (1.0, 1.0)
+        u = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + h.get("eps", 1e-6)) + wd * p
+        wn, un = p.norm().item(), u.norm().item()
+        trust = ratio(wn, un, 1.0, un) if adapt else 1.0
+        if h.get("trust_clip"):
+            trust = min(trust, 1.0)
+        p -= h["lr"] * trust * u
+
+
+# (ours, reference, optimizer kwargs, reference kwargs, param_groups kwargs)
+CASES = {
+    "lars": (LARS, RefLARS, dict(lr=0.1), dict(lr=0.1, eta=1e-3), {}),
+    "lars-separate-eps": (LARS, RefLARS, dict(lr=0.1, trust_form="separate", eps=1e-3),
+                          dict(lr=0.1, eta=1e-3, trust_form="separate", eps=1e-3), {}),
+    "lars-nesterov": (LARS, RefLARS, dict(lr=0.1, nesterov=True), dict(lr=0.1, eta=1e-3, nesterov=True), {}),
+    "lars-clip": (LARS, RefLARS, dict(lr=0.1, trust_clip=True, trust_coefficient=0.05),
+                  dict(lr=0.1, eta=0.05, trust_clip=True), {}),
+    "lars-no-momentum": (LARS, RefLARS, dict(lr=0.1, momentum=0.0), dict(lr=0.1, eta=1e-3, momentum=0.0), {}),
+    "lars-adapt-all": (LARS, RefLARS, dict(lr=0.5), dict(lr=0.5, eta=1e-3),
+                       dict(exclude_from_decay=False, exclude_from_adaptation=False)),
+    "lars-decay-only-excluded": (LARS, RefLARS, dict(lr=0.5), dict(lr=0.5, eta=1e-3),
+                                 dict(exclude_from_adaptation=False)),
+    "tvlars": (TVLARS, RefTVLARS, dict(lr=0.1, lam=0.05), dict(lr=0.1, eta=1e-3, lam=0.05, momentum=0.9), {}),
+    "tvlars-delay-alpha-floor": (
+        TVLARS, RefTVLARS, dict(lr=0.1, lam=0.2, delay=5, alpha=0.5, min_factor=0.1),
+        dict(lr=0.1, eta=1e-3, lam=0.2, delay=5, alpha=0.5, min_factor=0.1, momentum=0.9), {}),
+    "tvlars-adapt-all": (TVLARS, RefTVLARS, dict(lr=1.0, lam=0.05, momentum=0.5),
+                         dict(lr=1.0, eta=1e-3, lam=0.05, momentum=0.5),
+                         dict(exclude_from_decay=False, exclude_from_adaptation=False)),
+    "tvlars-official": (TVLARS, RefTVLARSOfficial, dict(lr=0.1, lam=0.05, variant="official"),
+                        dict(lr=0.1, eta=1e-3, lam=0.05, momentum=0.9), {}),
+    "lamb": (LAMB, RefLAMB, dict(lr=1e-2), dict(lr=1e-2), {}),
+    "lamb-no-bias-correction": (LAMB, RefLAMB, dict(lr=1e-2, bias_correction=False, eps=1e-4),
+                                dict(lr=1e-2, bias_correction=False, eps=1e-4), {}),
+    "lamb-clip-betas": (LAMB, RefLAMB, dict(lr=1e-2, trust_clip=True, betas=(0.8, 0.99)),
+                        dict(lr=1e-2, trust_clip=True, betas=(0.8, 0.99)),
+                        dict(exclude_from_adaptation=False)),
+    "lamb-adapt-all": (LAMB, RefLAMB, dict(lr=1e-2), dict(lr=1e-2),
+                       dict(exclude_from_decay=False, exclude_from_adaptation=False)),
+}
+FUSED_CASES = ["lars-nesterov", "tvlars", "tvlars-official", "lamb"]
+WEIGHT_DECAY = 5e-3
+
+
+@pytest.mark.parametrize(
+    "case,path",
+    [(c, p) for c in CASES for p in ("single", "foreach")] + [(c, "fused") for c in FUSED_CASES])
+def test_matches_reference(case, path):
+    cls, ref_cls, kw, ref_kw, group_kw = CASES[case]
+    model = make_model()
+    ref_model = copy.deepcopy(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = cls(param_groups(model, WEIGHT_DECAY, **group_kw), **kw, **PATHS[path])
+    ref = ref_cls(param_groups(ref_model, WEIGHT_DECAY, **group_kw), **ref_kw)
+    data = make_data()
+    train(model, opt, data)
+    train(ref_model, ref, data)
+    moved = 0.0
+    for p, q, p0 in zip(model.parameters(), ref_model.parameters(), start):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-14)
+        moved = max(moved, ((p - p0).norm() / p0.norm().clamp(min=1e-3)).item())
+    assert moved > 1e-4  # the run is not trivially static
+
+
+def test_lamb_first_step_moves_adapted_layers_by_lr_times_weight_norm():
+    for bias_correction in (True, False):
+        model = make_model()
+        start = {p: p.detach().clone() for p in model.parameters()}
+        opt = LAMB(param_groups(model, 0.1), lr=0.03, bias_correction=bias_correction)
+        train(model, opt, make_data(1))
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if group["adapt"]:
+                    assert (p - start[p]).norm().item() == pytest.approx(0.03 * start[p].norm().item(), rel=1e-12)
+
+
+def test_tvlars_first_step_is_one_plus_mu_times_gamma_grad():
+    model = make_model()
+    start = {p: p.detach().clone() for p in model.parameters()}
+    opt = TVLARS(param_groups(model, 0.0, exclude_from_adaptation=False), lr=2.0, lam=1e-2, momentum=0.9)
+    train(model, opt, make_data(1))
+    for p in model.parameters():
+        g = p.grad
+        trust = 1e-3 * start[p].norm() / g.norm() if start[p].norm() > 0 else 1.0  # BN bias starts at 0
+        expected = start[p] - 1.9 * 2.0 * 0.5 * trust * g  # phi_0 = 1 / (1 + e^0) = 0.5
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("cls,kw", [(LARS, dict(lr=0.1, trust_form="separate", nesterov=True)),
+                                    (TVLARS, dict(lr=0.1, lam=0.1)), (LAMB, dict(lr=1e-2))])
+def test_paths_agree_float32(cls, kw):
+    results = []
+    for path in PATHS.values() if cls is TVLARS else (PATHS["single"], PATHS["foreach"]):
+        model = make_model(torch.float32)
+        train(model, cls(param_groups(model, WEIGHT_DECAY), **kw, **path), make_data(5, torch.float32))
+        results.append([p.detach() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+RESUME = [(LARS, dict(lr=0.1, nesterov=True)), (TVLARS, dict(lr=0.1, lam=0.2, delay=3, min_factor=0.01)),
+          (TVLARS, dict(lr=0.1, lam=0.2, variant="official")), (LAMB, dict(lr=1e-2))]
+
+
+@pytest.mark.parametrize("cls,kw", RESUME)
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+def test_resume_is_bit_for_bit(cls, kw, how):
+    data = make_data()
+    model = make_model()
+    opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
+    train(model, opt, data)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    model = make_model()
+    opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
+    train(model, opt, data[:10])
+    if how == "state_dict":
+        saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        model = make_model(seed=5)
+        opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+    elif how == "deepcopy":
+        model, opt = copy.deepcopy((model, opt))
+    else:
+        model, opt = pickle.loads(pickle.dumps((model, opt)))
+    train(model, opt, data[10:])
+    for a, b in zip(model.parameters(), straight):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["state"]["counters"]["step"].item() == STEPS

@@ -1,0 +1,414 @@
+"""torch.optim behaviours users rely on, the non-finite policy, telemetry, phi_t and groups."""
+
+import math
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tvlars
+from tvlars import LAMB, LARS, TVLARS, LayerStats, TVFactorLR, param_groups, tv_factor
+
+OPTIMIZERS = [(LARS, dict(lr=0.1, weight_decay=1e-2, nesterov=True)),
+              (TVLARS, dict(lr=0.1, weight_decay=1e-2, lam=0.1)),
+              (TVLARS, dict(lr=0.1, weight_decay=1e-2, variant="official")),
+              (LAMB, dict(lr=1e-2, weight_decay=1e-2))]
+IDS = ["lars", "tvlars", "tvlars-official", "lamb"]
+EAGER = [dict(foreach=False), dict(foreach=True)]
+
+
+def model_and_loss(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+    x = torch.randn(7, 5, dtype=dtype)
+    y = torch.randint(0, 3, (7,))
+    return model, lambda: F.cross_entropy(model(x).float(), y)
+
+
+def backward(loss_fn, model):
+    for p in model.parameters():
+        p.grad = None
+    loss_fn().backward()
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# -- torch.optim behaviours ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_closure_is_called_and_its_loss_returned(cls, kw):
+    model, loss_fn = model_and_loss()
+    opt = cls(model.parameters(), **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    before = snapshot(model)
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.item() > 0
+    assert not same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_step_without_grads_is_a_no_op(cls, kw):
+    model, _ = model_and_loss()
+    opt = cls(model.parameters(), **kw)
+    before = snapshot(model)
+    assert opt.step() is None
+    assert same(before, snapshot(model)) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=["single", "foreach", "fused"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_grads_untouched_and_params_without_grad_skipped(cls, kw, path):
+    model, loss_fn = model_and_loss()
+    frozen = model[3].bias
+    opt = cls(param_groups(model, 1e-2), **{**kw, "weight_decay": 0.0}, **path)
+    backward(loss_fn, model)
+    frozen.grad = None
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+    assert frozen not in opt.state
+    assert all(len(opt.state[p]) > 0 for p in model.parameters() if p is not frozen and cls is LAMB)
+
+
+@pytest.mark.parametrize("path", EAGER, ids=["single", "foreach"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_zero_lr_leaves_weights_unchanged(cls, kw, path):
+    model, loss_fn = model_and_loss()
+    opt = cls(param_groups(model, 1e-2), **{**kw, "lr": 0.0}, **path)
+    before = snapshot(model)
+    for _ in range(3):
+        backward(loss_fn, model)
+        opt.step()
+    assert same(before, snapshot(model))
+
+
+def test_lr_dropped_to_zero_mid_run_stops_lars_but_not_the_tvlars_look_ahead():
+    moved = {}
+    for cls, kw in OPTIMIZERS[:2]:
+        model, loss_fn = model_and_loss(torch.float64)
+        opt = cls(model.parameters(), **kw)
+        for _ in range(3):
+            backward(loss_fn, model)
+            opt.step()
+        opt.param_groups[0]["lr"] = 0.0
+        before = snapshot(model)
+        backward(loss_fn, model)
+        opt.step()
+        moved[cls] = not same(before, snapshot(model))
+    assert moved == {LARS: False, TVLARS: True}  # documented in TVLARS's docstring
+
+
+@pytest.mark.parametrize("path", EAGER, ids=["single", "foreach"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_tensor_lr_matches_float_lr(cls, kw, path):
+    results = []
+    for lr in (kw["lr"], torch.tensor(kw["lr"])):
+        model, loss_fn = model_and_loss(torch.float64)
+        opt = cls(param_groups(model, 1e-2), **{**kw, "lr": lr}, **path)
+        for _ in range(3):
+            backward(loss_fn, model)
+            opt.step()
+        results.append(snapshot(model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # a float32 lr tensor
+
+
+@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=["single", "foreach", "fused"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_bfloat16_matches_float32_on_the_same_values(cls, kw, path):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (4, 4, 3, 3)]
+    values = [(torch.randn(s, generator=gen).bfloat16(), torch.randn(s, generator=gen).bfloat16()) for s in shapes]
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [nn.Parameter(w.to(dtype)) for w, _ in values]
+        opt = cls(params, **{**kw, "lr": 1.0}, **path, stats=True)
+        for p, (_, g) in zip(params, values):
+            p.grad = g.to(dtype)
+        opt.step()
+        results.append(([p.detach() for p in params], opt.last_stats()))
+    (p32, s32), (p16, s16) = results
+    for a, b in zip(p32, p16):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a, rtol=1e-2, atol=1e-2)
+    # Norms of bfloat16 layers are accumulated in float32: they match the float32 run.
+    torch.testing.assert_close(s16.weight_norm, s32.weight_norm, rtol=1e-6, atol=0)
+    torch.testing.assert_close(s16.trust_ratio, s32.trust_ratio, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_sparse_gradients_raise(cls, kw):
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = cls(emb.parameters(), **kw)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls,kw,name", [
+    (LARS, dict(lr=-1.0), "lr"), (LARS, dict(momentum=1.0), "momentum"), (LARS, dict(momentum=-0.1), "momentum"),
+    (LARS, dict(weight_decay=-1e-4), "weight_decay"), (LARS, dict(eps=-1.0), "eps"),
+    (LARS, dict(trust_form="timm"), "trust_form"), (LARS, dict(trust_coefficient=0.0), "trust_coefficient"),
+    (LARS, dict(momentum=0.0, nesterov=True), "nesterov"), (LARS, dict(foreach=True, fused=True), "fused"),
+    (LAMB, dict(lr=-1e-3), "lr"), (LAMB, dict(betas=(1.0, 0.999)), "betas"), (LAMB, dict(betas=(0.9, -0.1)), "betas"),
+    (LAMB, dict(eps=-1e-6), "eps"), (LAMB, dict(weight_decay=-0.1), "weight_decay"),
+    (TVLARS, dict(lam=-1e-4), "lam"), (TVLARS, dict(variant="authors"), "variant"),
+    (TVLARS, dict(delay=-1), "delay"), (TVLARS, dict(alpha=0.0), "alpha"), (TVLARS, dict(min_factor=-0.1), "min_factor"),
+    (TVLARS, dict(variant="official", delay=5), "delay"), (TVLARS, dict(momentum=1.5), "momentum"),
+    (TVLARS, dict(lr=-0.1), "lr"),
+])
+def test_invalid_hyper_parameters_name_the_argument(cls, kw, name):
+    with pytest.raises(ValueError, match=name):
+        cls([nn.Parameter(torch.ones(2))], **kw)
+
+
+def test_invalid_group_values_are_rejected_too():
+    with pytest.raises(ValueError, match="momentum"):
+        LARS([{"params": [nn.Parameter(torch.ones(2))], "momentum": 2.0}])
+    with pytest.raises(ValueError, match="lam"):
+        TVLARS([{"params": [nn.Parameter(torch.ones(2))], "lam": -1.0}])
+
+
+@pytest.mark.parametrize("path", EAGER, ids=["single", "foreach"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_zero_weight_or_grad_norm_gives_trust_one(cls, kw, path):
+    zero_w = nn.Parameter(torch.zeros(3, 2))
+    zero_g = nn.Parameter(torch.ones(3, 2))
+    opt = cls([zero_w, zero_g], **{**kw, "weight_decay": 0.0}, **path, stats=True)
+    zero_w.grad = torch.ones(3, 2)
+    zero_g.grad = torch.zeros(3, 2)
+    opt.step()
+    stats = opt.last_stats()
+    assert stats.trust_ratio.tolist() == [1.0, 1.0]
+    assert torch.isfinite(zero_w).all() and torch.isfinite(zero_g).all()
+    assert torch.equal(zero_g.detach(), torch.ones(3, 2))
+    assert (zero_w != 0).all()
+
+
+# -- non-finite gradients -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=["single", "foreach", "fused"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_non_finite_grads_skip_the_whole_step(cls, kw, path):
+    """A bad step changes nothing and counts; the run then continues as if it never happened."""
+    runs = []
+    for inject in (False, True):
+        model, loss_fn = model_and_loss(torch.float64)
+        opt = cls(param_groups(model, 1e-2), **kw, **path)
+        for step in range(4):
+            backward(loss_fn, model)
+            opt.step()
+            if inject and step == 1:
+                state = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items()}
+                counters = {k: v.clone() for k, v in opt.state["counters"].items()}
+                before = snapshot(model)
+                backward(loss_fn, model)
+                model[0].weight.grad[0, 0] = float("nan")
+                model[3].bias.grad[1] = float("inf")
+                opt.step()
+                assert same(before, snapshot(model))
+                after = {k: v for p in model.parameters() for k, v in opt.state[p].items()}
+                assert all(torch.equal(state[k], after[k]) for k in state)
+                assert torch.equal(opt.state["counters"]["step"], counters["step"])
+                assert opt.skipped_steps == 1
+        runs.append(snapshot(model))
+    assert same(*runs)
+
+
+def test_grad_scaler_skips_inf_steps_and_reduces_the_scale():
+    model, loss_fn = model_and_loss()
+    opt = LARS(param_groups(model, 1e-2), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)
+    for _ in range(2):
+        opt.zero_grad()
+        scaler.scale(loss_fn()).backward()
+        scaler.step(opt)
+        scaler.update()
+    before, scale = snapshot(model), scaler.get_scale()
+    opt.zero_grad()
+    scaler.scale(loss_fn()).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert same(before, snapshot(model))
+    assert scaler.get_scale() == scale / 2
+    assert opt.state["counters"]["step"].item() == 2
+
+
+# -- telemetry ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=["single", "foreach", "fused"])
+def test_stats_equal_the_reference_norms_and_trust(path):
+    model, loss_fn = model_and_loss(torch.float64)
+    wd, lr, eta = 1e-2, 0.3, 2e-3
+    opt = TVLARS(param_groups(model, wd), lr=lr, trust_coefficient=eta, lam=0.1, **path)
+    assert opt.last_stats() is None
+    backward(loss_fn, model)
+    opt.step()
+    assert opt.last_stats() is None  # stats off: nothing recorded
+    opt.stats = True
+    backward(loss_fn, model)
+    weights = {p: p.detach().clone() for p in model.parameters()}
+    opt.step()
+    stats = opt.last_stats()
+    assert isinstance(stats, LayerStats)
+    assert [id(p) for p in stats.params] == [id(p) for g in opt.param_groups for p in g["params"]]
+    phi = tv_factor(1, 0.1)
+    decay = {p: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    adapt = {p: g["adapt"] for g in opt.param_groups for p in g["params"]}
+    for i, p in enumerate(stats.params):
+        w, d = weights[p], p.grad + decay[p] * weights[p]
+        trust = eta * w.norm() / d.norm() if adapt[p] else 1.0
+        expected = [w.norm(), d.norm(), trust, lr * phi * trust]
+        got = [stats.weight_norm[i], stats.grad_norm[i], stats.trust_ratio[i], stats.step_size[i]]
+        for e, g in zip(expected, got):
+            assert g.item() == pytest.approx(float(e), rel=1e-12)
+    for field in stats[1:]:
+        assert field.dtype == torch.float64 and field.device.type == "cpu" and field.ndim == 1
+
+
+@pytest.mark.parametrize("path", EAGER, ids=["single", "foreach"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_no_host_reads_in_step_and_one_transfer_in_last_stats(cls, kw, path):
+    model, loss_fn = model_and_loss()
+    opt = cls(param_groups(model, 1e-2), **kw, **path, stats=True)
+    backward(loss_fn, model)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read inside step()")
+
+    with mock.patch.object(torch.Tensor, "item", forbidden), \
+            mock.patch.object(torch.Tensor, "tolist", forbidden), \
+            mock.patch.object(torch.Tensor, "__bool__", forbidden), \
+            mock.patch.object(torch.Tensor, "cpu", forbidden):
+        opt.step()
+    real_cpu = torch.Tensor.cpu
+    calls = []
+
+    def counting_cpu(self, *args, **kwargs):
+        calls.append(1)
+        return real_cpu(self, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "cpu", counting_cpu):
+        stats = opt.last_stats()
+    assert len(calls) == 1 and len(stats.params) == len(list(model.parameters()))
+
+
+def test_stats_flag_survives_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    model, _ = model_and_loss()
+    opt = LARS(model.parameters(), stats=True)
+    assert copy.deepcopy(opt).stats and pickle.loads(pickle.dumps(opt)).stats
+
+
+# -- phi_t and TVFactorLR -----------------------------------------------------------------
+
+
+def test_tv_factor_values_and_eq5_bounds():
+    assert tv_factor(0, 1e-4) == 0.5
+    assert tv_factor(100, 1e-2) == pytest.approx(1 / (1 + math.e))
+    assert tv_factor(10, 0.1, delay=10, alpha=0.5, min_factor=0.2) == pytest.approx(1 / 1.5 + 0.2)
+    assert tv_factor(10**9, 1e-2, min_factor=0.05) == 0.05
+    for lam, delay, alpha, floor in [(1e-4, 0, 1.0, 0.0), (1e-2, 50, 1.0, 0.01), (1e-3, 10, 0.5, 0.1)]:
+        values = [tv_factor(t, lam, delay, alpha, floor) for t in range(0, 5000, 7)]
+        upper = 1 / (alpha + math.exp(-lam * delay)) + floor
+        assert all(floor <= v <= upper + 1e-15 for v in values)
+        assert values[0] == pytest.approx(upper)
+        assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] < values[0]
+
+
+def test_official_variant_factor_starts_near_0_91():
+    # t counted from 1 and alpha = 0.1: the authors' phi.
+    model, loss_fn = model_and_loss(torch.float64)
+    opt = TVLARS(model.parameters(), lr=1.0, lam=1e-4, variant="official", stats=True)
+    assert opt.param_groups[0]["alpha"] == 0.1
+    backward(loss_fn, model)
+    opt.step()
+    stats = opt.last_stats()
+    phi = 1 / (0.1 + math.exp(1e-4))
+    p, w = stats.params[0], stats.weight_norm[0].item()
+    d = (p.grad + 0.0).norm().item()
+    assert stats.trust_ratio[0].item() == pytest.approx(1e-3 * phi * w / d, rel=1e-5)
+
+
+def test_tv_factor_lr_scales_any_optimizer():
+    p = nn.Parameter(torch.ones(2))
+    for opt in (torch.optim.SGD([p], lr=0.5), LAMB([p], lr=0.5)):
+        sched = TVFactorLR(opt, lam=0.1, delay=3, alpha=1.0, min_factor=0.01)
+        seen = [opt.param_groups[0]["lr"]]
+        for _ in range(10):
+            p.grad = torch.ones(2)
+            opt.step()
+            sched.step()
+            seen.append(opt.param_groups[0]["lr"])
+        assert seen == pytest.approx([0.5 * tv_factor(t, 0.1, 3, 1.0, 0.01) for t in range(11)], rel=1e-12)
+        state = sched.state_dict()
+        again = TVFactorLR(opt, lam=0.1, delay=3, min_factor=0.01)
+        again.load_state_dict(state)
+        assert again.last_epoch == 10
+
+
+def test_tv_factor_lr_rejects_bad_arguments():
+    opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(ValueError, match="lam"):
+        TVFactorLR(opt, lam=-1.0)
+
+
+# -- param_groups -------------------------------------------------------------------------
+
+
+def test_param_groups_exclusions_are_separate_switches():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    matrices = {id(model[0].weight), id(model[2].weight)}
+
+    def ids(group):
+        return {id(p) for p in group["params"]}
+
+    groups = param_groups(model, 0.1)
+    assert [(g["weight_decay"], g["adapt"]) for g in groups] == [(0.1, True), (0.0, False)]
+    assert ids(groups[0]) == matrices
+
+    groups = param_groups(model, 0.1, exclude_from_adaptation=False, lr=0.5)
+    assert [(g["weight_decay"], g["adapt"], g["lr"]) for g in groups] == [(0.1, True, 0.5), (0.0, True, 0.5)]
+
+    groups = param_groups(model, 0.1, exclude_from_decay=False)
+    assert [(g["weight_decay"], g["adapt"]) for g in groups] == [(0.1, True), (0.1, False)]
+
+    only_bn = param_groups(model, 0.1, exclude_from_decay=lambda name, p: name.startswith("1."),
+                           exclude_from_adaptation=False)
+    assert ids(only_bn[1]) == {id(model[1].weight), id(model[1].bias)}
+
+    model[0].bias.requires_grad_(False)
+    assert sum(len(g["params"]) for g in param_groups(model, 0.1)) == 5
+
+
+def test_param_groups_work_with_every_optimizer_and_public_exports():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    for cls in (LARS, LAMB, TVLARS):
+        opt = cls(param_groups(model, 1e-3))
+        assert [g["adapt"] for g in opt.param_groups] == [True, False]
+    assert set(tvlars.__all__) >= {"LARS", "LAMB", "TVLARS", "tv_factor", "TVFactorLR", "param_groups", "LayerStats"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LARS(model.parameters())
