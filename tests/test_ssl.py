@@ -1,11 +1,7 @@
 """`tvlars ssl` end to end on tiny synthetic data: run folder, resume, gradient caching, errors, DDP."""
 
 import argparse
-import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +12,11 @@ from tvlars.errors import UserError
 from tvlars.harness import evaluate, ssl, ssl_loop
 from tvlars.harness.runlog import LAYER_COLUMNS, METRIC_COLUMNS
 
+from helpers import read_csv, run_command, torchrun, tvlars_cli, tvlars_torchrun, weights
+
 TINY = ["--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "32", "--synthetic-image-size", "8",
         "--synthetic-channels", "1", "--model", "cnn", "--projector", "32-32", "--batch-size", "16", "--epochs", "2",
         "--probe-epochs", "2", "--knn-every", "1", "--knn-k", "20", "--no-progress", "--device", "cpu"]
-
-from test_train_ddp import SHIM, _torchrun  # the sibling suite's CLI shim and torchrun lookup
 
 
 @pytest.fixture(autouse=True)
@@ -33,25 +29,12 @@ def _one_thread():
 
 
 def run_ssl(out, *flags):
-    parser = argparse.ArgumentParser()
-    ssl.add_arguments(parser)
-    args = parser.parse_args(["--out", str(out), *flags])
-    args.command = "ssl"
-    return ssl.run(args)
-
-
-def read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    return run_command(ssl, out, *flags)
 
 
 def header(path):
     with open(path) as fh:
         return fh.readline().strip().split(",")
-
-
-def weights(out):
-    return torch.load(Path(out) / "checkpoint.pt", weights_only=False)["model"]
 
 
 def untimed(out):
@@ -263,27 +246,21 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys
 
 @pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-c", SHIM, "ssl", *TINY, "--projector", "12-x", "--out", str(tmp_path / "r")],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = tvlars_cli("ssl", *TINY, "--projector", "12-x", "--out", str(tmp_path / "r"))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("tvlars: error: projector '12-x'")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.distributed.is_available() or _torchrun() is None, reason="needs torch.distributed")
+@pytest.mark.skipif(not torch.distributed.is_available() or torchrun() is None, reason="needs torch.distributed")
 def test_two_processes_match_one(tmp_path):
-    script = tmp_path / "tvlars_main.py"
-    script.write_text(SHIM)
     # mlp + one-layer projector: no batch norm, so two processes must compute what one does
     flags = ["ssl", *TINY, "--model", "mlp", "--projector", "16", "--optimizer", "lars", "--lr", "1",
              "--schedule", "none", "--layer-stats-every", "2", "--micro-batch-size", "4"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    one = subprocess.run([sys.executable, str(script), *flags, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    env = {"OMP_NUM_THREADS": "1"}
+    one = tvlars_cli(*flags, "--out", str(tmp_path / "one"), env=env)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", str(script), *flags,
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=120)
+    two = tvlars_torchrun(2, *flags, "--out", str(tmp_path / "two"), env=env)
     assert two.returncode == 0, two.stderr
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["world_size"] == 2
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")

@@ -1,12 +1,6 @@
 """`tvlars train` end to end on digits: run folder, resume, accumulation, failures, divergence."""
 
-import argparse
-import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,36 +10,13 @@ from tvlars.errors import UserError
 from tvlars.harness import train
 from tvlars.harness.runlog import LAYER_COLUMNS, METRIC_COLUMNS
 
-FAST = ["--dataset", "digits", "--model", "mlp", "--epochs", "2", "--batch-size", "256", "--no-progress"]
+from helpers import read_csv, run_command, tvlars_cli, weights
 
-# Runs `tvlars` in a fresh interpreter. Sibling commands that are not written yet are
-# left out of the dispatcher so that `train` can be exercised on its own.
-SHIM = ("import sys, importlib.util; from tvlars import cli; "
-        "cli.COMMANDS = {k: v for k, v in cli.COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}; "
-        "sys.exit(cli.main())")
+FAST = ["--dataset", "digits", "--model", "mlp", "--epochs", "2", "--batch-size", "256", "--no-progress"]
 
 
 def run_train(out, *flags):
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    args = parser.parse_args(["--out", str(out), *flags])
-    args.command = "train"
-    return train.run(args)
-
-
-def tvlars_cli(*argv, cwd=None):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-c", SHIM, *argv], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=120)
-
-
-def read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def weights(out):
-    return torch.load(Path(out) / "checkpoint.pt", weights_only=False)["model"]
+    return run_command(train, out, *flags)
 
 
 # ---- the run folder ---------------------------------------------------------------------

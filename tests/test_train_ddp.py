@@ -1,42 +1,26 @@
 """DDP on CPU (gloo): 2 processes and 1 process with the same global batch give the same weights."""
 
 import csv
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SHIM = ("import sys, importlib.util; from tvlars import cli; "
-        "cli.COMMANDS = {k: v for k, v in cli.COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}; "
-        "sys.exit(cli.main())")
-
-
-def _torchrun():
-    exe = Path(sys.executable).with_name("torchrun")
-    return str(exe) if exe.exists() else shutil.which("torchrun")
+from helpers import torchrun, tvlars_cli, tvlars_torchrun
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.distributed.is_available() or _torchrun() is None, reason="needs torch.distributed")
+@pytest.mark.skipif(not torch.distributed.is_available() or torchrun() is None, reason="needs torch.distributed")
 def test_two_processes_match_one(tmp_path):
-    script = tmp_path / "tvlars_main.py"
-    script.write_text(SHIM)
     # mlp: no batch norm, so per-rank statistics cannot differ; a partial last batch
     # (1347 = 10 x 128 + 67, split 34/33 over the ranks) and 2 micro-batches per rank
     # check the loss scaling; tvlars checks the per-layer trust ratios see the full gradient.
     flags = ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "tvlars", "--lr", "1",
              "--batch-size", "128", "--epochs", "2", "--no-drop-last", "--micro-batch-size", "32",
              "--no-progress", "--layer-stats-every", "5", "--lam", "0.01", "--delay-epochs", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    one = subprocess.run([sys.executable, str(script), *flags, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    env = {"OMP_NUM_THREADS": "1"}
+    one = tvlars_cli(*flags, "--out", str(tmp_path / "one"), env=env)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
-    two = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", str(script), *flags,
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=120)
+    two = tvlars_torchrun(2, *flags, "--out", str(tmp_path / "two"), env=env)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
 
     import yaml

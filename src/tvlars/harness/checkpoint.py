@@ -10,6 +10,12 @@ API (reusable by ``tvlars ssl``)::
         raises UserError (one line) when the file is missing, truncated or not a checkpoint.
     rng_state() -> dict                 torch, cuda (all devices), numpy and python RNG states
     set_rng_state(state: dict) -> None  the inverse (cuda skipped when unavailable)
+    training_state(model, optimizer, scheduler, *, epoch, step, best_test_acc=None, best_epoch=None,
+                   **extra) -> dict         what the loops save at the end of an epoch (+ rng now)
+    restore(state, path, model, optimizer, scheduler, **others) -> None
+        load a saved state into the raw model, optimizer, scheduler and ``others`` (name ->
+        object with load_state_dict, None skipped), then the RNGs; a state that does not
+        fit is a one-line UserError naming ``path``
 
 What ``tvlars train`` stores (``CHECKPOINT_KEYS``): model (the raw module's state_dict,
 never a DDP/compiled wrapper's), optimizer (with its step counter), scheduler (or None),
@@ -102,3 +108,28 @@ def set_rng_state(state: dict) -> None:
         cuda = [s.cpu() for s in state["cuda"]]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+
+
+def training_state(model, optimizer, scheduler, *, epoch: int, step: int, best_test_acc=None, best_epoch=None,
+                   **extra) -> dict:
+    """The checkpoint of a loop after ``epoch`` epochs and ``step`` optimizer steps; ``model``
+    is the raw module; ``extra`` keys are the command's own (see CHECKPOINT_KEYS)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(), "scaler": None,
+            "rng": rng_state(), "epoch": epoch, "step": step, "best_test_acc": best_test_acc,
+            "best_epoch": best_epoch, **extra}
+
+
+def restore(state: dict, path, model, optimizer, scheduler, **others) -> None:
+    """The inverse of :func:`training_state` (epoch, step and the extra keys stay for the caller)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        for key, obj in others.items():
+            if obj is not None:
+                obj.load_state_dict(state[key])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise UserError(f"checkpoint {path} does not match this run: {str(err).strip().splitlines()[0]}") from None
+    set_rng_state(state["rng"])

@@ -66,6 +66,11 @@ def rank_share(rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def _no_batches(batch_size: int, count: int) -> UserError:
+    return UserError(f"batch size {batch_size} is larger than the {count} images, "
+                     "so dropping the last partial batch leaves no batches")
+
+
 def _check_arguments(images, labels, batch_size, mean, std, rank, world_size, seed) -> None:
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError("images must be a uint8 tensor [N, C, H, W]")
@@ -136,10 +141,7 @@ class DeviceLoader:
     ):
         _check_arguments(images, labels, batch_size, mean, std, rank, world_size, seed)
         if drop_last and len(images) < batch_size:
-            raise UserError(
-                f"batch size {batch_size} is larger than the {len(images)} images, "
-                "so dropping the last partial batch leaves no batches"
-            )
+            raise _no_batches(batch_size, len(images))
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, dtype=torch.int64)
@@ -277,10 +279,7 @@ class HostLoader:
             persistent_workers=num_workers > 0,
         )
         if len(self.loader) == 0:
-            raise UserError(
-                f"batch size {batch_size} is larger than the {len(images)} images, "
-                "so dropping the last partial batch leaves no batches"
-            )
+            raise _no_batches(batch_size, len(images))
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:

@@ -25,6 +25,9 @@ API (reusable by ``tvlars ssl``)::
         ``names`` maps id(parameter) -> name (from the raw model's named_parameters()).
         tvlars optimizers: from optimizer.last_stats(). torch optimizers: norms computed
         here, trust_ratio empty (None), step_size = the group's lr for sgd, None for adamw.
+    optimizer_step(optimizer, scheduler, log, names, *, stats, step, epoch) -> float
+        the end of a training step: optimizer.step(), layers.csv rows (labelled ``step``,
+        ``epoch``) when ``stats``, zero_grad, scheduler.step(); returns the lr it stepped with
 """
 
 from __future__ import annotations
@@ -204,3 +207,21 @@ def layer_stats(optimizer, names: dict) -> dict | None:
     return {"layer": [names.get(id(p), "?") for p in params], "weight_norm": both[0].tolist(),
             "grad_norm": both[1].tolist(), "trust_ratio": [None] * len(params),
             "step_size": lrs if sgd else [None] * len(params)}
+
+
+def optimizer_step(optimizer, scheduler, log, names: dict, *, stats: bool, step: int, epoch: int) -> float:
+    """Step with the accumulated gradients; when ``stats`` (see enable_stats) write the
+    per-layer statistics to ``log``'s layers.csv as rows of optimizer step ``step`` in
+    epoch ``epoch`` (both 1-based); clear the gradients; step the schedule. Returns the
+    learning rate of the step (the first group's, before the schedule moved it)."""
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    if stats:
+        st = layer_stats(optimizer, names)
+        if st is not None:
+            log.log_layers([{"step": step, "epoch": epoch, **{k: v[n] for k, v in st.items()}}
+                            for n in range(len(st["layer"]))])
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return lr

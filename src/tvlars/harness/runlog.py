@@ -9,7 +9,9 @@ API (reusable by ``tvlars ssl``)::
     RUN_FILES                               files whose presence marks a folder as holding a run
     read_config(out) -> dict | None         the saved config.yaml (None if absent);
                                             UserError if unreadable
+    read_summary(out) -> dict               the saved summary.json ({} if absent or unreadable)
     write_yaml(path, mapping) -> None       atomic
+    atomic_write_text(path, text) -> None   temp file + fsync + os.replace (probe.csv, ...)
     RunLog(out, *, enabled=True, metric_columns=METRIC_COLUMNS, resume_epoch=None,
            resume_step=0, tensorboard=True)
         resume_epoch=None: a fresh run -- old metrics.csv / layers.csv / summary.json / tb
@@ -43,7 +45,8 @@ LAYER_COLUMNS = ("step", "epoch", "layer", "weight_norm", "grad_norm", "trust_ra
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "checkpoint.pt")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder, fsync, os.replace."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -72,7 +75,7 @@ def _plain(value):
 def write_yaml(path, mapping: dict) -> None:
     import yaml
 
-    _atomic_write_text(Path(path), yaml.safe_dump(_plain(mapping), sort_keys=False))
+    atomic_write_text(Path(path), yaml.safe_dump(_plain(mapping), sort_keys=False))
 
 
 def read_config(out) -> dict | None:
@@ -88,6 +91,13 @@ def read_config(out) -> dict | None:
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a run configuration")
     return data
+
+
+def read_summary(out) -> dict:
+    try:
+        return json.loads((Path(out) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _fmt(value) -> str:
@@ -194,7 +204,7 @@ class RunLog:
                 summary = {}
         summary.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                         for k, v in _plain(fields).items()})
-        _atomic_write_text(self.summary_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
+        atomic_write_text(self.summary_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
 
     def close(self) -> None:
         if self._tb is not None:

@@ -22,6 +22,7 @@ API (reusable by ``tvlars ssl``)::
         is the plain module: save/load its state_dict and map parameter names with it.
     autocast(rt, amp) -> context manager   amp in {"none", "bf16"}
     maybe_no_sync(model, skip) -> context manager   DDP's no_sync() when skip, else nullcontext
+    say(rt, message) -> None         print to stderr on rank 0 only
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 from tvlars.errors import UserError
@@ -186,3 +188,9 @@ def maybe_no_sync(model, skip: bool):
         if hasattr(inner, "no_sync"):
             return inner.no_sync()
     return contextlib.nullcontext()
+
+
+def say(rt: Runtime, message: str) -> None:
+    """A progress or status line on stderr, from rank 0 only."""
+    if rt.is_main:
+        print(message, file=sys.stderr, flush=True)

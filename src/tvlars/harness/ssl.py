@@ -50,7 +50,6 @@ Exit status: 0 completed (or stopped by --stop-after-epochs), 1 diverged, 2 user
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 from tvlars.errors import UserError
@@ -154,42 +153,21 @@ def default_out(args: argparse.Namespace) -> str:
 
 
 def open_run(args: argparse.Namespace, rt):
-    """The run-folder rules of tvlars train for an ssl run: (args resolved, out, saved config,
-    checkpoint state or None), or None when the run already completed."""
-    from tvlars.harness import checkpoint as ckpt
+    """The run-folder rules of tvlars train (tvlars.harness.run.open_run) for an ssl run:
+    (args resolved, out, saved config, checkpoint state or None), or None when the run
+    already completed."""
     from tvlars.harness.barlow import parse_projector
-    from tvlars.harness.runlog import RUN_FILES, read_config
-    from tvlars.harness.train import _read_summary, _say
+    from tvlars.harness.run import open_run as open_any_run
 
     if args.augment is not None:
         raise UserError("--augment is tvlars train's crop+flip; tvlars ssl draws two views with --augment-preset")
     args.augment = False
     args.projector = "-".join(str(w) for w in parse_projector(args.projector))  # a --config list too
-    probe = copy.copy(args)
-    cfg.resolve_auto(probe)
-    out = Path(args.out or default_out(probe))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a run folder")
-    saved = read_config(out)
-    if not args.resume and (saved is not None or any((out / f).exists() for f in RUN_FILES)):
-        raise UserError(f"run folder {out} already holds a run; use --resume to continue it or choose another --out")
-    state = None
-    if args.resume and saved is not None:
-        if saved.get("command") != "ssl":
-            raise UserError(f"run folder {out} holds a '{saved.get('command')}' run, not an ssl run")
-        args = cfg.merge_resume(args, saved, cfg.parser_defaults(add_arguments))
-        summary = _read_summary(out)
-        if summary.get("status") == "completed":
-            _say(rt, f"tvlars: run in {out} already completed ({summary.get('epochs_done')} epochs); nothing to do")
-            return None
-        if summary.get("status") == "diverged":
-            raise UserError(f"run in {out} diverged at epoch {summary.get('epochs_done', 0) + 1}; nothing to resume")
-        if (out / "checkpoint.pt").exists():
-            state = ckpt.load_checkpoint(out / "checkpoint.pt")
-    cfg.resolve_auto(args)
-    resolve_ssl(args)
-    args.out = str(out)
-    return args, out, saved, state
+    opened = open_any_run(args, rt, command="ssl", parser_defaults=lambda: cfg.parser_defaults(add_arguments),
+                          default_out=default_out)
+    if opened is not None:
+        resolve_ssl(opened[0])
+    return opened
 
 
 def write_probe_csv(out: Path, history: list[dict]) -> None:
@@ -197,11 +175,11 @@ def write_probe_csv(out: Path, history: list[dict]) -> None:
     import csv
     import io
 
-    from tvlars.harness.runlog import _atomic_write_text
+    from tvlars.harness.runlog import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(PROBE_COLUMNS), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in history:
         w.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    _atomic_write_text(Path(out) / "probe.csv", buf.getvalue())
+    atomic_write_text(Path(out) / "probe.csv", buf.getvalue())

@@ -35,7 +35,7 @@ class SSLModel(BarlowTwins):
 
 class _TwoViewCost(nn.Module):
     """One input, the activation memory of a Barlow Twins step (two passes): for
-    tvlars.harness.train's automatic micro-batch search."""
+    tvlars.harness.run.micro_batch_size's automatic search."""
 
     def __init__(self, model: SSLModel):
         super().__init__()
@@ -105,16 +105,13 @@ def pretrain(args, rt) -> int:
 
     from tvlars.harness import checkpoint as ckpt
     from tvlars.harness import optimizers as opt_lib
+    from tvlars.harness import run as run_lib
     from tvlars.harness.barlow import parse_projector
-    from tvlars.harness.data import load_data
     from tvlars.harness.evaluate import OnlineProbe, linear_probe
     from tvlars.harness.loader import derived_generator, make_loader, rank_share
-    from tvlars.harness.models import build_model
-    from tvlars.harness.runlog import RunLog
-    from tvlars.harness.runtime import prepare_model, seed_everything
+    from tvlars.harness.runtime import prepare_model, say, seed_everything
     from tvlars.harness.ssl import SSL_COLUMNS, open_run, write_probe_csv
     from tvlars.harness.ssl_augment import OneViewAugment, TwoViewAugment, probe_view, unit_loader_stats
-    from tvlars.harness.train import _micro_batch_size, _say, _version, _wrap
 
     t_start = time.time()
     # ---- 1. configuration and run folder ------------------------------------------------
@@ -124,15 +121,8 @@ def pretrain(args, rt) -> int:
     args, out, saved, state = opened
 
     # ---- 2. data, model, loaders, optimizer ---------------------------------------------
-    synthetic = dict(num_train=args.synthetic_train, num_test=args.synthetic_test, num_classes=args.synthetic_classes,
-                     channels=args.synthetic_channels, image_size=args.synthetic_image_size)
-    data = load_data(args.dataset, args.data_dir, download=args.download, synthetic=synthetic)
-    n_train, n_test = len(data.train_labels), len(data.test_labels)
-    if args.batch_size > n_train:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {n_train} training images of {args.dataset}")
-    if args.batch_size % rt.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {rt.world_size} processes")
-    per_rank = args.batch_size // rt.world_size
+    data, per_rank = run_lib.load_run_data(args, rt)
+    n_train = len(data.train_labels)
     if per_rank < 2:
         raise UserError(f"--batch-size {args.batch_size} leaves {per_rank} image per process; Barlow Twins "
                         "normalises over the batch and needs at least 2")
@@ -144,14 +134,11 @@ def pretrain(args, rt) -> int:
                         f"({channels}x{size}x{size} images): {err}") from None
 
     seed_everything(args.seed)
-    try:
-        clf = build_model(args.model, data.num_classes, channels, size, stem=args.stem, init=args.init)
-    except ValueError as err:
-        raise UserError(str(err).splitlines()[0]) from None
+    clf = run_lib.build_classifier(args, data)
     net = SSLModel(clf.encoder, clf.feature_dim, parse_projector(args.projector), args.lambd)
-    model, raw = prepare_model(net, rt, sync_bn=args.sync_bn, channels_last=args.channels_last, compile=False)
-    micro = _micro_batch_size(args, _TwoViewCost(raw), data, rt, per_rank)
-    model, raw = _wrap(model, raw, rt, args)
+    model, raw = prepare_model(net, rt, sync_bn=args.sync_bn, channels_last=args.channels_last,
+                               compile=args.compile)
+    micro = run_lib.micro_batch_size(args, _TwoViewCost(raw), data, rt, per_rank)
     names = {id(p): n for n, p in raw.named_parameters()}
 
     unit_mean, unit_std = unit_loader_stats(channels)  # the loader yields [0, 1]; the views normalise
@@ -169,41 +156,20 @@ def pretrain(args, rt) -> int:
 
     start_epoch, step, last_eval, pending = 0, 0, {}, None
     if state is not None:
-        try:
-            raw.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            if probe is not None:
-                probe.load_state_dict(state["online_probe"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as err:
-            raise UserError(f"checkpoint {out / 'checkpoint.pt'} does not match this run: "
-                            f"{str(err).strip().splitlines()[0]}") from None
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore(state, out / "checkpoint.pt", raw, optimizer, scheduler, online_probe=probe)
         start_epoch, step = int(state["epoch"]), int(state["step"])
         last_eval, pending = dict(state.get("last_eval") or {}), state.get("pending_row")
 
-    resolved = dict(vars(args), command="ssl", out=str(out), micro_batch_size=micro,
-                    accumulation_steps=math.ceil(per_rank / micro), world_size=rt.world_size,
-                    torch_version=torch.__version__, tvlars_version=_version(), steps_per_epoch=steps_per_epoch,
-                    total_steps=total_steps, delay_steps_resolved=opt_lib.delay_in_steps(args, steps_per_epoch),
-                    train_size=n_train, test_size=n_test, feature_dim=raw.feature_dim,
-                    augment_preset_resolved=augment.preset)
-    if saved is not None and saved.get("world_size") not in (None, rt.world_size):
-        _say(rt, f"tvlars: note: resuming a run started with {saved['world_size']} process(es) on {rt.world_size}")
-    rt.barrier()  # every rank has checked the folder before rank 0 writes to it
+    resolved = run_lib.run_config(args, rt, command="ssl", micro=micro, per_rank=per_rank,
+                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps, data=data,
+                                  feature_dim=raw.feature_dim, augment_preset_resolved=augment.preset)
     # a run stopped during the probe: the last epoch's row is rewritten after the probe
     keep = None if state is None else (start_epoch - 1 if pending is not None else start_epoch)
-    try:
-        log = RunLog(out, enabled=rt.is_main, metric_columns=SSL_COLUMNS, resume_epoch=keep, resume_step=step)
-        log.write_config(resolved)
-    except OSError as err:
-        raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
-    log.write_summary(status="running", epochs_done=start_epoch, final_test_acc=None, best_test_acc=None,
-                      best_epoch=None, wall_time_s=None, world_size=rt.world_size)
-    _say(rt, f"tvlars: Barlow Twins pre-training of {args.model} + projector {args.projector} on {args.dataset} "
-             f"({n_train} images) with {args.optimizer}, batch {args.batch_size} = {rt.world_size} x "
-             f"{math.ceil(per_rank / micro)} x {micro}, {steps_per_epoch} steps/epoch, run folder {out}")
+    log = run_lib.open_log(out, rt, resolved, saved, resume_epoch=keep, resume_step=step, epochs_done=start_epoch,
+                           metric_columns=SSL_COLUMNS)
+    say(rt, f"tvlars: Barlow Twins pre-training of {args.model} + projector {args.projector} on {args.dataset} "
+            f"({n_train} images) with {args.optimizer}, batch {args.batch_size} = {rt.world_size} x "
+            f"{math.ceil(per_rank / micro)} x {micro}, {steps_per_epoch} steps/epoch, run folder {out}")
 
     # ---- 3. pre-training ----------------------------------------------------------------
     params = list(raw.parameters())
@@ -224,16 +190,8 @@ def pretrain(args, rt) -> int:
             if args.channels_last:
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             loss, h1 = forward_backward(model, raw, v1, v2, micro, rt, args.amp)
-            lr_used = float(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            if stats_now:
-                st = opt_lib.layer_stats(optimizer, names)
-                if st is not None:
-                    log.log_layers([{"step": step + 1, "epoch": epoch + 1, **{k: v[n] for k, v in st.items()}}
-                                    for n in range(len(st["layer"]))])
-            optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                scheduler.step()
+            lr_used = opt_lib.optimizer_step(optimizer, scheduler, log, names, stats=stats_now, step=step + 1,
+                                             epoch=epoch + 1)
             if probe is not None:
                 probe.step(h1, y)
             step += 1
@@ -260,38 +218,28 @@ def pretrain(args, rt) -> int:
         epochs_run += 1
         if not finite:  # ---- divergence: keep everything written so far, stop ------------------
             log.log_epoch(row)
-            log.write_summary(status="diverged", epochs_done=epoch, final_test_acc=None, best_test_acc=None,
-                              best_epoch=None, wall_time_s=round(time.time() - t_start, 3),
-                              diverged_at_epoch=epoch + 1)
-            log.close()
-            kept = f"the checkpoint of epoch {epoch} is kept" if epoch > 0 else "no checkpoint was written"
-            print(f"tvlars: error: pre-training diverged in epoch {epoch + 1} (non-finite loss or weights); {kept} "
-                  f"in {out}", file=sys.stderr)
-            return 1
+            return run_lib.diverged(log, out, epoch=epoch, t_start=t_start, what="pre-training")
         pending = row if last else None
         if not last:
             log.log_epoch(row)
         if rt.is_main:
-            ckpt.save_checkpoint(out / "checkpoint.pt", {
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(), "scaler": None,
-                "online_probe": None if probe is None else probe.state_dict(),
-                "rng": ckpt.rng_state(), "epoch": epoch + 1, "step": step, "best_test_acc": None,
-                "best_epoch": None, "last_eval": last_eval, "pending_row": pending})
+            ckpt.save_checkpoint(out / "checkpoint.pt", ckpt.training_state(
+                raw, optimizer, scheduler, epoch=epoch + 1, step=step, last_eval=last_eval, pending_row=pending,
+                online_probe=None if probe is None else probe.state_dict()))
         log.write_summary(status="running", epochs_done=epoch + 1, wall_time_s=round(time.time() - t_start, 3),
                           **last_eval)
-        _say(rt, f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} "
+        say(rt, f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} "
                  + "".join(f"{k} {row[k]:.2f} " for k in ("train_acc", "online_acc", "knn_acc", "knn20_acc")
                            if row.get(k) is not None)
                  + f"({epoch_time:.1f}s, {row['images_per_sec']:.0f} img/s)")
         if args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs and not last:
             log.close()
-            _say(rt, f"tvlars: stopped after {epochs_run} epoch(s) as asked; continue with --resume --out {out}")
+            say(rt, f"tvlars: stopped after {epochs_run} epoch(s) as asked; continue with --resume --out {out}")
             return 0
 
     # ---- 4. linear probe on the frozen encoder (every rank: deterministic; rank 0 writes) ----
     rt.barrier()
-    _say(rt, f"tvlars: linear probe, {args.probe_epochs} epochs on the frozen encoder")
+    say(rt, f"tvlars: linear probe, {args.probe_epochs} epochs on the frozen encoder")
     probe_aug = OneViewAugment(size, channels, data.mean, data.std, probe_view()) if args.probe_augment else None
     result = linear_probe(raw.encoder, (data.train_images, data.train_labels),
                           (data.test_images, data.test_labels), num_classes=data.num_classes,
@@ -311,7 +259,7 @@ def pretrain(args, rt) -> int:
                       probe_best_epoch=result["best_epoch"], probe_lr=result["lr"],
                       wall_time_s=round(time.time() - t_start, 3), **last_eval)
     log.close()
-    _say(rt, f"tvlars: done: linear probe top-1 {top1:.2f}% (top-5 {result['top5']:.2f}%), "
+    say(rt, f"tvlars: done: linear probe top-1 {top1:.2f}% (top-5 {result['top5']:.2f}%), "
              + "".join(f"{k} {last_eval[k]:.2f}% " for k in ("knn_acc", "knn20_acc", "online_acc") if k in last_eval)
              + f"run folder {out}")
     return 0

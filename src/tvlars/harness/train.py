@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 4 -m tvlars train --dataset cifar10 --data-dir data ...
 
 What it does, in order:
- 1. flags -> resolved configuration (tvlars.harness.config); the run folder is checked: a
+ 1. flags -> resolved configuration (tvlars.harness.config); the run folder is checked
+    (tvlars.harness.run, shared with tvlars ssl, as are the data checks and logging): a
     folder holding another run is refused unless --resume, which takes the saved
     config.yaml (a changed flag that affects results is an error) and the checkpoint.
  2. runtime (one process or DDP under torchrun), data (whole splits as uint8 tensors),
@@ -32,13 +33,10 @@ optimizer).
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
-from pathlib import Path
 
-from tvlars.errors import UserError
 from tvlars.harness import config as cfg
 
 
@@ -64,58 +62,26 @@ def train(args: argparse.Namespace, rt) -> int:
 
     from tvlars.harness import checkpoint as ckpt
     from tvlars.harness import optimizers as opt_lib
-    from tvlars.harness.data import load_data
+    from tvlars.harness import run as run_lib
     from tvlars.harness.loader import DeviceLoader, make_loader
-    from tvlars.harness.models import build_model
-    from tvlars.harness.runlog import RUN_FILES, RunLog, read_config
-    from tvlars.harness.runtime import autocast, maybe_no_sync, prepare_model, seed_everything
+    from tvlars.harness.runtime import autocast, maybe_no_sync, prepare_model, say, seed_everything
 
     t_start = time.time()
     # ---- 1. configuration and run folder ------------------------------------------------
-    probe = copy.copy(args)
-    cfg.resolve_auto(probe)
-    out = Path(args.out or cfg.default_out(probe))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a run folder")
-    saved = read_config(out)
-    if not args.resume and (saved is not None or any((out / f).exists() for f in RUN_FILES)):
-        raise UserError(f"run folder {out} already holds a run; use --resume to continue it or choose another --out")
-    state = None
-    if args.resume and saved is not None:
-        if saved.get("command") != "train":
-            raise UserError(f"run folder {out} holds a '{saved.get('command')}' run, not a train run")
-        args = cfg.merge_resume(args, saved, cfg.parser_defaults())
-        summary = _read_summary(out)
-        if summary.get("status") == "completed":
-            _say(rt, f"tvlars: run in {out} already completed ({summary.get('epochs_done')} epochs); nothing to do")
-            return 0
-        if summary.get("status") == "diverged":
-            raise UserError(f"run in {out} diverged at epoch {summary.get('epochs_done', 0) + 1}; nothing to resume")
-        if (out / "checkpoint.pt").exists():
-            state = ckpt.load_checkpoint(out / "checkpoint.pt")
-    cfg.resolve_auto(args)
-    args.out = str(out)
+    opened = run_lib.open_run(args, rt, command="train", parser_defaults=cfg.parser_defaults,
+                              default_out=cfg.default_out)
+    if opened is None:
+        return 0
+    args, out, saved, state = opened
 
     # ---- 2. data, model, loaders, optimizer ---------------------------------------------
-    synthetic = dict(num_train=args.synthetic_train, num_test=args.synthetic_test, num_classes=args.synthetic_classes,
-                     channels=args.synthetic_channels, image_size=args.synthetic_image_size)
-    data = load_data(args.dataset, args.data_dir, download=args.download, synthetic=synthetic)
+    data, per_rank = run_lib.load_run_data(args, rt)
     n_train, n_test = len(data.train_labels), len(data.test_labels)
-    if args.batch_size > n_train:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {n_train} training images of {args.dataset}")
-    if args.batch_size % rt.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {rt.world_size} processes")
-    per_rank = args.batch_size // rt.world_size
-
     seed_everything(args.seed)
-    try:
-        model = build_model(args.model, data.num_classes, data.in_channels, data.image_size, stem=args.stem,
-                            init=args.init)
-    except ValueError as err:
-        raise UserError(str(err).splitlines()[0]) from None
-    model, raw = prepare_model(model, rt, sync_bn=args.sync_bn, channels_last=args.channels_last, compile=False)
-    micro = _micro_batch_size(args, raw, data, rt, per_rank)
-    model, raw = _wrap(model, raw, rt, args)
+    model = run_lib.build_classifier(args, data)
+    model, raw = prepare_model(model, rt, sync_bn=args.sync_bn, channels_last=args.channels_last,
+                               compile=args.compile)
+    micro = run_lib.micro_batch_size(args, raw, data, rt, per_rank)
     names = {id(p): n for n, p in raw.named_parameters()}
 
     on_device = {"auto": "auto", "yes": True, "no": False}[args.data_on_device]
@@ -141,41 +107,20 @@ def train(args: argparse.Namespace, rt) -> int:
 
     start_epoch, step, best_acc, best_epoch = 0, 0, None, None
     if state is not None:
-        try:
-            raw.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise UserError(f"checkpoint {out / 'checkpoint.pt'} does not match this run: "
-                            f"{str(err).strip().splitlines()[0]}") from None
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore(state, out / "checkpoint.pt", raw, optimizer, scheduler)
         start_epoch, step = int(state["epoch"]), int(state["step"])
         best_acc, best_epoch = state.get("best_test_acc"), state.get("best_epoch")
         t_start -= float(state.get("wall_time_s", 0.0))  # wall_time_s counts every invocation
 
-    resolved = dict(vars(args), command="train", out=str(out), micro_batch_size=micro,
-                    accumulation_steps=math.ceil(per_rank / micro), world_size=rt.world_size,
-                    torch_version=torch.__version__, tvlars_version=_version(), steps_per_epoch=steps_per_epoch,
-                    total_steps=total_steps,
-                    delay_steps_resolved=opt_lib.delay_in_steps(args, steps_per_epoch),
-                    train_size=n_train, test_size=n_test)
-    if saved is not None and saved.get("world_size") not in (None, rt.world_size):
-        _say(rt, f"tvlars: note: resuming a run started with {saved['world_size']} process(es) on {rt.world_size}")
-    rt.barrier()  # every rank has checked the folder before rank 0 writes to it
+    resolved = run_lib.run_config(args, rt, command="train", micro=micro, per_rank=per_rank,
+                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps, data=data)
+    log = run_lib.open_log(out, rt, resolved, saved, resume_epoch=start_epoch if state is not None else None,
+                           resume_step=step, epochs_done=start_epoch, best_test_acc=best_acc, best_epoch=best_epoch)
     if args.sync_bn and rt.distributed and rt.device.type != "cuda":
-        _say(rt, "tvlars: note: --sync-bn needs CUDA; batch norm statistics stay per process on the CPU")
-    try:
-        log = RunLog(out, enabled=rt.is_main, resume_epoch=start_epoch if state is not None else None,
-                     resume_step=step)
-        log.write_config(resolved)
-    except OSError as err:
-        raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
-    log.write_summary(status="running", epochs_done=start_epoch, final_test_acc=None, best_test_acc=best_acc,
-                      best_epoch=best_epoch, wall_time_s=None, world_size=rt.world_size)
-    _say(rt, f"tvlars: training {args.model} on {args.dataset} ({n_train} images) with {args.optimizer}, "
-             f"batch {args.batch_size} = {rt.world_size} x {math.ceil(per_rank / micro)} x {micro}, "
-             f"{steps_per_epoch} steps/epoch, run folder {out}")
+        say(rt, "tvlars: note: --sync-bn needs CUDA; batch norm statistics stay per process on the CPU")
+    say(rt, f"tvlars: training {args.model} on {args.dataset} ({n_train} images) with {args.optimizer}, "
+            f"batch {args.batch_size} = {rt.world_size} x {math.ceil(per_rank / micro)} x {micro}, "
+            f"{steps_per_epoch} steps/epoch, run folder {out}")
 
     # ---- 3. the loop -----------------------------------------------------------------------
     dev = rt.device
@@ -203,16 +148,8 @@ def train(args: argparse.Namespace, rt) -> int:
                 (loss * (rt.world_size / global_rows)).backward()
                 loss_sum += loss.detach()
                 correct += (logits.detach().argmax(1) == ym).sum()
-            lr_used = float(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            if stats_now:
-                st = opt_lib.layer_stats(optimizer, names)
-                if st is not None:
-                    log.log_layers([{"step": step + 1, "epoch": epoch + 1, **{k: v[n] for k, v in st.items()}}
-                                    for n in range(len(st["layer"]))])
-            optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                scheduler.step()
+            lr_used = opt_lib.optimizer_step(optimizer, scheduler, log, names, stats=stats_now, step=step + 1,
+                                             epoch=epoch + 1)
             step += 1
             rows_seen += len(y)
             if not bar.disable and (i % 10 == 0 or i == steps_per_epoch - 1):  # host sync: rank 0 only
@@ -235,33 +172,24 @@ def train(args: argparse.Namespace, rt) -> int:
         epochs_run += 1
         log.log_epoch(row)
         if not finite:  # ---- 4. divergence: keep everything written so far, stop -------------
-            log.write_summary(status="diverged", epochs_done=epoch, final_test_acc=None, best_test_acc=best_acc,
-                              best_epoch=best_epoch, wall_time_s=round(time.time() - t_start, 3),
-                              diverged_at_epoch=epoch + 1)
-            log.close()
-            kept = f"the checkpoint of epoch {epoch} is kept" if epoch > 0 else "no checkpoint was written"
-            print(f"tvlars: error: training diverged in epoch {epoch + 1} (non-finite loss or weights); {kept} "
-                  f"in {out}", file=sys.stderr)
-            return 1
+            return run_lib.diverged(log, out, epoch=epoch, t_start=t_start, what="training", best_test_acc=best_acc,
+                                    best_epoch=best_epoch)
         if "test_acc" in row:
             last_acc = row["test_acc"]
             if best_acc is None or last_acc > best_acc:
                 best_acc, best_epoch = last_acc, epoch + 1
         if rt.is_main:
-            ckpt.save_checkpoint(out / "checkpoint.pt", {
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(), "scaler": None,
-                "rng": ckpt.rng_state(), "epoch": epoch + 1, "step": step,
-                "best_test_acc": best_acc, "best_epoch": best_epoch, "last_test_acc": last_acc,
-                "wall_time_s": time.time() - t_start})
+            ckpt.save_checkpoint(out / "checkpoint.pt", ckpt.training_state(
+                raw, optimizer, scheduler, epoch=epoch + 1, step=step, best_test_acc=best_acc, best_epoch=best_epoch,
+                last_test_acc=last_acc, wall_time_s=time.time() - t_start))
         log.write_summary(status="running", epochs_done=epoch + 1, best_test_acc=best_acc, best_epoch=best_epoch,
                           wall_time_s=round(time.time() - t_start, 3))
-        _say(rt, f"epoch {epoch + 1}/{args.epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} "
+        say(rt, f"epoch {epoch + 1}/{args.epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} "
                  + (f"test_loss {row['test_loss']:.4f} test_acc {row['test_acc']:.2f} " if "test_acc" in row else "")
                  + f"({epoch_time:.1f}s, {row['images_per_sec']:.0f} img/s)")
         if args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs and epoch + 1 < args.epochs:
             log.close()
-            _say(rt, f"tvlars: stopped after {epochs_run} epoch(s) as asked; continue with --resume --out {out}")
+            say(rt, f"tvlars: stopped after {epochs_run} epoch(s) as asked; continue with --resume --out {out}")
             return 0
     rt.barrier()
     if epochs_run == 0 and state is not None:  # the checkpoint was the last epoch's
@@ -269,7 +197,7 @@ def train(args: argparse.Namespace, rt) -> int:
     log.write_summary(status="completed", epochs_done=args.epochs, final_test_acc=last_acc, best_test_acc=best_acc,
                       best_epoch=best_epoch, wall_time_s=round(time.time() - t_start, 3))
     log.close()
-    _say(rt, f"tvlars: done: test accuracy {last_acc if last_acc is None else round(last_acc, 2)}% "
+    say(rt, f"tvlars: done: test accuracy {last_acc if last_acc is None else round(last_acc, 2)}% "
              f"(best {best_acc if best_acc is None else round(best_acc, 2)}% at epoch {best_epoch}), run folder {out}")
     return 0
 
@@ -309,72 +237,3 @@ def _unwrapped(model):
     if inner is not None and hasattr(inner, "module"):
         return model  # compiled DDP: call the compiled one
     return getattr(model, "module", model)
-
-
-def _wrap(model, raw, rt, args):
-    """torch.compile after DDP (prepare_model already handled device/SyncBN/DDP)."""
-    if args.compile:
-        import torch
-
-        model = torch.compile(model)
-    return model, raw
-
-
-def _micro_batch_size(args, raw, data, rt, per_rank: int) -> int:
-    """--micro-batch-size: an integer (capped at the per-rank batch), or auto: on CUDA the
-    largest power-of-two fraction of the per-rank batch whose forward+backward fits, else
-    the per-rank batch capped at 1024. The smallest choice over ranks wins."""
-    if args.micro_batch_size != "auto":
-        return max(1, min(int(args.micro_batch_size), per_rank))
-    if rt.device.type != "cuda":
-        return rt.all_reduce_min_int(min(per_rank, 1024))
-    import torch
-
-    from tvlars.harness.runtime import autocast
-
-    probe = copy.deepcopy(raw)  # batch-norm statistics of the real model stay untouched
-    shape = (data.in_channels, data.image_size, data.image_size)
-    micro = per_rank
-    while True:
-        try:
-            x = torch.randn(micro, *shape, device=rt.device, generator=None)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(rt, args.amp):
-                probe(x).float().sum().backward()
-            probe.zero_grad(set_to_none=True)
-            break
-        except torch.cuda.OutOfMemoryError:
-            probe.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            if micro == 1:
-                raise UserError("one image per micro-batch does not fit in GPU memory") from None
-            micro = max(1, micro // 2)
-    del probe
-    torch.cuda.empty_cache()
-    # headroom for the optimizer state and fragmentation
-    micro = micro if micro == per_rank else max(1, micro // 2)
-    return rt.all_reduce_min_int(micro)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("tvlars")
-    except Exception:  # not installed (running from a source tree)
-        return "unknown"
-
-
-def _read_summary(out: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _say(rt, message: str) -> None:
-    if rt.is_main:
-        print(message, file=sys.stderr, flush=True)
