@@ -62,7 +62,7 @@ def make_optimizers(model_name: str):
         "timm Lars foreach": lambda m: timm.optim.Lars(timm_groups(m), lr=1.0, momentum=0.9, foreach=True),
         "timm Lamb foreach": lambda m: timm.optim.Lamb(timm_groups(m), lr=1e-3, max_grad_norm=None, foreach=True),
     }
-    paths = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    paths = {"default": dict(), "single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
     for path, kw in paths.items():
         makers[f"LARS {path}"] = lambda m, kw=kw: tvlars.LARS(groups(m), lr=1.0, **kw)
         makers[f"TVLARS {path}"] = lambda m, kw=kw: tvlars.TVLARS(groups(m), lr=1.0, **kw)
@@ -97,7 +97,7 @@ def bench(model_name: str, steps: int) -> None:
         else:
             print(f"| {name} | {med[name]:.2f} | | | {first[name]:.2f} |")
             continue
-        print(f"| {name} | {med[name]:.2f} | {med[name] / base:.2f}x | {med[timm_name] / med[name]:.2f}x faster "
+        print(f"| {name} | {med[name]:.2f} | {med[name] / base:.2f}x | {med[timm_name] / med[name]:.2f}x "
               f"| {first[name]:.2f} |")
 
 

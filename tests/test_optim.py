@@ -13,7 +13,7 @@ from torch import nn
 from tvlars import LAMB, LARS, TVLARS, param_groups, tv_factor
 
 STEPS = 20
-PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+PATHS = {"default": dict(), "single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
 class Net(nn.Module):
@@ -179,7 +179,7 @@ WEIGHT_DECAY = 5e-3
 
 @pytest.mark.parametrize(
     "case,path",
-    [(c, p) for c in CASES for p in ("single", "foreach")] + [(c, "fused") for c in FUSED_CASES])
+    [(c, p) for c in CASES for p in ("default", "single", "foreach")] + [(c, "fused") for c in FUSED_CASES])
 def test_matches_reference(case, path):
     cls, ref_cls, kw, ref_kw, group_kw = CASES[case]
     model = make_model()
@@ -225,7 +225,7 @@ def test_tvlars_first_step_is_one_plus_mu_times_gamma_grad():
                                     (TVLARS, dict(lr=0.1, lam=0.1)), (LAMB, dict(lr=1e-2))])
 def test_paths_agree_float32(cls, kw):
     results = []
-    for path in PATHS.values() if cls is TVLARS else (PATHS["single"], PATHS["foreach"]):
+    for path in PATHS.values() if cls is TVLARS else (PATHS["default"], PATHS["single"], PATHS["foreach"]):
         model = make_model(torch.float32)
         train(model, cls(param_groups(model, WEIGHT_DECAY), **kw, **path), make_data(5, torch.float32))
         results.append([p.detach() for p in model.parameters()])

@@ -17,7 +17,10 @@ OPTIMIZERS = [(LARS, dict(lr=0.1, weight_decay=1e-2, nesterov=True)),
               (TVLARS, dict(lr=0.1, weight_decay=1e-2, variant="official")),
               (LAMB, dict(lr=1e-2, weight_decay=1e-2))]
 IDS = ["lars", "tvlars", "tvlars-official", "lamb"]
-EAGER = [dict(foreach=False), dict(foreach=True)]
+# dict(): the default path, on the CPU the host-scalar path (torch's fused SGD / AdamW kernels).
+EAGER = [dict(), dict(foreach=False), dict(foreach=True)]
+EAGER_IDS = ["default", "single", "foreach"]
+DEVICE_SIDE = EAGER[1:]  # paths that never read the host, on any device
 
 
 def model_and_loss(dtype=torch.float32, seed=0):
@@ -71,7 +74,7 @@ def test_step_without_grads_is_a_no_op(cls, kw):
     assert same(before, snapshot(model)) and len(opt.state) == 0
 
 
-@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=["single", "foreach", "fused"])
+@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=EAGER_IDS + ["fused"])
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_grads_untouched_and_params_without_grad_skipped(cls, kw, path):
     model, loss_fn = model_and_loss()
@@ -87,7 +90,7 @@ def test_grads_untouched_and_params_without_grad_skipped(cls, kw, path):
     assert all(len(opt.state[p]) > 0 for p in model.parameters() if p is not frozen and cls is LAMB)
 
 
-@pytest.mark.parametrize("path", EAGER, ids=["single", "foreach"])
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_zero_lr_leaves_weights_unchanged(cls, kw, path):
     model, loss_fn = model_and_loss()
@@ -115,7 +118,7 @@ def test_lr_dropped_to_zero_mid_run_stops_lars_but_not_the_tvlars_look_ahead():
     assert moved == {LARS: False, TVLARS: True}  # documented in TVLARS's docstring
 
 
-@pytest.mark.parametrize("path", EAGER, ids=["single", "foreach"])
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_tensor_lr_matches_float_lr(cls, kw, path):
     results = []
@@ -130,7 +133,7 @@ def test_tensor_lr_matches_float_lr(cls, kw, path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # a float32 lr tensor
 
 
-@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=["single", "foreach", "fused"])
+@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=EAGER_IDS + ["fused"])
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_bfloat16_matches_float32_on_the_same_values(cls, kw, path):
     gen = torch.Generator().manual_seed(0)
@@ -186,7 +189,7 @@ def test_invalid_group_values_are_rejected_too():
         TVLARS([{"params": [nn.Parameter(torch.ones(2))], "lam": -1.0}])
 
 
-@pytest.mark.parametrize("path", EAGER, ids=["single", "foreach"])
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_zero_weight_or_grad_norm_gives_trust_one(cls, kw, path):
     zero_w = nn.Parameter(torch.zeros(3, 2))
@@ -205,7 +208,7 @@ def test_zero_weight_or_grad_norm_gives_trust_one(cls, kw, path):
 # -- non-finite gradients -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=["single", "foreach", "fused"])
+@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=EAGER_IDS + ["fused"])
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_non_finite_grads_skip_the_whole_step(cls, kw, path):
     """A bad step changes nothing and counts; the run then continues as if it never happened."""
@@ -256,7 +259,7 @@ def test_grad_scaler_skips_inf_steps_and_reduces_the_scale():
 # -- telemetry ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=["single", "foreach", "fused"])
+@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=EAGER_IDS + ["fused"])
 def test_stats_equal_the_reference_norms_and_trust(path):
     model, loss_fn = model_and_loss(torch.float64)
     wd, lr, eta = 1e-2, 0.3, 2e-3
@@ -286,7 +289,7 @@ def test_stats_equal_the_reference_norms_and_trust(path):
         assert field.dtype == torch.float64 and field.device.type == "cpu" and field.ndim == 1
 
 
-@pytest.mark.parametrize("path", EAGER, ids=["single", "foreach"])
+@pytest.mark.parametrize("path", DEVICE_SIDE, ids=["single", "foreach"])
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_no_host_reads_in_step_and_one_transfer_in_last_stats(cls, kw, path):
     model, loss_fn = model_and_loss()
@@ -412,3 +415,104 @@ def test_param_groups_work_with_every_optimizer_and_public_exports():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LARS(model.parameters())
+
+
+# -- the host-scalar CPU path (the default on the CPU) ------------------------------------
+
+
+def _counting(name, calls):
+    real = getattr(torch, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    return mock.patch.object(torch, name, wrapper)
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_default_cpu_path_updates_with_torch_fused_kernels(cls, kw):
+    kernel = "_fused_adamw_" if cls is LAMB else "_fused_sgd_"
+    for path, per_param in ((dict(), 1), (dict(foreach=False), 0)):
+        model, loss_fn = model_and_loss()
+        expected = per_param * len(list(model.parameters()))
+        opt = cls(param_groups(model, 1e-2), **kw, **path)
+        backward(loss_fn, model)
+        calls = []
+        with _counting(kernel, calls):
+            opt.step()
+        assert len(calls) == expected  # one per parameter tensor
+
+
+def test_host_path_is_cpu_default_only():
+    from tvlars.optim._base import _host_path
+
+    cpu, meta = [torch.zeros(2)], [torch.zeros(2, device="meta")]
+    assert _host_path(dict(foreach=None, fused=None), cpu)
+    assert not _host_path(dict(foreach=None, fused=None), meta)  # any accelerator: no host reads
+    assert not _host_path(dict(foreach=False, fused=None), cpu)
+    assert not _host_path(dict(foreach=None, fused=True), cpu)
+
+
+def test_coupled_norm_falls_back_to_the_exact_norm_when_the_expansion_cancels():
+    from tvlars.optim._functional import _coupled_norm
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, generator=gen, dtype=torch.float64)
+    wd = 1e-2
+    for g in (torch.randn(1000, generator=gen, dtype=torch.float64),  # no cancellation
+              -wd * w + 1e-9 * torch.randn(1000, generator=gen, dtype=torch.float64)):  # g ~ -wd*w
+        exact = torch.linalg.vector_norm(g + wd * w).item()
+        got = _coupled_norm(w, g, g.norm().item(), w.norm().item(), torch.dot(g, w).item(), wd)
+        assert got == pytest.approx(exact, rel=1e-12)
+
+
+def _mixed_layout_model():
+    """A channels_last conv (not contiguous), float64, and plain layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+    model[0].weight.data = model[0].weight.data.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    return model, lambda: F.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_default_path_handles_non_contiguous_layers_like_the_single_path(cls, kw):
+    results = []
+    for path in (dict(), dict(foreach=False)):
+        model, loss_fn = _mixed_layout_model()
+        opt = cls(param_groups(model, 1e-2), **kw, **path, stats=True)
+        for _ in range(3):
+            backward(loss_fn, model)
+            opt.step()
+        results.append((snapshot(model), opt.last_stats()))
+    (a, sa), (b, sb) = results
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
+    for x, y in zip(sa[1:], sb[1:]):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
+
+
+def test_lamb_default_path_without_a_compiler_uses_the_eager_reduction():
+    from tvlars.optim import _functional
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    results = []
+    saved = list(_functional._lamb_sums_compiled)
+    try:
+        for compiled in (saved or [_functional._lamb_reduction()], [broken]):
+            _functional._lamb_sums_compiled[:] = compiled
+            model, loss_fn = model_and_loss(torch.float64)
+            opt = LAMB(param_groups(model, 1e-2), lr=1e-2, weight_decay=1e-2)
+            for _ in range(3):
+                backward(loss_fn, model)
+                opt.step()
+            results.append(snapshot(model))
+        assert _functional._lamb_sums_compiled[0] is _functional._lamb_sums
+    finally:
+        _functional._lamb_sums_compiled[:] = saved
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

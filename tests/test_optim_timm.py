@@ -50,14 +50,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("foreach", [None, False, True], ids=["default", "single", "foreach"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_timm(case, foreach):
     ours, kw, theirs, timm_kw, always_adapt = CASES[case]
     model = make_model()
     other = copy.deepcopy(model)
     opt = ours(ours_groups(model, always_adapt), **kw, foreach=foreach)
-    ref = theirs(timm_groups(other, always_adapt), **timm_kw, always_adapt=always_adapt, foreach=foreach)
+    ref = theirs(timm_groups(other, always_adapt), **timm_kw, always_adapt=always_adapt, foreach=bool(foreach))
     for x, y in make_data(STEPS):
         for m, o in ((model, opt), (other, ref)):
             o.zero_grad()

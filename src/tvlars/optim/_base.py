@@ -5,12 +5,15 @@ The maths is in ``_functional``.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from . import _functional as F
 
 # Key of the optimizer-level counters in ``optimizer.state``. torch's state_dict keeps
 # non-tensor keys as they are, so the counters resume with everything else.
@@ -46,9 +49,20 @@ class LayerwiseOptimizer(Optimizer):
 
     Non-finite gradients: if any gradient of the optimizer holds inf or NaN, the whole step
     is skipped: weights, state and the step counter stay as they were, and
-    ``skipped_steps`` counts it. The decision is taken on the device, so ``step()`` never
-    waits for it; nothing is printed (that would need a host read). Under
+    ``skipped_steps`` counts it. On an accelerator the decision is taken on the device, so
+    ``step()`` never waits for it; nothing is printed (that would need a host read). Under
     ``torch.amp.GradScaler`` the scaler skips such steps before they reach the optimizer.
+
+    Paths (per group; all compute the same update, see ``_functional``):
+
+    * ``fused=True``: the per-layer update compiled by ``torch.compile`` (first step compiles);
+    * ``foreach=True``: multi-tensor ``torch._foreach_*`` kernels;
+    * ``foreach=False``: one parameter at a time, all scalars kept on the device;
+    * default (``foreach=None, fused=None``): when every parameter of every group is on the
+      CPU, the host-scalar path: per-layer norms and trust ratios are read as Python floats
+      (free on the CPU) and torch's fused SGD / AdamW kernels update each layer in one pass,
+      the fastest exact path on the CPU (BENCHMARKS.md). Otherwise the multi-tensor path when
+      every parameter is on CUDA, else ``foreach=False``. No accelerator path reads the host.
     """
 
     def __init__(self, params, defaults: dict, foreach: Optional[bool], fused: Optional[bool], stats: bool):
@@ -77,8 +91,8 @@ class LayerwiseOptimizer(Optimizer):
     @staticmethod
     def _paths(group: dict) -> dict:
         """fused=True: the compiled per-parameter kernel. foreach=None: as torch.optim, the
-        multi-tensor path when every parameter is on CUDA; on the CPU the single-tensor loop
-        is as fast or faster (BENCHMARKS.md), since foreach kernels are loops there too."""
+        multi-tensor path when every parameter is on CUDA (on the CPU, ``step`` takes the
+        host-scalar path first, see ``_host_path``), else the single-tensor loop."""
         fused = bool(group["fused"])
         foreach = group["foreach"]
         if foreach is None:
@@ -131,19 +145,31 @@ class LayerwiseOptimizer(Optimizer):
         if not work:
             return loss
         device = work[0][1][0].device
-        ok = _all_finite([p.grad for _, params in work for p in params], device)
+        grads = [p.grad for _, params in work for p in params]
+        plans = [None] * len(work)
+        if all(_host_path(group, params) for group, params in work):
+            # CPU: read the per-layer norms on the host (free there) and decide the step now.
+            plans = [F.host_grad_norms([p.grad for p in params]) for _, params in work]
+            finite = all(math.isfinite(n) for plan in plans for n in plan)
+            ok = torch.tensor(finite)
+            if not finite:
+                plans = [None] * len(work)  # the single-tensor path makes the skip an exact no-op
+        else:
+            ok = _all_finite(grads, device)
         counters = self._counters(device)
         want = self.stats
         records = []
-        for group, params in work:
-            records += self._update(group, params, ok, counters, want)
+        for (group, params), plan in zip(work, plans):
+            records += self._update(group, params, ok, counters, want, plan)
         okf = ok.to(counters["step"].dtype)
         counters["step"].add_(okf)
         counters["skipped_steps"].add_(1.0 - okf)
         self._records = records
         return loss
 
-    def _update(self, group: dict, params: list, ok: Tensor, counters: dict, want_stats: bool) -> list:
+    def _update(self, group: dict, params: list, ok: Tensor, counters: dict, want_stats: bool,
+                grad_norms: Optional[list]) -> list:
+        """Update ``params``; ``grad_norms`` (host floats, CPU only) selects the host-scalar path."""
         raise NotImplementedError
 
     # -- telemetry -----------------------------------------------------------------------
@@ -160,6 +186,12 @@ class LayerwiseOptimizer(Optimizer):
         table = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in self._records], dim=1)
         table = table.cpu()
         return LayerStats(params, *table.unbind(0))
+
+
+def _host_path(group: dict, params: list) -> bool:
+    """The default path (foreach=None, fused=None) on the CPU reads per-layer scalars on the
+    host; never on an accelerator, where that read would wait for the device."""
+    return group["foreach"] is None and not group["fused"] and all(p.device.type == "cpu" for p in params)
 
 
 def _all_finite(grads: list[Tensor], device: torch.device) -> Tensor:

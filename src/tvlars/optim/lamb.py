@@ -23,7 +23,9 @@ class LAMB(LayerwiseOptimizer):
 
     The first step moves each adapted layer by exactly lr * ||w||. Without bias correction
     the divisions by 1 - b^t are dropped. See :class:`tvlars.LARS` for ``foreach``,
-    ``fused``, ``stats`` and the non-finite policy.
+    ``fused``, ``stats`` and the non-finite policy; the default CPU path measures ||u|| with a
+    compiled read-only reduction (compiled once per process, eager without a C++ compiler)
+    and updates each layer with torch's fused AdamW kernel.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
@@ -38,7 +40,7 @@ class LAMB(LayerwiseOptimizer):
         b1, b2 = group["betas"]
         check("betas", group["betas"], 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0, "each must be in [0, 1)")
 
-    def _update(self, group, params, ok, counters, want_stats):
+    def _update(self, group, params, ok, counters, want_stats, grad_norms=None):
         ms, vs, steps = [], [], []
         for p in params:
             state = self.state[p]
@@ -56,4 +58,5 @@ class LAMB(LayerwiseOptimizer):
         return F.lamb(params, [p.grad for p in params], ms, vs, steps, ok, lr=group["lr"], beta1=b1,
                       beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
                       bias_correction=group["bias_correction"], trust_clip=group["trust_clip"],
-                      adapt=group["adapt"], want_stats=want_stats, **self._paths(group))
+                      adapt=group["adapt"], want_stats=want_stats, grad_norms=grad_norms,
+                      **self._paths(group))

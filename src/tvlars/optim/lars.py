@@ -29,8 +29,12 @@ class LARS(LayerwiseOptimizer):
     (``weight_decay=0``) and out of adaptation (``adapt=False``).
 
     Args:
-        foreach: multi-tensor path (default: on when all parameters are on CUDA); fused: ``torch.compile``
-            the per-layer update once per process (first step pays the compile).
+        foreach, fused: the execution path, all exact. Default (both None): on the CPU, per-layer
+            scalars computed on the host and torch's fused SGD kernel doing each layer's update
+            (fastest there); on CUDA the multi-tensor path. ``foreach=True``: multi-tensor;
+            ``foreach=False``: one tensor at a time with no host reads; ``fused=True``:
+            ``torch.compile`` the per-layer update once per process (first step pays the
+            compile).
         stats: record per-layer statistics, read with :meth:`last_stats`.
 
     Non-finite gradients skip the step (see ``skipped_steps``). ``p.grad`` is never written.
@@ -67,11 +71,11 @@ class LARS(LayerwiseOptimizer):
         """How the trust-scaled direction becomes a step; TVLARS overrides this."""
         return dict(nesterov=group["nesterov"])
 
-    def _update(self, group, params, ok, counters, want_stats):
+    def _update(self, group, params, ok, counters, want_stats, grad_norms=None):
         options = dict(
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
             trust_coefficient=group["trust_coefficient"], eps=group["eps"],
             trust_form=group["trust_form"], trust_clip=group["trust_clip"], adapt=group["adapt"])
         options.update(self._momentum_form(group, counters))
         return F.lars(params, [p.grad for p in params], self._buffers(group, params), ok,
-                      want_stats=want_stats, **options, **self._paths(group))
+                      want_stats=want_stats, grad_norms=grad_norms, **options, **self._paths(group))
