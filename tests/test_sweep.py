@@ -112,14 +112,7 @@ def tvlars_sweep(argv):
 
     parser = cli._Parser(prog="tvlars sweep")
     sweep.add_arguments(parser)
-    try:
-        return sweep.run(parser.parse_args(argv))
-    except UserError as err:
-        print(f"tvlars: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tvlars: interrupted", file=sys.stderr)
-        return 130
+    return cli.exit_status(lambda: sweep.run(parser.parse_args(argv)))
 
 
 def write_grid(tmp: Path, data: dict, name: str = "g.yaml") -> Path:

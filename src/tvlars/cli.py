@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tvlars.errors import UserError
 
@@ -65,25 +65,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, subparsers
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def exit_status(command: Callable[[], int | None]) -> int:
+    """Runs ``command``; a UserError becomes one line on stderr and status 2, Ctrl-C 130."""
     try:
-        parser, subparsers = build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 2
-        sub = subparsers[args.command]
-        if getattr(args, "config", None):
-            sub.set_defaults(**_config_defaults(sub, args.config))
-            args = parser.parse_args(argv)
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+        return int(command() or 0)
     except UserError as err:
         print(f"tvlars: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tvlars: interrupted", file=sys.stderr)
         return 130
+
+
+def _dispatch(argv: list[str]) -> int:
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    sub = subparsers[args.command]
+    if getattr(args, "config", None):
+        sub.set_defaults(**_config_defaults(sub, args.config))
+        args = parser.parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return exit_status(lambda: _dispatch(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

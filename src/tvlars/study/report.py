@@ -412,10 +412,15 @@ def has_paper(table: Table) -> bool:
     return (table.dataset, table.task) in paper.TABLE1
 
 
-def markdown_accuracy(table: Table, metric: str, with_paper: bool) -> str:
+def _markdown_lr_table(table: Table, cell_text, paper_row=None) -> str:
+    """Rows optimizer x batch size, columns that batch size's lrs (the Table 1 layout).
+
+    ``cell_text(cell_or_None) -> str``; ``paper_row(label, batch) -> list`` adds the paper's
+    columns beside the measured ones.
+    """
     letters = _letters(table.width)
     head = ["Optimizer", "Batch (lrs)"] + [f"lr {x}" for x in letters]
-    if with_paper:
+    if paper_row is not None:
         head += [f"paper {x}" for x in letters]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for batch in table.batch_sizes:
@@ -423,33 +428,26 @@ def markdown_accuracy(table: Table, metric: str, with_paper: bool) -> str:
         for label in table.rows:
             if not any((label, batch, lr) in table.cells for lr in lrs):
                 continue
-            cells = []
-            for lr in lrs:
-                cell = table.cells.get((label, batch, lr))
-                cells.append(fmt_stat(getattr(cell, metric), diverged=cell.diverged, show_n=table.seeded)
-                             if cell else "—")
+            cells = [cell_text(table.cells.get((label, batch, lr))) for lr in lrs]
             cells += [""] * (table.width - len(lrs))
             row = [label, f"{batch} ({'/'.join(_lr_text(lr) for lr in lrs)})"] + cells
-            if with_paper:
-                values = paper_values(table, label, batch) or []
+            if paper_row is not None:
+                values = paper_row(label, batch) or []
                 row += [f"{v:.2f}" if v is not None else "—" for v in values] + [""] * (table.width - len(values))
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
+def markdown_accuracy(table: Table, metric: str, with_paper: bool) -> str:
+    def text(cell):
+        return fmt_stat(getattr(cell, metric), diverged=cell.diverged, show_n=table.seeded) if cell else "—"
+
+    return _markdown_lr_table(table, text, (lambda label, batch: paper_values(table, label, batch))
+                              if with_paper else None)
+
+
 def markdown_epochs(table: Table) -> str:
-    letters = _letters(table.width)
-    head = ["Optimizer", "Batch (lrs)"] + [f"lr {x}" for x in letters]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    for batch in table.batch_sizes:
-        lrs = table.lrs[batch]
-        for label in table.rows:
-            if not any((label, batch, lr) in table.cells for lr in lrs):
-                continue
-            cells = [fmt_epochs(table.cells.get((label, batch, lr))) for lr in lrs]
-            cells += [""] * (table.width - len(lrs))
-            lines.append("| " + " | ".join([label, f"{batch} ({'/'.join(_lr_text(lr) for lr in lrs)})"] + cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _markdown_lr_table(table, fmt_epochs)
 
 
 def best_over_lrs(table: Table, metric: str) -> dict[tuple[str, int], tuple[float | None, float | None]]:
