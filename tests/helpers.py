@@ -48,3 +48,39 @@ def tvlars_torchrun(nproc: int, *argv, env=None, timeout=120) -> subprocess.Comp
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([torchrun(), "--standalone", "--nproc_per_node", str(nproc), "-m", "tvlars", *argv],
                           capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def run_gloo(world: int, worker, out_dir) -> list:
+    """Runs ``worker(rank, world)`` in ``world`` spawned processes joined in a gloo process
+    group on loopback, and returns what each rank's worker returned (rank order).
+    ``worker`` must be a module-level function (it is pickled by reference)."""
+    import socket
+    import warnings
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.spawn(_gloo_main, args=(world, port, worker, str(out_dir)), nprocs=world, join=True)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
+
+
+def _gloo_main(rank, world, port, worker, out_dir):
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(worker(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    # skip interpreter teardown: a late C++ thread destructor can abort (SIGABRT) a finished worker
+    os._exit(0)

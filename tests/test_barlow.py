@@ -1,15 +1,11 @@
 """Barlow Twins loss, projector and module (tvlars.harness.barlow)."""
 
-import os
-import socket
-import warnings
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from helpers import run_gloo
 from tvlars.errors import UserError
 from tvlars.harness.barlow import (
     BarlowTwins,
@@ -175,48 +171,29 @@ def _reference_style_loss(z1, z2, lambd=0.0051, eps=1e-5):
     return (torch.diagonal(c) - 1).pow(2).sum() + lambd * off_diagonal(c).pow(2).sum()
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _ddp_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        x1, x2 = _global_data()
-        lo = sum(SIZES[:rank])
-        hi = lo + SIZES[rank]
-        results = {}
-        for name in ("fixed", "reference"):
-            model = DDP(_fresh_model())
-            z1, z2 = model(x1[lo:hi]), model(x2[lo:hi])
-            if name == "fixed":
-                loss = barlow_twins_loss(z1, z2)  # distributed=None: detects the process group
-            else:
-                loss = _reference_style_loss(z1, z2)
-            loss.backward()  # DDP averages gradients over ranks
-            results[name] = {"loss": loss.detach()}
-            results[name].update({k: p.grad.clone() for k, p in model.module.named_parameters()})
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # skip interpreter teardown: a late C++ thread destructor can abort (SIGABRT) a finished worker
-    os._exit(0)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    x1, x2 = _global_data()
+    lo = sum(SIZES[:rank])
+    hi = lo + SIZES[rank]
+    results = {}
+    for name in ("fixed", "reference"):
+        model = DDP(_fresh_model())
+        z1, z2 = model(x1[lo:hi]), model(x2[lo:hi])
+        if name == "fixed":
+            loss = barlow_twins_loss(z1, z2)  # distributed=None: detects the process group
+        else:
+            loss = _reference_style_loss(z1, z2)
+        loss.backward()  # DDP averages gradients over ranks
+        results[name] = {"loss": loss.detach()}
+        results[name].update({k: p.grad.clone() for k, p in model.module.named_parameters()})
+    return results
 
 
 def test_ddp_gradient_equals_single_process_global_batch(tmp_path):
     world = len(SIZES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks = run_gloo(world, _ddp_worker, tmp_path)
 
     x1, x2 = _global_data()
     model = _fresh_model()

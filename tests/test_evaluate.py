@@ -2,16 +2,12 @@
 
 import copy
 import math
-import os
-import socket
-import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from helpers import run_gloo
 from tvlars.harness.evaluate import (
     OnlineProbe,
     default_probe_lr,
@@ -200,44 +196,26 @@ def test_online_probe_learns_and_never_touches_the_encoder():
 N_ROWS = 11  # not divisible by the world size
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        enc = _encoder()
-        x, y = _toy(N_ROWS, 5)
-        feats, labels = extract_features(enc, (x, y), "cpu", batch_size=4)  # gathers
-        lo = [0, 6][rank]
-        loader_feats, loader_labels = extract_features(enc, [(x[lo:lo + 6 - rank], y[lo:lo + 6 - rank])], "cpu")
-        torch.manual_seed(1)
-        probe = OnlineProbe(24, 3, lr=0.05)
-        xs, ys = _toy(40, 6)
-        half = slice(rank * 20, (rank + 1) * 20)
-        with torch.no_grad():
-            fs = enc(xs)
-        for _ in range(3):
-            probe.step(fs[half], ys[half])
-        metrics = probe.epoch_metrics()
-        torch.save({"feats": feats, "labels": labels, "loader_feats": loader_feats,
-                    "loader_labels": loader_labels, "head": probe.head.state_dict(), "metrics": metrics},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # skip interpreter teardown: a late C++ thread destructor can abort (SIGABRT) a finished worker
-    os._exit(0)
+def _ddp_worker(rank, world):
+    enc = _encoder()
+    x, y = _toy(N_ROWS, 5)
+    feats, labels = extract_features(enc, (x, y), "cpu", batch_size=4)  # gathers
+    lo = [0, 6][rank]
+    loader_feats, loader_labels = extract_features(enc, [(x[lo:lo + 6 - rank], y[lo:lo + 6 - rank])], "cpu")
+    torch.manual_seed(1)
+    probe = OnlineProbe(24, 3, lr=0.05)
+    xs, ys = _toy(40, 6)
+    half = slice(rank * 20, (rank + 1) * 20)
+    with torch.no_grad():
+        fs = enc(xs)
+    for _ in range(3):
+        probe.step(fs[half], ys[half])
+    return {"feats": feats, "labels": labels, "loader_feats": loader_feats, "loader_labels": loader_labels,
+            "head": probe.head.state_dict(), "metrics": probe.epoch_metrics()}
 
 
 def test_distributed_feature_gather_and_online_probe(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_gloo(2, _ddp_worker, tmp_path)
 
     enc = _encoder()
     x, y = _toy(N_ROWS, 5)
