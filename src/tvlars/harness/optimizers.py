@@ -33,7 +33,6 @@ API (reusable by ``tvlars ssl``)::
 from __future__ import annotations
 
 import argparse
-import inspect
 
 from tvlars.errors import UserError
 
@@ -119,16 +118,8 @@ def _call(factory, name: str, *a, **kw):
 def _groups(model, args) -> list[dict]:
     import tvlars
 
-    fn = tvlars.param_groups
-    params = inspect.signature(fn).parameters
-    kw = {}
-    # The library's switch names, matched by what they mean.
-    for want, value in (("decay", args.exclude_1d_decay), ("adapt", args.exclude_1d_adapt)):
-        for name in params:
-            if name.startswith("exclude") and want in name:
-                kw[name] = value
-                break
-    return fn(model, args.weight_decay, **kw)
+    return tvlars.param_groups(model, args.weight_decay, exclude_from_decay=args.exclude_1d_decay,
+                               exclude_from_adaptation=args.exclude_1d_adapt)
 
 
 def build_optimizer(model, args, steps_per_epoch: int):

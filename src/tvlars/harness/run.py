@@ -113,7 +113,7 @@ def micro_batch_size(args: argparse.Namespace, raw, data, rt, per_rank: int) -> 
     micro = per_rank
     while True:
         try:
-            x = torch.randn(micro, *shape, device=rt.device, generator=None)
+            x = torch.randn(micro, *shape, device=rt.device)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(rt, args.amp):

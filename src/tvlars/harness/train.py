@@ -95,11 +95,12 @@ def train(args: argparse.Namespace, rt) -> int:
     train_loader = make_loader(data.train_images, data.train_labels, data_on_device=on_device,
                                num_workers=args.num_workers, batch_size=args.batch_size, shuffle=True,
                                drop_last=args.drop_last, augment=augment, **common)
-    exact_rows = isinstance(train_loader, DeviceLoader)  # global-batch slicing: rows known without comms
-    test_on_device = isinstance(train_loader, DeviceLoader)
+    # DeviceLoader slices global batches, so the rows of each global batch are known without comms;
+    # the test set then lives on the device too.
+    exact_rows = isinstance(train_loader, DeviceLoader)
     test_loader = DeviceLoader(data.test_images, data.test_labels, batch_size=args.eval_batch_size * rt.world_size,
                                shuffle=False, drop_last=False,
-                               **{**common, "device": rt.device if test_on_device else "cpu"})
+                               **{**common, "device": rt.device if exact_rows else "cpu"})
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * args.epochs
     optimizer = opt_lib.build_optimizer(raw, args, steps_per_epoch)
@@ -124,7 +125,7 @@ def train(args: argparse.Namespace, rt) -> int:
 
     # ---- 3. the loop -----------------------------------------------------------------------
     dev = rt.device
-    params = [p for p in raw.parameters()]
+    params = list(raw.parameters())
     epochs_run, last_acc = 0, None
     for epoch in range(start_epoch, args.epochs):
         model.train()

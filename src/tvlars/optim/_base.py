@@ -145,7 +145,6 @@ class LayerwiseOptimizer(Optimizer):
         if not work:
             return loss
         device = work[0][1][0].device
-        grads = [p.grad for _, params in work for p in params]
         plans = [None] * len(work)
         if all(_host_path(group, params) for group, params in work):
             # CPU: read the per-layer norms on the host (free there) and decide the step now.
@@ -155,7 +154,7 @@ class LayerwiseOptimizer(Optimizer):
             if not finite:
                 plans = [None] * len(work)  # the single-tensor path makes the skip an exact no-op
         else:
-            ok = _all_finite(grads, device)
+            ok = _all_finite([p.grad for _, params in work for p in params], device)
         counters = self._counters(device)
         want = self.stats
         records = []
@@ -195,8 +194,13 @@ def _host_path(group: dict, params: list) -> bool:
 
 
 def _all_finite(grads: list[Tensor], device: torch.device) -> Tensor:
-    """0-d bool on ``device``: every gradient is finite (a norm that overflows counts as not)."""
+    """0-d bool on ``device``: every gradient is finite (a norm that overflows counts as not).
+
+    Norms are accumulated in ``norm_dtype`` as the update does: a float16 norm would overflow
+    (> 65504) on finite gradients and skip every step.
+    """
     flags = []
-    for (dev, _), ((gs,), _) in _group_tensors_by_device_and_dtype([grads]).items():
-        flags.append(torch.stack(torch._foreach_norm(gs)).isfinite().all().to(device))
+    for (_, dtype), ((gs,), _) in _group_tensors_by_device_and_dtype([grads]).items():
+        norms = torch._foreach_norm(gs, dtype=F.norm_dtype(dtype))
+        flags.append(torch.stack(norms).isfinite().all().to(device))
     return flags[0] if len(flags) == 1 else torch.stack(flags).all()

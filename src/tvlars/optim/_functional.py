@@ -365,7 +365,7 @@ def host_grad_norms(grads: list[Tensor]) -> list[float]:
     """Phase 1 of the host-scalar path (reads only): each gradient's norm, which the caller
     tests for the non-finite policy before anything is written."""
     # Last layer first: the update then starts on the gradients this left in cache.
-    norms = [math.sqrt(_sum_sq(g)) if _host_ok(g) else torch.linalg.vector_norm(g).item()
+    norms = [math.sqrt(_sum_sq(g)) if _host_ok(g) else torch.linalg.vector_norm(g, dtype=norm_dtype(g.dtype)).item()
              for g in reversed(grads)]
     return norms[::-1]
 
@@ -397,10 +397,10 @@ def _host_lars(
     clip_lr = lr_f if trust_clip else None
     need_norms = adapt or want_stats
     mu, wd = momentum, weight_decay
+    ok = torch.ones((), dtype=torch.bool)  # the caller checked every gradient finite
     rows = []
     for p, g, buf, g_norm in zip(params, grads, bufs, grad_norms):
         if not _host_ok(p, g, buf):
-            ok = torch.ones((), dtype=torch.bool)
             fac_t = factor.to(norm_dtype(p.dtype)) if factor is not None else None
             row = _lars_param(p, g, buf, ok, lr, fac_t, **options)
             if want_stats:
@@ -477,11 +477,12 @@ def _host_lamb(
     lr_f = lr.item() if torch.is_tensor(lr) else float(lr)
     need_norms = adapt or want_stats
     no_bc = None
+    ok = torch.ones((), dtype=torch.bool)  # the caller checked every gradient finite
     rows = []
     for p, g, m, v, step in zip(params, grads, ms, vs, steps):
         if not _host_ok(p, g, m, v) or step.device.type != "cpu":
             bc = bias_corrections(step, norm_dtype(p.dtype), beta1, beta2) if bias_correction else (None, None)
-            row = _lamb_param(p, g, m, v, step, torch.ones((), dtype=torch.bool), lr, *bc, **options)
+            row = _lamb_param(p, g, m, v, step, ok, lr, *bc, **options)
             if want_stats:
                 rows.append([t.item() for t in row])
             continue
@@ -548,14 +549,15 @@ def _fused(fn, options: dict):
 
 
 def _per_param(fn, fused: bool, lr: Scalar, ref: Tensor, options: dict):
-    """The per-parameter update with ``options`` bound: compiled (fused) or eager, and the lr
-    to pass it."""
+    """The per-parameter update with ``options`` bound, ``(eager, chosen, lr)``: ``chosen`` is
+    the compiled update (fused) or the eager one, ``lr`` the lr to pass either."""
+    eager = functools.partial(fn, **options)
     if not fused:
-        return functools.partial(fn, **options), lr
+        return eager, eager, lr
     # A Python-float lr would be baked into the compiled code and recompile at every change.
     if not torch.is_tensor(lr):
         lr = torch.tensor(lr, dtype=torch.float64).to(ref.device)
-    return _fused(fn, options), lr
+    return eager, _fused(fn, options), lr
 
 
 def _flat(fused: bool, *tensors: Optional[Tensor]) -> tuple:
@@ -599,14 +601,14 @@ def lars(
         return _host_lars(params, grads, bufs, grad_norms, lr, factor, want_stats=want_stats, **options)
     if foreach and not fused:
         return _multi_tensor_lars(params, grads, bufs, ok, lr, factor, want_stats=want_stats, **options)
-    fn, lr = _per_param(_lars_param, fused, lr, params[0], options)
+    eager, fn, lr = _per_param(_lars_param, fused, lr, params[0], options)
     rows, scalars = [], {}
     for p, g, buf in zip(params, grads, bufs):
         if (p.device, p.dtype) not in scalars:
             fac = factor.to(device=p.device, dtype=norm_dtype(p.dtype)) if factor is not None else None
             scalars[p.device, p.dtype] = (ok.to(p.device), lr, fac)
         tensors = _flat(fused, p, g, buf)
-        update = fn if tensors[0] is not p else functools.partial(_lars_param, **options)
+        update = fn if tensors[0] is not p else eager  # not flattened: the eager code
         rows.append(update(*tensors, *scalars[p.device, p.dtype]))
     return _stack_records(params, rows, want_stats)
 
@@ -627,11 +629,11 @@ def lamb(
     if foreach and not fused:
         return _multi_tensor_lamb(params, grads, ms, vs, steps, ok, lr, bias_correction=bias_correction,
                                   want_stats=want_stats, **options)
-    fn, lr = _per_param(_lamb_param, fused, lr, params[0], options)
+    eager, fn, lr = _per_param(_lamb_param, fused, lr, params[0], options)
     rows = []
     for p, g, m, v, s in zip(params, grads, ms, vs, steps):
         bc = bias_corrections(s, norm_dtype(p.dtype), beta1, beta2) if bias_correction else (None, None)
         tensors = _flat(fused, p, g, m, v)
-        update = fn if tensors[0] is not p else functools.partial(_lamb_param, **options)
+        update = fn if tensors[0] is not p else eager  # not flattened: the eager code
         rows.append(update(*tensors, s, ok.to(p.device), lr, *bc))
     return _stack_records(params, rows, want_stats)
