@@ -236,6 +236,21 @@ def test_non_finite_grads_skip_the_whole_step(cls, kw, path):
     assert same(*runs)
 
 
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_large_finite_float16_grads_are_not_skipped(cls, kw, path):
+    """The finiteness check measures norms in float32: a float16 gradient whose norm exceeds
+    float16's range (65504) is still finite and must be stepped on."""
+    w = torch.full((100_000,), 0.5, dtype=torch.float16, requires_grad=True)
+    w.grad = torch.full_like(w, 300.0)  # every element finite; ||g|| ~ 9.5e4
+    opt = cls([w], **{**kw, "lr": 100.0}, **path)  # a step large enough to show in float16
+    before = w.detach().clone()
+    opt.step()
+    assert opt.skipped_steps == 0
+    assert not torch.equal(before, w.detach())
+    assert torch.isfinite(w).all()
+
+
 def test_grad_scaler_skips_inf_steps_and_reduces_the_scale():
     model, loss_fn = model_and_loss()
     opt = LARS(param_groups(model, 1e-2), lr=0.1)
