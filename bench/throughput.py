@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from tvlars.harness.augment import RandomCropFlip
-from tvlars.harness.data import make_synthetic
-from tvlars.harness.loader import DeviceLoader
+from tvlars.harness.data.augment import RandomCropFlip
+from tvlars.harness.data.datasets import make_synthetic
+from tvlars.harness.data.loader import DeviceLoader
 from tvlars.harness.models import MODELS, build_model
 
 UNTIMED_STEPS_PER_ROUND = 5

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def run_command(module, out, *flags) -> int:
-    """A command module (tvlars.harness.train or .ssl) run in this process, --out ``out``."""
+    """A command module (tvlars.harness.supervised.train or .ssl) run in this process, --out ``out``."""
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
     args = parser.parse_args(["--out", str(out), *flags])

@@ -1,4 +1,4 @@
-"""Barlow Twins loss, projector and module (tvlars.harness.barlow)."""
+"""Barlow Twins loss, projector and module (tvlars.harness.ssl.barlow)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 
 from helpers import run_gloo
 from tvlars.errors import UserError
-from tvlars.harness.barlow import (
+from tvlars.harness.ssl.barlow import (
     BarlowTwins,
     Projector,
     barlow_twins_loss,
@@ -154,7 +154,7 @@ def _fresh_model():
 def _reference_style_loss(z1, z2, lambd=0.0051, eps=1e-5):
     """The reference's loss: batch statistics reduced correctly (SyncBatchNorm), but the
     cross-correlation reduced with a plain all_reduce that autograd does not see."""
-    from tvlars.harness.barlow import _AllReduceSum
+    from tvlars.harness.ssl.barlow import _AllReduceSum
 
     all_reduce = _AllReduceSum.apply
     n = float(sum(SIZES))

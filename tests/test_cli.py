@@ -8,7 +8,7 @@ import yaml
 from tvlars import cli
 from tvlars.errors import UserError
 from tvlars.harness import config as cfg
-from tvlars.harness import train
+from tvlars.harness.supervised import train
 
 
 def parse(*argv):

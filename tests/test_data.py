@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from tvlars.errors import UserError
-from tvlars.harness import data
-from tvlars.harness.data import ImageData, channel_mean_std, load_data
+from tvlars.harness.data import datasets as data
+from tvlars.harness.data.datasets import ImageData, channel_mean_std, load_data
 
 
 def expect_user_error(match_path, call, *args, **kwargs) -> str:

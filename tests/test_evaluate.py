@@ -1,4 +1,4 @@
-"""kNN, linear probe, feature extraction and online probe (tvlars.harness.evaluate)."""
+"""kNN, linear probe, feature extraction and online probe (tvlars.harness.ssl.evaluate)."""
 
 import copy
 import math
@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from helpers import run_gloo
-from tvlars.harness.evaluate import (
+from tvlars.harness.ssl.evaluate import (
     OnlineProbe,
     default_probe_lr,
     extract_features,
     knn_accuracy,
     linear_probe,
 )
-from tvlars.harness.ssl_augment import OneViewAugment, probe_view
+from tvlars.harness.ssl.augment import OneViewAugment, probe_view
 
 
 def _unit(deg):

@@ -1,4 +1,4 @@
-"""tvlars.harness.augment and tvlars.harness.loader: batched crop+flip, and the loaders'
+"""tvlars.harness.data.augment and tvlars.harness.data.loader: batched crop+flip, and the loaders'
 determinism, epoch reseeding, rank slicing, drop_last and normalisation."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tvlars.errors import UserError
-from tvlars.harness.augment import RandomCropFlip, apply_crop_flip, random_crop_flip, sample_crop_flip
-from tvlars.harness.loader import DeviceLoader, HostLoader, make_loader, rank_share
+from tvlars.harness.data.augment import RandomCropFlip, apply_crop_flip, random_crop_flip, sample_crop_flip
+from tvlars.harness.data.loader import DeviceLoader, HostLoader, make_loader, rank_share
 
 # --------------------------------------------------------------------------- augmentation
 

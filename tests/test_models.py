@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from tvlars.errors import UserError
-from tvlars.harness.data import load_data
-from tvlars.harness.loader import DeviceLoader
+from tvlars.harness.data.datasets import load_data
+from tvlars.harness.data.loader import DeviceLoader
 from tvlars.harness.models import INITS, MODELS, STEMS, Classifier, build_model
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from tvlars.errors import UserError
-from tvlars.harness import evaluate, ssl, ssl_loop
+from tvlars.harness.ssl import command as ssl, evaluate
+from tvlars.harness.ssl import pretrain as ssl_loop
 from tvlars.harness.runlog import LAYER_COLUMNS, METRIC_COLUMNS
 
 from helpers import read_csv, run_command, torchrun, tvlars_cli, tvlars_torchrun, weights

@@ -1,4 +1,4 @@
-"""Batched two-view augmentation (tvlars.harness.ssl_augment)."""
+"""Batched two-view augmentation (tvlars.harness.ssl.augment)."""
 
 import time
 from dataclasses import replace
@@ -8,8 +8,8 @@ import torch
 import torchvision.transforms.functional as TF
 
 from tvlars.errors import UserError
-from tvlars.harness import ssl_augment as sa
-from tvlars.harness.ssl_augment import OneViewAugment, TwoViewAugment, ViewConfig
+from tvlars.harness.ssl import augment as sa
+from tvlars.harness.ssl.augment import OneViewAugment, TwoViewAugment, ViewConfig
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -214,7 +214,7 @@ def test_speed_512_images_well_under_a_second():
 
 
 def test_one_view_plugs_into_the_device_loader_across_ranks():
-    from tvlars.harness.loader import DeviceLoader
+    from tvlars.harness.data.loader import DeviceLoader
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 3, 12, 12), dtype=torch.uint8, generator=g)

@@ -219,7 +219,7 @@ def test_cli_errors_are_one_line(env, capsys):
 
 
 def test_real_parser_validation_when_trainer_exists(tmp_path):
-    pytest.importorskip("tvlars.harness.train")
+    pytest.importorskip("tvlars.harness.supervised.train")
     grid = sweep.load_grid(write_grid(tmp_path, {"command": "train", "grid": {"no_such_flag": [1]}}))
     with pytest.raises(UserError, match="unknown flag 'no_such_flag'"):
         sweep.expand_grid(grid)
@@ -439,7 +439,7 @@ GRIDS = Path(__file__).resolve().parents[1] / "grids"
                                   "digits", "quickstart"])
 def test_shipped_grids_expand(name):
     grid = sweep.load_grid(GRIDS / f"{name}.yaml")
-    module = {"train": "tvlars.harness.train", "ssl": "tvlars.harness.ssl"}[grid.command]
+    module = {"train": "tvlars.harness.supervised.train", "ssl": "tvlars.harness.ssl.command"}[grid.command]
     try:
         __import__(module)
         runs = sweep.expand_grid(grid)  # checked against the real command's flags

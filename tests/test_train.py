@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from tvlars.errors import UserError
-from tvlars.harness import train
+from tvlars.harness.supervised import train
 from tvlars.harness.runlog import LAYER_COLUMNS, METRIC_COLUMNS
 
 from helpers import read_csv, run_command, tvlars_cli, weights
@@ -163,7 +163,7 @@ def test_batch_larger_than_the_data_is_a_user_error(tmp_path):
 # ---- divergence -------------------------------------------------------------------------
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """NaN inputs from epoch 3 on: status diverged, exit 1, epoch-2 checkpoint and rows kept."""
-    from tvlars.harness import loader as loader_mod
+    from tvlars.harness.data import loader as loader_mod
 
     real = loader_mod.make_loader
 

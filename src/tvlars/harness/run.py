@@ -72,7 +72,7 @@ def open_run(args: argparse.Namespace, rt, *, command: str, parser_defaults, def
 def load_run_data(args: argparse.Namespace, rt):
     """(ImageData, rows per process): --dataset loaded whole; --batch-size must fit the
     training set and divide over the processes."""
-    from tvlars.harness.data import load_data
+    from tvlars.harness.data.datasets import load_data
 
     synthetic = dict(num_train=args.synthetic_train, num_test=args.synthetic_test, num_classes=args.synthetic_classes,
                      channels=args.synthetic_channels, image_size=args.synthetic_image_size)

@@ -1,6 +1,6 @@
 """The ``tvlars ssl`` loop (flags and run-folder rules: :mod:`tvlars.harness.ssl`).
 
-Read top to bottom, as ``tvlars.harness.train``: configuration and run folder; data,
+Read top to bottom, as ``tvlars.harness.supervised.train``: configuration and run folder; data,
 model, loaders, optimizer; per epoch: Barlow Twins steps on two views of each global
 batch (online probe on detached view-1 features), per-layer stats every K steps, kNN /
 online-probe evaluation, one metrics.csv row, an atomic checkpoint, summary.json; then
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tvlars.errors import UserError
-from tvlars.harness.barlow import BarlowTwins
+from tvlars.harness.ssl.barlow import BarlowTwins
 
 
 class SSLModel(BarlowTwins):
@@ -50,7 +50,7 @@ def forward_backward(model, raw: SSLModel, v1, v2, micro: int, rt, amp: str):
     """Loss (detached) and view-1 encoder features (detached) of one step; gradients are
     left in the parameters, averaged over ranks by DDP. Gradient caching when the rank's
     rows exceed ``micro`` (see tvlars.harness.ssl)."""
-    from tvlars.harness.barlow import barlow_twins_loss
+    from tvlars.harness.ssl.barlow import barlow_twins_loss
     from tvlars.harness.runtime import autocast, maybe_no_sync
 
     if micro >= v1.shape[0]:
@@ -83,7 +83,7 @@ def forward_backward(model, raw: SSLModel, v1, v2, micro: int, rt, amp: str):
 def evaluate(raw: SSLModel, data, args, probe, *, knn: bool, online: bool) -> dict:
     """kNN (k = --knn-k and 20) and online-probe test accuracy, on features of the
     un-augmented images (encoder in eval mode); every rank gets the same numbers."""
-    from tvlars.harness.evaluate import extract_features, knn_accuracy
+    from tvlars.harness.ssl.evaluate import extract_features, knn_accuracy
 
     if not (knn or online):
         return {}
@@ -106,12 +106,12 @@ def pretrain(args, rt) -> int:
     from tvlars.harness import checkpoint as ckpt
     from tvlars.harness import optimizers as opt_lib
     from tvlars.harness import run as run_lib
-    from tvlars.harness.barlow import parse_projector
-    from tvlars.harness.evaluate import OnlineProbe, linear_probe
-    from tvlars.harness.loader import derived_generator, make_loader, rank_share
+    from tvlars.harness.ssl.barlow import parse_projector
+    from tvlars.harness.ssl.evaluate import OnlineProbe, linear_probe
+    from tvlars.harness.data.loader import derived_generator, make_loader, rank_share
     from tvlars.harness.runtime import prepare_model, say, seed_everything
-    from tvlars.harness.ssl import SSL_COLUMNS, open_run, write_probe_csv
-    from tvlars.harness.ssl_augment import OneViewAugment, TwoViewAugment, probe_view, unit_loader_stats
+    from tvlars.harness.ssl.command import SSL_COLUMNS, open_run, write_probe_csv
+    from tvlars.harness.ssl.augment import OneViewAugment, TwoViewAugment, probe_view, unit_loader_stats
 
     t_start = time.time()
     # ---- 1. configuration and run folder ------------------------------------------------

@@ -6,7 +6,7 @@ the generator's device (normally the CPU) and the few integers per image are the
 to the images' device, so the same generator state gives the same augmentation on every
 device type.
 
-An augmentation, as :class:`tvlars.harness.loader.DeviceLoader` uses it, is a callable
+An augmentation, as :class:`tvlars.harness.data.loader.DeviceLoader` uses it, is a callable
 ``(x, generator) -> x`` on float images in [0, 1] units (before normalisation, so zero
 padding is black as in torchvision's ``RandomCrop(padding=...)``). Augmentations that
 also offer ``sample(batch_size, generator, device)`` and ``apply(x, params)`` let the

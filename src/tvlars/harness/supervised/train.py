@@ -63,7 +63,7 @@ def train(args: argparse.Namespace, rt) -> int:
     from tvlars.harness import checkpoint as ckpt
     from tvlars.harness import optimizers as opt_lib
     from tvlars.harness import run as run_lib
-    from tvlars.harness.loader import DeviceLoader, make_loader
+    from tvlars.harness.data.loader import DeviceLoader, make_loader
     from tvlars.harness.runtime import autocast, maybe_no_sync, prepare_model, say, seed_everything
 
     t_start = time.time()
@@ -89,7 +89,7 @@ def train(args: argparse.Namespace, rt) -> int:
                   seed=args.seed, channels_last=args.channels_last)
     augment = None
     if args.augment:
-        from tvlars.harness.augment import RandomCropFlip
+        from tvlars.harness.data.augment import RandomCropFlip
 
         augment = RandomCropFlip(4)
     train_loader = make_loader(data.train_images, data.train_labels, data_on_device=on_device,

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     rt = setup_runtime(args.device)
     try:
-        from tvlars.harness.ssl_loop import pretrain
+        from tvlars.harness.ssl.pretrain import pretrain
 
         return pretrain(args, rt)
     finally:
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_ssl(args: argparse.Namespace) -> None:
     """Validate and normalise the Barlow Twins and evaluation flags in place (after resolve_auto)."""
-    from tvlars.harness.evaluate import default_probe_lr
+    from tvlars.harness.ssl.evaluate import default_probe_lr
 
     if not args.drop_last:
         raise UserError("--no-drop-last: the Barlow Twins loss normalises over the batch, so tvlars ssl "
@@ -156,7 +156,7 @@ def open_run(args: argparse.Namespace, rt):
     """The run-folder rules of tvlars train (tvlars.harness.run.open_run) for an ssl run:
     (args resolved, out, saved config, checkpoint state or None), or None when the run
     already completed."""
-    from tvlars.harness.barlow import parse_projector
+    from tvlars.harness.ssl.barlow import parse_projector
     from tvlars.harness.run import open_run as open_any_run
 
     if args.augment is not None:

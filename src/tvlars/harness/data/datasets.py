@@ -3,7 +3,7 @@
 Every loader returns an :class:`ImageData`: the train and test splits as uint8 tensors
 ``[N, C, H, W]`` on the CPU, int64 labels, the number of classes and the per-channel mean
 and standard deviation of the training images in [0, 1] units (what ``Normalize`` needs).
-Keeping whole splits as one uint8 tensor is what lets :class:`tvlars.harness.loader.DeviceLoader`
+Keeping whole splits as one uint8 tensor is what lets :class:`tvlars.harness.data.loader.DeviceLoader`
 move a split to the accelerator once and do everything else there.
 
 Data sets:

@@ -17,7 +17,7 @@ Two loaders with one interface (construct, ``set_epoch(epoch)``, iterate over
 
 :func:`make_loader` picks one. ``augment`` is ``None`` or a callable ``(x, generator) -> x``
 on float32 images in [0, 1] units, applied before normalisation (see
-:mod:`tvlars.harness.augment`).
+:mod:`tvlars.harness.data.augment`).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class DeviceLoader:
     ``b = batch_size // world_size`` (which must divide evenly). With ``drop_last`` false
     the last, partial global batch is split as evenly as possible across ranks (see
     :func:`rank_share`). Augmentations with ``sample``/``apply`` (like
-    :class:`~tvlars.harness.augment.RandomCropFlip`) have their parameters drawn for the
+    :class:`~tvlars.harness.data.augment.RandomCropFlip`) have their parameters drawn for the
     global batch and sliced; any other callable is applied to the whole global batch,
     whose rows are then sliced, which gives the same result at ``world_size`` times the
     augmentation work.

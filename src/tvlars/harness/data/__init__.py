@@ -1,0 +1,1 @@
+"""Data sets as whole uint8 splits, the loaders that batch them on the device, crop+flip augmentation."""

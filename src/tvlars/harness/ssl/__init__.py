@@ -1,0 +1,1 @@
+"""Self-supervised learning: ``tvlars ssl`` (Barlow Twins), its two-view augmentation and evaluation."""

@@ -1,0 +1,1 @@
+"""Supervised classification: ``tvlars train``."""
