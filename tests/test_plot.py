@@ -98,10 +98,10 @@ def test_epochs_to_target_hand_computed(tmp_path):
     make_run(tmp_path, "a2", optimizer="lars", lr=2.0, accs=(50.0, 60.0, 70.0))   # worse lr: not chosen
     make_run(tmp_path, "t1", optimizer="tvlars", lr=1.0, accs=(77.0, 78.0, 78.0))  # epoch 1
     make_run(tmp_path, "m1", optimizer="lamb", lr=1.0, accs=(10.0, 20.0, 30.0))   # never
-    from tvlars.study import report
+    from tvlars.study import runs
 
-    table, order = plot.epochs_to_target_table(report.load_runs(tmp_path), 0.95)
+    table, order = plot.epochs_to_target_table(runs.load_runs(tmp_path), 0.95)
     assert table[("LARS (warm-up)", 512)][:2] == (3.0, 1.0)
     assert table[("TVLARS", 512)][0] == 1.0 and table[("TVLARS", 512)][2] == pytest.approx(76.0)
     assert table[("LAMB (warm-up)", 512)][0] == float("inf")
-    check_png(plot.figure_epochs_to_target(report.load_runs(tmp_path), tmp_path / "f", ("png",))[0])
+    check_png(plot.figure_epochs_to_target(runs.load_runs(tmp_path), tmp_path / "f", ("png",))[0])

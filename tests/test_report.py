@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tvlars.errors import UserError
-from tvlars.study import report
-from tvlars.study.report import epochs_to_accuracy, epochs_to_fraction, mean_std
+from tvlars.study import report, runs
+from tvlars.study.runs import epochs_to_accuracy, epochs_to_fraction, mean_std
 
 
 def make_run(folder: Path, name: str, *, optimizer="lars", batch_size=512, lr=1.0, seed=0, warmup_epochs=None,
@@ -103,10 +103,10 @@ def test_epochs_cell_text():
 
 
 def test_best_and_final_and_fallback_to_metrics(tmp_path):
-    run = report.read_run(make_run(tmp_path, "a", accs=(10.0, 70.0, 65.0)))
-    assert report.run_accuracy(run, "best") == 70.0 and report.run_accuracy(run, "final") == 65.0
-    bare = report.read_run(make_run(tmp_path, "b", accs=(10.0, 72.0, 60.0), summary=False))
-    assert report.run_accuracy(bare, "best") == 72.0 and report.run_accuracy(bare, "final") == 60.0
+    run = runs.read_run(make_run(tmp_path, "a", accs=(10.0, 70.0, 65.0)))
+    assert runs.run_accuracy(run, "best") == 70.0 and runs.run_accuracy(run, "final") == 65.0
+    bare = runs.read_run(make_run(tmp_path, "b", accs=(10.0, 72.0, 60.0), summary=False))
+    assert runs.run_accuracy(bare, "best") == 72.0 and runs.run_accuracy(bare, "final") == 60.0
     assert not bare.finished
 
 
@@ -117,7 +117,7 @@ def test_cells_against_hand_computed(tmp_path):
     make_run(tmp_path, "other-lr", lr=2.0, accs=(30.0, 40.0, 20.0))
     make_run(tmp_path, "running", lr=3.0, accs=(30.0,), status="running", extra={"epochs": 3})
     (tmp_path / "sweep.json").write_text("{}")
-    table = report.build_table(report.load_runs(tmp_path), target=0.95)
+    table = report.build_table(runs.load_runs(tmp_path), target=0.95)
     cell = table.cells[("LARS (warm-up)", 512, 1.0)]
     assert cell.best == (82.0, pytest.approx(2.0), 3)
     assert cell.final == (pytest.approx(80.0), pytest.approx(3.0), 3)
@@ -138,7 +138,7 @@ def test_full_sweep_every_cell_present_with_paper(tmp_path):
     folder = fabricate_sweep(tmp_path / "sw")
     text = report.write_report(folder)
     assert (folder / "report.md").read_text() == text
-    table = report.build_table(report.load_runs(folder))
+    table = report.build_table(runs.load_runs(folder))
     assert table.rows == ["LARS (warm-up)", "LARS (no warm-up)", "LAMB (warm-up)", "LAMB (no warm-up)", "TVLARS"]
     assert len(table.cells) == 5 * 2 * 3 and all(c.best[2] == 2 for c in table.cells.values())
     # a hand check: TVLARS (opt 4), B=1024, lr index 2, seeds 0/1: best = 40+20+2+1+seed = 63, 64
@@ -168,7 +168,7 @@ def test_missing_cells_marked_and_no_paper_for_other_datasets(tmp_path):
     make_run(tmp_path, "b", dataset="digits", batch_size=14, lr=2.0, optimizer="tvlars")
     make_run(tmp_path, "c", dataset="digits", batch_size=14, lr=3.0, optimizer="tvlars", status="diverged",
              accs=(10.0, 30.0, float("nan"), float("nan")))
-    text = report.render_markdown(report.build_table(report.load_runs(tmp_path)))
+    text = report.render_markdown(report.build_table(runs.load_runs(tmp_path)))
     assert "paper a" not in text
     assert "| TVLARS | 14 (1/2/3) | — | 70.00 | 30.00 † |" in text
     assert "| LARS (warm-up) | 14 (1/2/3) | 70.00 | — | — |" in text
@@ -178,7 +178,7 @@ def test_extra_varying_flag_splits_rows(tmp_path):
     (tmp_path / "sweep.json").write_text("{}")
     for lam in (1e-3, 1e-4):
         make_run(tmp_path, f"lam{lam}", optimizer="tvlars", extra={"lam": lam})
-    table = report.build_table(report.load_runs(tmp_path))
+    table = report.build_table(runs.load_runs(tmp_path))
     assert table.rows == ["TVLARS [lam=0.0001]", "TVLARS [lam=0.001]"]
 
 

@@ -11,7 +11,7 @@ import yaml
 from tvlars.errors import UserError
 from tvlars.harness.ssl import command as ssl, evaluate
 from tvlars.harness.ssl import pretrain as ssl_loop
-from tvlars.harness.runlog import LAYER_COLUMNS, METRIC_COLUMNS
+from tvlars.runfolder import LAYER_COLUMNS, METRIC_COLUMNS
 
 from helpers import read_csv, run_command, torchrun, tvlars_cli, tvlars_torchrun, weights
 

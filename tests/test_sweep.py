@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tvlars.errors import UserError
+from tvlars.study import grid as grid_language
 from tvlars.study import sweep
 
 FAKE = textwrap.dedent(
@@ -141,7 +142,7 @@ SMALL = {
 
 
 def test_product_union_and_linked_axes(tmp_path):
-    grid = sweep.load_grid(write_grid(tmp_path, {
+    grid = grid_language.load_grid(write_grid(tmp_path, {
         "command": "train",
         "base": {"dataset": "digits", "epochs": 5, "lr": 0.5},
         "grid": [
@@ -152,7 +153,7 @@ def test_product_union_and_linked_axes(tmp_path):
             {"optimizer": "tvlars", "lam": "1e-4", "size": [{"batch_size": 16, "lr": [1, 2]}], "seed": [0, 1]},
         ],
     }))
-    runs = sweep.expand_grid(grid, parser=fake_parser())
+    runs = grid_language.expand_grid(grid, parser=fake_parser())
     assert len(runs) == 2 * 2 * 3 * 2 + 2 * 2
     first = runs[0]
     assert first.name == "optimizer-lars_warmup_epochs-2_schedule-warmup-cosine_batch_size-16_lr-1_seed-0"
@@ -164,20 +165,20 @@ def test_product_union_and_linked_axes(tmp_path):
     assert "warmup_epochs" not in tv[0].flags
     assert len({r.name for r in runs}) == len(runs)
     # grid values override base; ints from YAML floats; names are stable across calls
-    assert [r.name for r in sweep.expand_grid(grid, parser=fake_parser())] == [r.name for r in runs]
+    assert [r.name for r in grid_language.expand_grid(grid, parser=fake_parser())] == [r.name for r in runs]
 
 
 def test_duplicates_run_once_and_names_are_safe(tmp_path):
-    grid = sweep.load_grid(write_grid(tmp_path, {
+    grid = grid_language.load_grid(write_grid(tmp_path, {
         "command": "train",
         "grid": [{"optimizer": ["lars"], "schedule": ["a/b c"]}, {"optimizer": ["lars"], "schedule": ["a/b c"]}],
     }))
-    runs = sweep.expand_grid(grid, parser=fake_parser())
+    runs = grid_language.expand_grid(grid, parser=fake_parser())
     assert [r.name for r in runs] == ["optimizer-lars_schedule-a-b-c"]
-    assert sweep.format_value(1.0) == "1" and sweep.format_value(1e-5) == "1e-05"
-    assert sweep.format_value(True) == "true" and sweep.format_value([1, 2]) == "1+2"
-    long = sweep.run_name({"schedule": "x" * 400}, ["schedule"])
-    assert len(long) <= sweep.MAX_NAME
+    assert grid_language.format_value(1.0) == "1" and grid_language.format_value(1e-5) == "1e-05"
+    assert grid_language.format_value(True) == "true" and grid_language.format_value([1, 2]) == "1+2"
+    long = grid_language.run_name({"schedule": "x" * 400}, ["schedule"])
+    assert len(long) <= grid_language.MAX_NAME
 
 
 @pytest.mark.parametrize("data, message", [
@@ -202,7 +203,7 @@ def test_duplicates_run_once_and_names_are_safe(tmp_path):
 def test_grid_validation_errors(tmp_path, data, message):
     path = write_grid(tmp_path, data)
     with pytest.raises(UserError, match=message) as err:
-        sweep.expand_grid(sweep.load_grid(path), parser=fake_parser())
+        grid_language.expand_grid(grid_language.load_grid(path), parser=fake_parser())
     assert "\n" not in str(err.value)
 
 
@@ -220,17 +221,17 @@ def test_cli_errors_are_one_line(env, capsys):
 
 def test_real_parser_validation_when_trainer_exists(tmp_path):
     pytest.importorskip("tvlars.harness.supervised.train")
-    grid = sweep.load_grid(write_grid(tmp_path, {"command": "train", "grid": {"no_such_flag": [1]}}))
+    grid = grid_language.load_grid(write_grid(tmp_path, {"command": "train", "grid": {"no_such_flag": [1]}}))
     with pytest.raises(UserError, match="unknown flag 'no_such_flag'"):
-        sweep.expand_grid(grid)
+        sweep.plan(grid)
 
 
 def test_shipped_grid_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert sweep.find_grid("quickstart") == GRIDS / "quickstart.yaml"
-    assert sweep.load_grid("digits.yaml").name == "digits"
+    assert grid_language.find_grid("quickstart") == GRIDS / "quickstart.yaml"
+    assert grid_language.load_grid("digits.yaml").name == "digits"
     with pytest.raises(UserError, match="grid file not found: nothing"):
-        sweep.find_grid("nothing")
+        grid_language.find_grid("nothing")
 
 
 def test_parse_devices():
@@ -244,8 +245,8 @@ def test_parse_devices():
 
 
 def do_sweep(env, data, out, **kw):
-    grid = sweep.load_grid(write_grid(env["tmp"], data))
-    runs = sweep.expand_grid(grid)
+    grid = grid_language.load_grid(write_grid(env["tmp"], data))
+    runs = sweep.plan(grid)
     return sweep.run_sweep(grid, runs, out, log=lambda m: None, **kw), runs
 
 
@@ -307,8 +308,8 @@ def test_exit_zero_without_summary_is_a_failure(env, monkeypatch, tmp_path):
     script = tmp_path / "quiet.py"
     script.write_text("import sys\n")
     out = tmp_path / "s"
-    grid = sweep.load_grid(write_grid(tmp_path, {"command": "train", "grid": {"lr": [1]}}))
-    result = sweep.run_sweep(grid, sweep.expand_grid(grid), out, launcher=[sys.executable, str(script)],
+    grid = grid_language.load_grid(write_grid(tmp_path, {"command": "train", "grid": {"lr": [1]}}))
+    result = sweep.run_sweep(grid, sweep.plan(grid), out, launcher=[sys.executable, str(script)],
                              log=lambda m: None)
     assert result.failed == ["lr-1"]
     assert "without a finished summary.json" in json.loads((out / "sweep.json").read_text())["runs"][0]["error"]
@@ -438,13 +439,13 @@ GRIDS = Path(__file__).resolve().parents[1] / "grids"
 @pytest.mark.parametrize("name", ["paper-cifar10", "paper-tinyimagenet", "paper-barlowtwins-cifar10",
                                   "digits", "quickstart"])
 def test_shipped_grids_expand(name):
-    grid = sweep.load_grid(GRIDS / f"{name}.yaml")
+    grid = grid_language.load_grid(GRIDS / f"{name}.yaml")
     module = {"train": "tvlars.harness.supervised.train", "ssl": "tvlars.harness.ssl.command"}[grid.command]
     try:
         __import__(module)
-        runs = sweep.expand_grid(grid)  # checked against the real command's flags
+        runs = sweep.plan(grid)  # checked against the real command's flags
     except ImportError:  # the command is not written yet: check the structure only
-        runs = sweep.expand_grid(grid, parser=_permissive_parser(grid))
+        runs = grid_language.expand_grid(grid, parser=_permissive_parser(grid))
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
     if name.startswith("paper-"):
@@ -470,7 +471,7 @@ def _permissive_parser(grid):
     while stack:
         entry = stack.pop()
         for k, v in entry.items():
-            if sweep._is_linked(v):
+            if grid_language.is_linked(v):
                 stack.extend(v)
             else:
                 keys.add(k)

@@ -8,7 +8,7 @@ import yaml
 
 from tvlars.errors import UserError
 from tvlars.harness.supervised import train
-from tvlars.harness.runlog import LAYER_COLUMNS, METRIC_COLUMNS
+from tvlars.runfolder import LAYER_COLUMNS, METRIC_COLUMNS
 
 from helpers import read_csv, run_command, tvlars_cli, weights
 

@@ -54,6 +54,18 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     return normalised
 
 
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``tvlars NAME`` alone: what `tvlars sweep` checks a grid's flags against."""
+    if name not in COMMANDS:
+        raise UserError(f"unknown command {name!r} (expected {', '.join(COMMANDS)})")
+    parser = _Parser(prog=f"tvlars {name}")
+    try:
+        importlib.import_module(COMMANDS[name][0]).add_arguments(parser)
+    except ImportError as err:
+        raise UserError(f"tvlars {name} is not available ({err})") from None
+    return parser
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = _Parser(prog="tvlars", description="Large-batch training with layer-wise adaptive optimizers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -63,6 +75,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         importlib.import_module(module).add_arguments(p)
         subparsers[name] = p
     return parser, subparsers
+
+
+def parse_formats(text: str, allowed: Sequence[str]) -> list[str]:
+    """``--format png,svg``: the formats in order, each once (report and plot take it)."""
+    formats = [f.strip().lower().lstrip(".") for f in str(text).split(",") if f.strip()]
+    if not formats:
+        raise UserError(f"--format: give one or more of {', '.join(allowed)}")
+    for f in formats:
+        if f not in allowed:
+            raise UserError(f"--format: unknown format '{f}' (expected {', '.join(allowed)})")
+    return list(dict.fromkeys(formats))
 
 
 def exit_status(command: Callable[[], int | None]) -> int:

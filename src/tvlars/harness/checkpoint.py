@@ -1,34 +1,18 @@
-"""Checkpoints: atomic writes, one-line errors on unreadable files, RNG state capture.
+"""Checkpoints: what a loop needs to continue exactly where it stopped, written atomically.
 
-API (reusable by ``tvlars ssl``)::
-
-    save_checkpoint(path, state: dict) -> None
-        torch.save to ``<path>.tmp-<pid>`` in the same folder, flush + fsync, then
-        os.replace over ``path`` (and fsync the folder). A crash at any point leaves the
-        previous checkpoint intact; the temp file is removed on failure.
-    load_checkpoint(path, map_location="cpu") -> dict
-        raises UserError (one line) when the file is missing, truncated or not a checkpoint.
-    rng_state() -> dict                 torch, cuda (all devices), numpy and python RNG states
-    set_rng_state(state: dict) -> None  the inverse (cuda skipped when unavailable)
-    training_state(model, optimizer, scheduler, *, epoch, step, best_test_acc=None, best_epoch=None,
-                   **extra) -> dict         what the loops save at the end of an epoch (+ rng now)
-    restore(state, path, model, optimizer, scheduler, **others) -> None
-        load a saved state into the raw model, optimizer, scheduler and ``others`` (name ->
-        object with load_state_dict, None skipped), then the RNGs; a state that does not
-        fit is a one-line UserError naming ``path``
-
-What ``tvlars train`` stores (``CHECKPOINT_KEYS``): model (the raw module's state_dict,
-never a DDP/compiled wrapper's), optimizer (with its step counter), scheduler (or None),
-scaler (or None), rng, epoch (epochs completed), step (optimizer steps completed),
-best_test_acc, best_epoch, plus "format" (= FORMAT) to recognise our files.
+A resumed run must reproduce the uninterrupted one bit for bit, so a checkpoint holds every
+random number generator besides the model, optimizer and schedule; and since a crash during
+the write must not cost the previous epoch, it goes through tvlars.runfolder.atomic_write.
+Only the raw module's state_dict is stored, never a DDP or compiled wrapper's, so a run
+resumes on any number of processes.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
+from tvlars import runfolder
 from tvlars.errors import UserError
 
 FORMAT = "tvlars-checkpoint-1"
@@ -37,32 +21,10 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", 
 
 
 def save_checkpoint(path, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + os.replace)."""
     import torch
 
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     state = {"format": FORMAT, **state}
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    runfolder.atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tvlars.errors import UserError
 from tvlars.harness import config as cfg
-from tvlars.harness.runlog import METRIC_COLUMNS
+from tvlars.runfolder import METRIC_COLUMNS
 from tvlars.harness.runtime import say
 
 
@@ -40,15 +40,15 @@ def open_run(args: argparse.Namespace, rt, *, command: str, parser_defaults, def
     the run in --out already completed. ``parser_defaults()`` gives the command's flag
     defaults (read only on --resume); ``default_out(args)`` the folder when --out is unset."""
     from tvlars.harness import checkpoint as ckpt
-    from tvlars.harness.runlog import RUN_FILES, read_config, read_summary
+    from tvlars import runfolder
 
     probe = copy.copy(args)
     cfg.resolve_auto(probe)
     out = Path(args.out or default_out(probe))
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a run folder")
-    saved = read_config(out)
-    if not args.resume and (saved is not None or any((out / f).exists() for f in RUN_FILES)):
+    saved = runfolder.read_config(out)
+    if not args.resume and (saved is not None or runfolder.holds_run(out)):
         raise UserError(f"run folder {out} already holds a run; use --resume to continue it or choose another --out")
     state = None
     if args.resume and saved is not None:
@@ -56,7 +56,7 @@ def open_run(args: argparse.Namespace, rt, *, command: str, parser_defaults, def
             this = "an ssl run" if command == "ssl" else f"a {command} run"
             raise UserError(f"run folder {out} holds a '{saved.get('command')}' run, not {this}")
         args = cfg.merge_resume(args, saved, parser_defaults())
-        summary = read_summary(out)
+        summary = runfolder.read_summary(out)
         if summary.get("status") == "completed":
             say(rt, f"tvlars: run in {out} already completed ({summary.get('epochs_done')} epochs); nothing to do")
             return None

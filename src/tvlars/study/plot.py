@@ -31,12 +31,17 @@ import argparse
 import csv
 import io
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from tvlars import runfolder
+from tvlars.cli import parse_formats
 from tvlars.errors import UserError
+from tvlars.runfolder import number
+from tvlars.study.grid import format_value
+from tvlars.study.runs import (best_per_batch, epochs_to_accuracy, group_by_setting, label_order, load_runs,
+                               mean_std, run_accuracy)
 
 FIGURES = ("curves", "layers", "tv-factor", "lam", "epochs")
 FORMATS = ("png", "svg", "pdf")
@@ -65,8 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvlars.study.report import parse_formats
-
     formats = parse_formats(args.format, FORMATS)
     figures = [f.strip() for f in args.figures.split(",") if f.strip()]
     for f in figures:
@@ -98,14 +101,13 @@ def _pyplot():
 
 
 def save(fig, out: Path, stem: str, formats: Sequence[str], dpi: int = 120, tight: bool = True) -> list[Path]:
-    """Save a figure atomically (temp file + os.replace) in every format; close it."""
+    """Save a figure in every format, atomically (a report page never shows half a png); close it."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
         path = out / f"{stem}.{fmt}"
-        tmp = out / f".{stem}.{os.getpid()}.tmp.{fmt}"
-        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight" if tight else None)
-        os.replace(tmp, path)
+        runfolder.atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi,
+                                                            bbox_inches="tight" if tight else None))
         paths.append(path)
     _pyplot().close(fig)
     return paths
@@ -192,28 +194,17 @@ def _colors(labels: Sequence[str]) -> dict[str, Any]:
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
 
-def _lr(lr: float) -> str:
-    from tvlars.study.sweep import format_value
-
-    return format_value(lr)
-
-
 # --------------------------------------------------------------------------- figures
 
 
 def _groups(runs):
-    """{(label, batch, lr): [finished-or-not runs with curves]} plus the label order."""
-    from tvlars.study import report
-
-    labels = report.row_labels(runs)
-    groups: dict[tuple[str, int, float], list] = {}
-    for r in runs:
-        batch, lr = report._number(r.get("batch_size")), report._number(r.get("lr"))
-        if batch is None or lr is None or not r.metrics:
-            continue
-        groups.setdefault((labels[str(r.path)], int(batch), lr), []).append(r)
-    order = sorted({k[0] for k in groups}, key=report._label_order)
-    return groups, order
+    """The runs with curves of each setting, and the rows in Table 1's order."""
+    groups = {}
+    for key, members in group_by_setting(runs).items():
+        with_curves = [r for r in members if r.metrics]
+        if with_curves:
+            groups[key] = with_curves
+    return groups, sorted({label for label, _, _ in groups}, key=label_order)
 
 
 def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Path]:
@@ -232,7 +223,7 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Pa
                     continue
                 style = dict(color=colors[label], linestyle=LINESTYLES[i % len(LINESTYLES)], linewidth=1.6)
                 n = len(members)
-                name = f"{label}, lr {_lr(lr)}" + (f" (mean of {n})" if n > 1 else "")
+                name = f"{label}, lr {format_value(lr)}" + (f" (mean of {n})" if n > 1 else "")
                 xs, ys = _mean_curve(members, "test_acc")
                 if xs:
                     ax_acc.plot(xs, ys, label=name, **style)
@@ -279,14 +270,14 @@ def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=
         chosen_runs = []
         for lr in lrs:
             members = sorted(groups[(label, batch, lr)], key=lambda r: (str(r.get("seed", "")), r.name))
-            members = [r for r in members if (r.path / "layers.csv").is_file()]
+            members = [r for r in members if (r.path / runfolder.LAYERS).is_file()]
             if members:
                 chosen_runs.append((lr, members[0]))
         if not chosen_runs:
             continue
         fig, axes = plt.subplots(len(chosen_runs), 4, figsize=(16, 3.4 * len(chosen_runs)), squeeze=False)
         for row, (lr, r) in enumerate(chosen_runs):
-            data = read_layers(r.path / "layers.csv")
+            data = read_layers(r.path / runfolder.LAYERS)
             names = select_layers(list(data), layers_spec)
             cmap = plt.get_cmap("viridis")
             for j, name in enumerate(names):
@@ -303,7 +294,7 @@ def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=
             else:
                 (xs, ys), loss_x = r.curve("test_loss"), "epoch"
             axes[row, 3].plot(xs, ys, color="black", linewidth=1.4)
-            suffix = f" (lr {_lr(lr)})"
+            suffix = f" (lr {format_value(lr)})"
             titles = ("weight norm ||w||", "gradient norm ||g||", "ratio ||w|| / ||g||", "test loss")
             ylabels = ("||w|| (L2 norm)", "||g|| (L2 norm)", "||w|| / ||g||", "test loss (cross-entropy)")
             for col in range(4):
@@ -367,14 +358,12 @@ def figure_tv_factor(out: Path, formats, lams: Sequence[float], delay: float = 0
 
 def figure_accuracy_vs_lam(runs, out: Path, formats, dpi=120) -> list[Path]:
     """Best test accuracy against lam, for the TVLARS runs of a sweep that varies lam (Figure 4)."""
-    from tvlars.study import report
-
     points: dict[tuple[int, float], dict[float, list[float]]] = {}
     for r in runs:
         if not r.finished or str(r.get("optimizer", "")).lower() != "tvlars":
             continue
-        lam, batch, lr = (report._number(r.get(k)) for k in ("lam", "batch_size", "lr"))
-        acc = report.run_accuracy(r, "best")
+        lam, batch, lr = (number(r.get(k)) for k in ("lam", "batch_size", "lr"))
+        acc = run_accuracy(r, "best")
         if None in (lam, batch, lr) or acc is None or lam <= 0:
             continue
         points.setdefault((int(batch), lr), {}).setdefault(lam, []).append(acc)
@@ -388,11 +377,11 @@ def figure_accuracy_vs_lam(runs, out: Path, formats, dpi=120) -> list[Path]:
         if len(by_lam) < 2:
             continue
         lams = sorted(by_lam)
-        stats = [report.mean_std(by_lam[x]) for x in lams]
+        stats = [mean_std(by_lam[x]) for x in lams]
         lrs = sorted({k[1] for k in points if k[0] == batch})
         ax.errorbar(lams, [s[0] for s in stats], yerr=[s[1] or 0.0 for s in stats], marker="o", capsize=3,
                     color=colors[str(batch)], linestyle=LINESTYLES[lrs.index(lr) % len(LINESTYLES)],
-                    label=f"B = {batch}, lr {_lr(lr)}")
+                    label=f"B = {batch}, lr {format_value(lr)}")
     ax.set_xscale("log")
     ax.set(xlabel="decay coefficient λ (log scale)", ylabel="best test accuracy (%)",
            title="TVLARS: accuracy against λ (mean ± std over seeds)")
@@ -406,15 +395,8 @@ def epochs_to_target_table(runs, fraction: float = 0.95):
     """{(label, batch): (mean epochs or inf, lr, target)}: each variant at its best lr, the epochs
     its runs took to reach ``fraction`` of the best accuracy any run reached at that batch size
     (inf when a run never did)."""
-    from tvlars.study import report
-
     groups, order = _groups([r for r in runs if r.finished])
-    best_at_batch: dict[int, float] = {}
-    for (label, batch, lr), members in groups.items():
-        for r in members:
-            acc = report.run_accuracy(r, "best")
-            if acc is not None:
-                best_at_batch[batch] = max(best_at_batch.get(batch, acc), acc)
+    best_at_batch = best_per_batch(groups)
     result = {}
     for label in order:
         for batch in sorted(best_at_batch):
@@ -422,7 +404,7 @@ def epochs_to_target_table(runs, fraction: float = 0.95):
             for (lab, b, lr), members in groups.items():
                 if lab != label or b != batch:
                     continue
-                mean = report.mean_std(report.run_accuracy(r, "best") for r in members)[0]
+                mean = mean_std(run_accuracy(r, "best") for r in members)[0]
                 if mean is not None:
                     choices.append((mean, lr, members))
             if not choices:
@@ -431,7 +413,7 @@ def epochs_to_target_table(runs, fraction: float = 0.95):
             target = fraction * best_at_batch[batch]
             epochs = []
             for r in members:
-                e = report.epochs_to_accuracy(*r.curve("test_acc"), target)
+                e = epochs_to_accuracy(*r.curve("test_acc"), target)
                 epochs.append(math.inf if e is None else e)
             mean = math.inf if any(math.isinf(e) for e in epochs) else sum(epochs) / len(epochs)
             result[(label, batch)] = (mean, lr, target)
@@ -482,10 +464,8 @@ def figure_epochs_to_target(runs, out: Path, formats, fraction=0.95, dpi=120) ->
 def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Sequence[str] = ("png",),
                  figures: Sequence[str] = FIGURES, layers: str = "auto", lams: Sequence[float] = (),
                  delay: float = 0.0, target: float = 0.95, dpi: int = 120) -> list[Path]:
-    from tvlars.study import report
-
     folder = Path(path)
-    runs = report.load_runs(folder)
+    runs = load_runs(folder)
     single = len(runs) == 1 and runs[0].path == folder
     destination = Path(out) if out else folder / "figures"
     lams = list(lams) or [1e-2, 5e-3, 1e-3, 1e-4, 1e-5, 1e-6]

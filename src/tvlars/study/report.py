@@ -36,20 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tvlars import runfolder
+from tvlars.cli import parse_formats
 from tvlars.errors import UserError
-
-FINISHED = ("completed", "diverged")
-ORDER = ("lars", "lamb", "tvlars", "sgd", "adamw")
-NAMES = {"lars": "LARS", "lamb": "LAMB", "tvlars": "TVLARS", "sgd": "SGD", "adamw": "AdamW"}
-# flags that never tell runs apart in a table (bookkeeping, speed, derived values)
-IGNORED = {
-    "out", "config", "resume", "device", "progress", "data_dir", "download", "num_workers",
-    "eval_every", "eval_batch_size", "layer_stats_every", "seed", "data_on_device", "compile",
-    "channels_last", "micro_batch_size", "stop_after_epochs", "command", "batch_size", "lr",
-    "optimizer", "warmup_epochs", "schedule", "delay_steps", "world_size", "tb", "tensorboard",
-    "cache_dir", "log_every", "name",
-}
-
+from tvlars.study.grid import format_value
+from tvlars.study.runs import (RunData, best_per_batch, epochs_to_accuracy, group_by_setting, label_order,
+                               load_runs, mean_std, run_accuracy, variant)
 
 # --------------------------------------------------------------------------- CLI
 
@@ -72,213 +64,6 @@ def run(args: argparse.Namespace) -> int:
     text = write_report(args.sweep, out=args.out, metric=args.metric, formats=formats, target=args.target / 100)
     print(text, end="")
     return 0
-
-
-def parse_formats(text: str, allowed: Sequence[str]) -> list[str]:
-    formats = [f.strip().lower().lstrip(".") for f in str(text).split(",") if f.strip()]
-    if not formats:
-        raise UserError(f"--format: give one or more of {', '.join(allowed)}")
-    for f in formats:
-        if f not in allowed:
-            raise UserError(f"--format: unknown format '{f}' (expected {', '.join(allowed)})")
-    return list(dict.fromkeys(formats))
-
-
-# --------------------------------------------------------------------------- reading runs
-
-
-@dataclass
-class RunData:
-    name: str
-    path: Path
-    flags: dict[str, Any]          # the sweep's flags (sweep-run.yaml) or the resolved config
-    config: dict[str, Any]         # config.yaml over sweep-run.yaml
-    summary: dict[str, Any]
-    metrics: list[dict[str, float | None]] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        return str(self.summary.get("status") or ("pending" if not self.metrics else "running"))
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self.config.get(key)
-        return default if value is None else value
-
-    def curve(self, column: str = "test_acc") -> tuple[list[float], list[float]]:
-        """(epochs, values) of a metrics.csv column, rows with a value only."""
-        xs, ys = [], []
-        for i, row in enumerate(self.metrics):
-            v = row.get(column)
-            if v is None:
-                continue
-            e = row.get("epoch")
-            xs.append(float(e) if e is not None else float(i + 1))
-            ys.append(v)
-        return xs, ys
-
-
-def _number(text: Any) -> float | None:
-    if text is None:
-        return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    text = str(text).strip()
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _finite(value: Any) -> float | None:
-    number = _number(value)
-    return number if number is not None and math.isfinite(number) else None
-
-
-def read_metrics(path: Path) -> list[dict[str, float | None]]:
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return []
-    return [{k: _number(v) for k, v in row.items() if k} for row in csv.DictReader(io.StringIO(text))]
-
-
-def _yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_run(path: Path) -> RunData:
-    path = Path(path)
-    flags = _yaml(path / "sweep-run.yaml")
-    resolved = _yaml(path / "config.yaml")
-    try:
-        summary = json.loads((path / "summary.json").read_text())
-        summary = summary if isinstance(summary, dict) else {}
-    except (OSError, ValueError):
-        summary = {}
-    config = {**flags, **{k: v for k, v in resolved.items() if v is not None}}
-    return RunData(name=path.name, path=path, flags=flags or resolved, config=config, summary=summary,
-                   metrics=read_metrics(path / "metrics.csv"))
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((Path(path) / f).is_file() for f in ("summary.json", "config.yaml", "sweep-run.yaml", "metrics.csv"))
-
-
-def load_runs(folder: str | Path) -> list[RunData]:
-    """The runs of a sweep folder (its run sub-folders), or the one run of a run folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"not a folder: {folder}")
-    if is_run_dir(folder) and not (folder / "sweep.json").is_file():
-        return [read_run(folder)]
-    runs = [read_run(p) for p in sorted(folder.iterdir()) if p.is_dir() and is_run_dir(p)]
-    if not runs:
-        raise UserError(f"no run folders in {folder} (a run folder holds summary.json or config.yaml)")
-    return runs
-
-
-# --------------------------------------------------------------------------- aggregation
-
-
-def mean_std(values: Iterable[float]) -> tuple[float | None, float | None, int]:
-    """(mean, sample standard deviation (n-1), n); std is None for fewer than 2 values."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(xs)
-    if n == 0:
-        return None, None, 0
-    mean = sum(xs) / n
-    if n < 2:
-        return mean, None, n
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
-    return mean, math.sqrt(var), n
-
-
-def run_accuracy(run: RunData, metric: str = "best") -> float | None:
-    """A run's test accuracy (percent): summary.json's best/final, else from metrics.csv."""
-    key = "best_test_acc" if metric == "best" else "final_test_acc"
-    value = _finite(run.summary.get(key))
-    if value is not None:
-        return value
-    _, accs = run.curve("test_acc")
-    accs = [a for a in accs if math.isfinite(a)]
-    if not accs:
-        return None
-    return max(accs) if metric == "best" else accs[-1]
-
-
-def epochs_to_fraction(epochs: Sequence[float], accs: Sequence[float], fraction: float) -> float | None:
-    """The first epoch whose accuracy reaches ``fraction`` of the best in ``accs``."""
-    pairs = [(e, a) for e, a in zip(epochs, accs) if a is not None and math.isfinite(a)]
-    if not pairs:
-        return None
-    goal = fraction * max(a for _, a in pairs)
-    for e, a in pairs:
-        if a >= goal - 1e-12:
-            return e
-    return None
-
-
-def epochs_to_accuracy(epochs: Sequence[float], accs: Sequence[float], target: float) -> float | None:
-    """The first epoch whose accuracy reaches ``target`` (percent), None if never."""
-    for e, a in zip(epochs, accs):
-        if a is not None and math.isfinite(a) and a >= target:
-            return e
-    return None
-
-
-def variant(run: RunData) -> tuple[str, bool]:
-    """(optimizer, with warm-up) of a run."""
-    optimizer = str(run.get("optimizer", "?")).lower()
-    warm = _number(run.get("warmup_epochs")) or 0.0
-    schedule = str(run.get("schedule") or "").lower()
-    return optimizer, bool(warm > 0 or (schedule.startswith("warmup") and run.get("warmup_epochs") is None))
-
-
-def variant_label(optimizer: str, warm: bool) -> str:
-    name = NAMES.get(optimizer, optimizer.upper())
-    if optimizer == "tvlars":
-        return name + (" + warm-up" if warm else "")
-    return f"{name} ({'warm-up' if warm else 'no warm-up'})"
-
-
-def _fmt_flag(value: Any) -> str:
-    from tvlars.study.sweep import format_value
-
-    return format_value(value)
-
-
-def row_labels(runs: Sequence[RunData]) -> dict[str, str]:
-    """Each run's row label: its variant, plus any other flag that varies within the variant."""
-    groups: dict[tuple[str, bool], list[RunData]] = {}
-    for r in runs:
-        groups.setdefault(variant(r), []).append(r)
-    labels = {}
-    for key, members in groups.items():
-        keys = sorted({k for r in members for k in r.flags})
-        varying = [k for k in keys if k not in IGNORED
-                   and len({json.dumps(r.flags.get(k), sort_keys=True, default=str) for r in members}) > 1]
-        for r in members:
-            extra = ", ".join(f"{k}={_fmt_flag(r.flags.get(k))}" for k in varying)
-            labels[str(r.path)] = variant_label(*key) + (f" [{extra}]" if extra else "")
-    return labels
-
-
-def _label_order(label: str) -> tuple:
-    base = label.split(" ")[0].lower()
-    idx = ORDER.index(base) if base in ORDER else len(ORDER)
-    return (idx, "no warm-up" in label, label)
 
 
 @dataclass
@@ -314,36 +99,20 @@ class Table:
 
 
 def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
-    """Aggregate finished runs into Table 1's cells (row label, batch size, lr)."""
-    labels = row_labels(runs)
-    groups: dict[tuple[str, int, float], list[RunData]] = {}
+    """Aggregate finished runs into Table 1's cells (row label, batch size, lr); a setting
+    whose runs have not finished keeps its row and lr column, with an empty cell."""
+    groups = group_by_setting(runs)
+    finished = {key: [r for r in members if r.finished] for key, members in groups.items()}
     lrs: dict[int, set[float]] = {}
     paper_optimizer: dict[str, str] = {}
-    unfinished = 0
-    for r in runs:
-        batch, lr = _number(r.get("batch_size")), _number(r.get("lr"))
-        if batch is None or lr is None:
-            unfinished += 0 if r.finished else 1
-            continue
-        batch = int(batch)
-        label = labels[str(r.path)]
-        lrs.setdefault(batch, set()).add(lr)
-        paper_optimizer[label] = variant(r)[0]
-        if not r.finished:
-            unfinished += 1
-            groups.setdefault((label, batch, lr), [])
-            continue
-        groups.setdefault((label, batch, lr), []).append(r)
-    best_at_batch: dict[int, float] = {}
     for (label, batch, lr), members in groups.items():
-        for r in members:
-            acc = run_accuracy(r, "best")
-            if acc is not None:
-                best_at_batch[batch] = max(best_at_batch.get(batch, acc), acc)
+        lrs.setdefault(batch, set()).add(lr)
+        paper_optimizer[label] = variant(members[-1])[0]
+    best_at_batch = best_per_batch(finished)
     cells = {}
-    for key, members in groups.items():
+    for key, members in finished.items():
         if not members:
-            continue  # only unfinished runs: a missing cell
+            continue
         goal = target * best_at_batch.get(key[1], math.nan)
         epochs = [epochs_to_accuracy(*r.curve("test_acc"), goal) for r in members]
         cells[key] = Cell(
@@ -356,10 +125,10 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
         )
     datasets = {str(r.get("dataset", "?")).lower() for r in runs}
     tasks = {str(r.get("command", "train")).lower() for r in runs}
-    rows = sorted({k[0] for k in groups}, key=_label_order)
+    rows = sorted({label for label, _, _ in groups}, key=label_order)
     return Table(dataset=",".join(sorted(datasets)), task=",".join(sorted(tasks)), rows=rows,
                  batch_sizes=sorted(lrs), lrs={b: sorted(v) for b, v in lrs.items()}, cells=cells,
-                 paper_optimizer=paper_optimizer, unfinished=unfinished, total=len(runs))
+                 paper_optimizer=paper_optimizer, unfinished=sum(not r.finished for r in runs), total=len(runs))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -386,10 +155,6 @@ def fmt_epochs(cell: Cell | None) -> str:
         return "never"
     text = fmt_stat(cell.epochs, digits=1, show_n=cell.runs > 1)
     return text + (f" ({cell.reached}/{cell.runs} reached)" if cell.reached < cell.runs else "")
-
-
-def _lr_text(lr: float) -> str:
-    return _fmt_flag(lr)
 
 
 def _letters(n: int) -> list[str]:
@@ -430,7 +195,7 @@ def _markdown_lr_table(table: Table, cell_text, paper_row=None) -> str:
                 continue
             cells = [cell_text(table.cells.get((label, batch, lr))) for lr in lrs]
             cells += [""] * (table.width - len(lrs))
-            row = [label, f"{batch} ({'/'.join(_lr_text(lr) for lr in lrs)})"] + cells
+            row = [label, f"{batch} ({'/'.join(format_value(lr) for lr in lrs)})"] + cells
             if paper_row is not None:
                 values = paper_row(label, batch) or []
                 row += [f"{v:.2f}" if v is not None else "—" for v in values] + [""] * (table.width - len(values))
@@ -482,7 +247,7 @@ def markdown_best(table: Table, metric: str) -> str:
         row = [str(batch)]
         for label in table.rows:
             acc, lr = best[(label, batch)]
-            row.append("—" if acc is None else f"{acc:.2f} (lr {_lr_text(lr)})")
+            row.append("—" if acc is None else f"{acc:.2f} (lr {format_value(lr)})")
         for _, first, others in claims:
             a = best[(first, batch)][0]
             b = [best[(o, batch)][0] for o in others if best[(o, batch)][0] is not None]
@@ -549,8 +314,6 @@ def render_csv(table: Table) -> str:
 def write_report(folder: str | Path, *, out: str | Path | None = None, metric: str = "best",
                  formats: Sequence[str] = ("md", "csv"), target: float = 0.95) -> str:
     """Build the report of a sweep folder, write report.md / report.csv, return the markdown."""
-    from tvlars.study.sweep import atomic_write
-
     folder = Path(folder)
     runs = load_runs(folder)
     table = build_table(runs, target=target)
@@ -558,7 +321,7 @@ def write_report(folder: str | Path, *, out: str | Path | None = None, metric: s
     destination = Path(out) if out else folder
     destination.mkdir(parents=True, exist_ok=True)
     if "md" in formats:
-        atomic_write(destination / "report.md", text)
+        runfolder.atomic_write(destination / "report.md", text)
     if "csv" in formats:
-        atomic_write(destination / "report.csv", render_csv(table))
+        runfolder.atomic_write(destination / "report.csv", render_csv(table))
     return text

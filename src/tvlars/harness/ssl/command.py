@@ -54,10 +54,7 @@ from pathlib import Path
 
 from tvlars.errors import UserError
 from tvlars.harness import config as cfg
-from tvlars.harness.runlog import METRIC_COLUMNS
-
-SSL_COLUMNS = METRIC_COLUMNS + ("knn_acc", "knn20_acc", "online_acc")
-PROBE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_top5")
+from tvlars.runfolder import PROBE_COLUMNS, SSL_METRIC_COLUMNS as SSL_COLUMNS
 SSL_LAM = 1e-5  # the paper's lam for Barlow Twins (Table 1)
 
 
@@ -171,15 +168,6 @@ def open_run(args: argparse.Namespace, rt):
 
 
 def write_probe_csv(out: Path, history: list[dict]) -> None:
-    """probe.csv: the linear probe's per-epoch history (written whole, atomically)."""
-    import csv
-    import io
+    from tvlars import runfolder
 
-    from tvlars.harness.runlog import atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(PROBE_COLUMNS), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    atomic_write_text(Path(out) / "probe.csv", buf.getvalue())
+    runfolder.write_csv(Path(out) / runfolder.PROBE, PROBE_COLUMNS, history)

@@ -1,0 +1,216 @@
+"""The run folder: its file names, columns and states, how it is written and how it is read.
+
+`tvlars train` and `tvlars ssl` write run folders; `tvlars sweep`, `report` and `plot` read
+them, often while a run is still writing. Keeping the format in this one module is what
+lets the two sides agree: a file name, a column or a status changes here or nowhere.
+No torch here: the study reads run folders without it.
+
+Every whole-file write goes through :func:`atomic_write`, so a reader (or a crash) never
+sees half a file: the study reads summary.json while runs rewrite it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
+
+from tvlars.errors import UserError
+
+CONFIG = "config.yaml"        # the resolved configuration, every flag (plus `command`)
+METRICS = "metrics.csv"       # one row per epoch
+LAYERS = "layers.csv"         # per-layer statistics every --layer-stats-every steps
+SUMMARY = "summary.json"      # the status, and the numbers the study reports
+CHECKPOINT = "checkpoint.pt"  # the last finished epoch
+PROBE = "probe.csv"           # tvlars ssl: the linear probe, per epoch
+TENSORBOARD = "tb"            # a folder
+SWEEP_FLAGS = "sweep-run.yaml"  # the flags `tvlars sweep` gives the run (the folder may not have started)
+SWEEP_LOG = "log.txt"         # the run's output, appended by `tvlars sweep`
+
+#: The files a run writes: a folder holding any of them holds a started run.
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
+
+RUNNING, COMPLETED, DIVERGED = "running", "completed", "diverged"
+#: A finished run is never run again, by --resume or by a sweep.
+FINISHED = (COMPLETED, DIVERGED)
+
+METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                  "epoch_time", "images_per_sec")
+SSL_METRIC_COLUMNS = METRIC_COLUMNS + ("knn_acc", "knn20_acc", "online_acc")
+LAYER_COLUMNS = ("step", "epoch", "layer", "weight_norm", "grad_norm", "trust_ratio", "step_size")
+PROBE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_top5")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """Replace ``path`` by ``content`` (text, bytes, or a function writing to a binary file).
+
+    A temp file in the same folder, fsync, os.replace, then fsync of the folder: the old
+    file stays whole until the new one is, and the rename survives a power cut. The temp
+    name holds the process and thread, since a sweep's threads write side by side.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems cannot fsync a folder; the file itself is durable
+        pass
+
+
+def plain(value: Any) -> Any:
+    """YAML/JSON-safe values: tuples become lists, paths and other objects strings
+    (torch's TorchVersion is a str subclass that safe_dump refuses)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)
+
+
+def write_yaml(path: str | os.PathLike, mapping: dict) -> None:
+    import yaml
+
+    atomic_write(path, yaml.safe_dump(plain(mapping), sort_keys=False))
+
+
+def update_summary(folder: str | os.PathLike, **fields) -> None:
+    """Merge ``fields`` into summary.json; keys written earlier stay (a resumed run keeps
+    what the first invocation recorded). Non-finite numbers are stored as null."""
+    summary = read_summary(folder)
+    summary.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in plain(fields).items()})
+    atomic_write(Path(folder) / SUMMARY, json.dumps(summary, indent=2, allow_nan=True) + "\n")
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell: empty for None, repr for floats (round trips exactly)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    """A whole CSV file at once (a missing key is an empty cell). Lines end as the csv
+    module's appends end them (CRLF), so a file rewritten on resume and then appended to
+    stays byte-identical to one written in one go."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([csv_cell(row.get(c)) for c in columns])
+    atomic_write(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_config(folder: str | os.PathLike) -> dict | None:
+    """The saved config.yaml, None when there is none. Unreadable is the user's problem
+    to see (a UserError), not a reason to start the run over it."""
+    import yaml
+
+    path = Path(folder) / CONFIG
+    if not path.exists():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a run configuration")
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping, {} when missing or unreadable: the study reports what it can."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_summary(folder: str | os.PathLike) -> dict:
+    """summary.json, {} when missing or unreadable (a run that has not got that far)."""
+    try:
+        data = json.loads((Path(folder) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def number(text: Any) -> float | None:
+    """A float from a CSV cell or a YAML value; None for empty or non-numeric."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    text = str(text).strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float | None]]:
+    """metrics.csv as numbers (None for empty cells), [] when missing."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return []
+    return [{k: number(v) for k, v in row.items() if k} for row in csv.DictReader(io.StringIO(text))]
+
+
+def holds_run(folder: str | os.PathLike) -> bool:
+    """Whether a run has started in ``folder`` (any of RUN_FILES)."""
+    return any((Path(folder) / name).exists() for name in RUN_FILES)
+
+
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """A started run, or one a sweep has planned (its flags written, not yet launched)."""
+    return holds_run(folder) or (Path(folder) / SWEEP_FLAGS).is_file()
+
+
+def run_state(folder: str | os.PathLike) -> str:
+    """completed or diverged (finished), partial (started, not finished) or pending."""
+    status = read_summary(folder).get("status")
+    if status in FINISHED:
+        return str(status)
+    return "partial" if holds_run(folder) else "pending"
