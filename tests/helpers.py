@@ -10,12 +10,11 @@ from pathlib import Path
 
 
 def run_command(module, out, *flags) -> int:
-    """A command module (tvlars.harness.supervised.train or .ssl) run in this process, --out ``out``."""
+    """A command module (tvlars.harness.supervised.train or tvlars.harness.ssl.pretrain) run in
+    this process, --out ``out``."""
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
-    args = parser.parse_args(["--out", str(out), *flags])
-    args.command = module.__name__.rsplit(".", 1)[-1]
-    return module.run(args)
+    return module.run(parser.parse_args(["--out", str(out), *flags]))
 
 
 def read_csv(path) -> list[dict]:

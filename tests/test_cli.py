@@ -8,6 +8,7 @@ import yaml
 from tvlars import cli
 from tvlars.errors import UserError
 from tvlars.harness import config as cfg
+from tvlars.harness.config import TrainConfig
 from tvlars.harness.supervised import train
 
 
@@ -42,19 +43,16 @@ def test_every_flag_is_documented():
 def test_paper_defaults_and_auto_resolution():
     args = parse()
     assert (args.weight_decay, args.momentum, args.trust_coefficient, args.lam) == (5e-4, 0.9, 1e-3, 1e-4)
-    cfg.resolve_auto(args)
+    args = TrainConfig.from_flags(args)
     assert args.optimizer == "tvlars" and args.schedule == "none" and args.warmup_epochs == 0
     assert args.model == "mlp" and args.augment is False
 
-    args = parse("--optimizer", "lars", "--epochs", "100", "--dataset", "cifar10")
-    cfg.resolve_auto(args)
+    args = TrainConfig.from_flags(parse("--optimizer", "lars", "--epochs", "100", "--dataset", "cifar10"))
     assert (args.schedule, args.warmup_epochs, args.model, args.augment) == ("warmup-cosine", 20, "resnet18", True)
-    args = parse("--optimizer", "lamb", "--epochs", "10")
-    cfg.resolve_auto(args)
+    args = TrainConfig.from_flags(parse("--optimizer", "lamb", "--epochs", "10"))
     assert args.warmup_epochs == 5  # at most half the run
-    args = parse("--optimizer", "lars", "--warmup-epochs", "0", "--schedule", "poly")  # "without warm-up"
-    cfg.resolve_auto(args)
-    assert (args.schedule, args.warmup_epochs) == ("poly", 0)
+    args = TrainConfig.from_flags(parse("--optimizer", "lars", "--warmup-epochs", "0", "--schedule", "poly"))
+    assert (args.schedule, args.warmup_epochs) == ("poly", 0)  # "without warm-up"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -70,7 +68,7 @@ def test_paper_defaults_and_auto_resolution():
 def test_bad_combinations_are_user_errors(argv, message):
     args = parse(*argv)
     with pytest.raises(UserError, match=message):
-        cfg.resolve_auto(args)
+        TrainConfig.from_flags(args)
 
 
 def test_unknown_choice_is_a_one_line_usage_error(capsys):
@@ -110,7 +108,7 @@ def test_config_file_with_an_unknown_key(tmp_path, capsys):
 
 
 def test_resume_merge_rule():
-    defaults = cfg.parser_defaults()
+    defaults = TrainConfig.defaults()
     saved = {"lr": 2.0, "batch_size": 1024, "epochs": 50, "progress": False}
     # untouched flags take the saved values, runtime flags come from the command line
     merged = cfg.merge_resume(parse("--resume", "--progress"), saved, defaults)
@@ -119,3 +117,34 @@ def test_resume_merge_rule():
     assert cfg.merge_resume(parse("--batch-size", "1024"), saved, defaults).batch_size == 1024
     with pytest.raises(UserError, match="--epochs 60 conflicts"):
         cfg.merge_resume(parse("--epochs", "60"), saved, defaults)
+
+
+@pytest.mark.parametrize("kind", ["train", "ssl"])
+def test_the_configuration_has_one_field_per_flag(kind):
+    """argparse is the schema, the dataclass its resolved form: they must not drift apart."""
+    import dataclasses
+
+    from tvlars.harness.config import SSLConfig
+
+    config_type = {"train": TrainConfig, "ssl": SSLConfig}[kind]
+    parser = argparse.ArgumentParser()
+    config_type.add_arguments(parser)
+    dests = [a.dest for a in parser._actions if a.dest != "help"]
+    assert [f.name for f in dataclasses.fields(config_type)] == dests  # config.yaml keeps the flags' order
+
+
+def test_the_configuration_is_immutable():
+    import dataclasses
+
+    resolved = TrainConfig.from_flags(parse("--optimizer", "lars"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.lr = 2.0
+    assert resolved.betas == (0.9, 0.999) and resolved.out == "runs/digits-mlp-lars-b256-lr1-s0"
+
+
+def test_the_flag_choices_are_the_builders_names():
+    from tvlars.harness import flags
+    from tvlars.harness.data.datasets import DATASETS
+    from tvlars.harness.models import MODELS
+
+    assert flags.DATASETS == DATASETS and flags.MODELS == MODELS

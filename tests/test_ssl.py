@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from tvlars.errors import UserError
-from tvlars.harness.ssl import command as ssl, evaluate
-from tvlars.harness.ssl import pretrain as ssl_loop
-from tvlars.runfolder import LAYER_COLUMNS, METRIC_COLUMNS
+from tvlars.harness.ssl import barlow, evaluate
+from tvlars.harness.ssl import pretrain as ssl
+from tvlars.runfolder import LAYER_COLUMNS, METRIC_COLUMNS, PROBE_COLUMNS
 
 from helpers import read_csv, run_command, torchrun, tvlars_cli, tvlars_torchrun, weights
 
@@ -94,7 +94,7 @@ def test_run_folder_contents(tmp_path):
     assert s["linear_top5"] >= s["final_test_acc"] and s["best_test_acc"] >= s["final_test_acc"]
     assert s["wall_time_s"] > 0
 
-    assert header(out / "probe.csv") == list(ssl.PROBE_COLUMNS)
+    assert header(out / "probe.csv") == list(PROBE_COLUMNS)
     probe = read_csv(out / "probe.csv")
     assert [int(r["epoch"]) for r in probe] == [1, 2]
     assert float(probe[-1]["test_top1"]) == pytest.approx(s["final_test_acc"])
@@ -146,7 +146,7 @@ def test_resume_is_exact_and_an_interrupted_probe_is_redone_alone(tmp_path, monk
         raise AssertionError("resuming after the pre-training must not train again")
 
     monkeypatch.setattr(evaluate, "linear_probe", counted)
-    monkeypatch.setattr(ssl_loop, "forward_backward", no_training)
+    monkeypatch.setattr(barlow, "forward_backward", no_training)
     assert run_ssl(parts, *flags, "--resume") == 0
     assert calls == [1]
 
@@ -227,7 +227,7 @@ def test_resume_rules(tmp_path, capsys):
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = ssl_loop.forward_backward
+    real = barlow.forward_backward
     calls = []
 
     def poisoned(model, raw, *a, **kw):
@@ -235,7 +235,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys
         loss, h = real(model, raw, *a, **kw)
         return (loss * float("nan") if len(calls) > 4 else loss), h  # 4 steps per epoch: epoch 2 diverges
 
-    monkeypatch.setattr(ssl_loop, "forward_backward", poisoned)
+    monkeypatch.setattr(barlow, "forward_backward", poisoned)
     out = tmp_path / "run"
     assert run_ssl(out, *TINY, "--epochs", "3") == 1
     s = summary(out)

@@ -440,7 +440,7 @@ GRIDS = Path(__file__).resolve().parents[1] / "grids"
                                   "digits", "quickstart"])
 def test_shipped_grids_expand(name):
     grid = grid_language.load_grid(GRIDS / f"{name}.yaml")
-    module = {"train": "tvlars.harness.supervised.train", "ssl": "tvlars.harness.ssl.command"}[grid.command]
+    module = {"train": "tvlars.harness.supervised.train", "ssl": "tvlars.harness.ssl.pretrain"}[grid.command]
     try:
         __import__(module)
         runs = sweep.plan(grid)  # checked against the real command's flags

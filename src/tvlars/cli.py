@@ -17,7 +17,7 @@ from tvlars.errors import UserError
 
 COMMANDS = {
     "train": ("tvlars.harness.supervised.train", "train a classifier with LARS, LAMB, TVLARS or SGD"),
-    "ssl": ("tvlars.harness.ssl.command", "Barlow Twins pre-training, then linear-probe and kNN evaluation"),
+    "ssl": ("tvlars.harness.ssl.pretrain", "Barlow Twins pre-training, then linear-probe and kNN evaluation"),
     "sweep": ("tvlars.study.sweep", "run the Cartesian product of train/ssl flags from a grid file"),
     "report": ("tvlars.study.report", "Table 1 of a sweep: accuracy per optimizer, batch size and lr"),
     "plot": ("tvlars.study.plot", "the paper's figures for a run or a sweep"),

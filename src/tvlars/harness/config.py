@@ -1,218 +1,265 @@
-"""Flags of ``tvlars train``, their resolution, and the saved run configuration.
+"""The resolved configuration of a run: flags in, one frozen, typed value out.
 
-API (reusable by ``tvlars ssl``)::
+Parsing (tvlars.harness.flags) leaves "auto" and None for what depends on other flags: the
+model of a data set, the lr of an optimizer, the schedule of TVLARS. Those are settled
+here, once, at the command's boundary, together with the rules of --resume, and the rest
+of the harness takes the result: a frozen dataclass, so nothing downstream can change what
+config.yaml records, and typed, so a reader sees what each setting is without the parser.
 
-    add_arguments(parser)                  every flag of ``tvlars train`` (groups below)
-    add_run_arguments(parser)              --config --out --resume --seed --device --progress
-                                           --stop-after-epochs
-    add_batch_arguments(parser)            --batch-size --micro-batch-size --epochs --drop-last
-                                           --eval-every --eval-batch-size --layer-stats-every
-    add_performance_arguments(parser)      --amp --channels-last --compile --sync-bn
-    (optimizer and schedule flags live in tvlars.harness.optimizers.add_optimizer_arguments)
-    parser_defaults(add_arguments) -> dict   the defaults of a command's parser
-    resolve_auto(args) -> None             fills the "auto" (None) defaults in place
-    merge_resume(args, saved: dict, defaults: dict, *, free=RUNTIME_FLAGS) -> argparse.Namespace
-        the rule on --resume: the saved config wins; a flag whose value differs from both
-        its default and the saved value (i.e. the user changed it on the command line or in
-        --config) is a UserError naming it -- except the RUNTIME_FLAGS, which only change
-        how the run executes, not its results, and are taken from the command line.
-    default_out(args) -> str               runs/<dataset>-<model>-<optimizer>-b<B>-lr<lr>-s<seed>
-
-Resolution of the automatic defaults (``resolve_auto``):
-    --model      digits: mlp (seconds per run), synthetic: cnn, cifar10: resnet18, tinyimagenet: resnet34
-    --lr         lars/tvlars 1.0 (paper grid 1..19 at 512..16K), lamb 0.01, sgd 0.1, adamw 1e-3
-    --schedule   tvlars or --tv-factor: none (phi_t replaces it); others: warmup-cosine
-    --warmup-epochs  warmup-cosine/poly/constant: 20 (the paper), capped at half the run;
-                     none: 0
-    --augment    cifar10/tinyimagenet: on (random crop with 4-pixel padding + flip); else off
-    --progress   on when stderr is a terminal (rank 0 only)
+config.yaml holds every field of the configuration plus what the run derived from it
+(:meth:`TrainConfig.record`); a resumed run takes its settings from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from tvlars.errors import UserError
+from tvlars.harness import flags
 
-DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet")
-MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp")
-
-# Flags that change how a run executes but not what it computes: free to change on --resume.
+#: Flags that change how a run executes but not what it computes: free to change on --resume.
 RUNTIME_FLAGS = frozenset({
     "config", "out", "resume", "device", "progress", "num_workers", "data_dir", "download",
     "data_on_device", "stop_after_epochs", "eval_batch_size", "compile", "command",
 })
 
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("run")
-    g.add_argument("--config", metavar="FILE",
-                   help="YAML file of flag values (keys are flag names, e.g. batch-size: 1024); "
-                        "flags given on the command line override it")
-    g.add_argument("--out", metavar="DIR",
-                   help="run folder (default: runs/<dataset>-<model>-<optimizer>-b<B>-lr<lr>-s<seed>); "
-                        "must not hold a different run")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint.pt (the saved config.yaml wins; "
-                        "changing a flag that affects results is an error); starts the run if --out "
-                        "holds none yet, does nothing if it already completed")
-    g.add_argument("--seed", type=int, default=0, help="random seed for init, data order and augmentation (default: 0)")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps; under torchrun each "
-                        "rank uses cuda:LOCAL_RANK (default: auto)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bar with loss, accuracy and images/s on rank 0 "
-                        "(default: on when stderr is a terminal)")
-    g.add_argument("--stop-after-epochs", type=int, default=None, metavar="K",
-                   help="stop (as if interrupted, status stays 'running') after K epochs of this "
-                        "invocation; resume later with --resume. For testing resumption")
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="digits (sklearn 8x8, built in), synthetic (random images), cifar10, "
-                        "tinyimagenet (default: digits)")
-    g.add_argument("--data-dir", metavar="DIR", help="dataset folder (cifar10, tinyimagenet)")
-    g.add_argument("--download", action="store_true", help="download the dataset into --data-dir if missing")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="the paper's augmentation: random crop (4-pixel padding) + horizontal flip "
-                        "(default: on for cifar10/tinyimagenet, off for digits/synthetic)")
-    g.add_argument("--data-on-device", choices=("auto", "yes", "no"), default="auto",
-                   help="keep the whole dataset on the device and augment in batches (fast path); "
-                        "'no' uses a DataLoader with worker processes (default: auto = yes when it fits)")
-    g.add_argument("--num-workers", type=int, default=4, metavar="N",
-                   help="DataLoader worker processes when the data is not on the device (default: 4)")
-    g.add_argument("--synthetic-train", type=int, default=2048, metavar="N",
-                   help="synthetic dataset: number of training images (default: 2048)")
-    g.add_argument("--synthetic-test", type=int, default=512, metavar="N",
-                   help="synthetic dataset: number of test images (default: 512)")
-    g.add_argument("--synthetic-classes", type=int, default=10, metavar="N",
-                   help="synthetic dataset: number of classes (default: 10)")
-    g.add_argument("--synthetic-image-size", type=int, default=32, metavar="PX",
-                   help="synthetic dataset: image height and width (default: 32)")
-    g.add_argument("--synthetic-channels", type=int, default=3, metavar="C",
-                   help="synthetic dataset: image channels (default: 3)")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", choices=MODELS, default=None,
-                   help="network (default: mlp for digits, cnn for synthetic, resnet18 for cifar10, resnet34 "
-                        "for tinyimagenet); mlp has no batch norm")
-    g.add_argument("--stem", default="auto", choices=("auto", "cifar", "imagenet"),
-                   help="ResNet stem: cifar (3x3 conv, no max-pool) or imagenet (7x7 conv + max-pool) "
-                        "(default: auto = cifar for images up to 64 pixels)")
-    g.add_argument("--init", default="kaiming_uniform", choices=("kaiming_uniform", "torchvision"),
-                   help="weight initialisation: kaiming_uniform (the paper's) or torchvision's own "
-                        "(default: kaiming_uniform)")
-
-
-def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("batch and epochs")
-    g.add_argument("--batch-size", type=int, default=256, metavar="B",
-                   help="GLOBAL batch size per optimizer step, whatever the number of processes and "
-                        "accumulation steps (per process = B / world size) (default: 256)")
-    g.add_argument("--micro-batch-size", default="auto", metavar="M|auto",
-                   help="rows per forward/backward pass on each process; gradients of B / (world * M) "
-                        "micro-batches are accumulated. auto: the largest that fits in GPU memory, on "
-                        "CPU the per-process batch capped at 1024 (default: auto)")
-    g.add_argument("--epochs", type=int, default=30, metavar="N", help="training epochs (default: 30)")
-    g.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop the last incomplete global batch of each epoch (default: on)")
-    g.add_argument("--eval-every", type=int, default=1, metavar="K",
-                   help="evaluate on the whole test set every K epochs and after the last (default: 1)")
-    g.add_argument("--eval-batch-size", type=int, default=1024, metavar="N",
-                   help="rows per forward pass during evaluation, per process (default: 1024)")
-    g.add_argument("--layer-stats-every", type=int, default=10, metavar="K",
-                   help="write per-layer weight/grad norms, trust ratio and step size to layers.csv "
-                        "every K optimizer steps; 0 disables (default: 10)")
-
-
-def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("performance")
-    g.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="autocast the forward pass to bfloat16 (default: none)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and inputs")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="synchronised batch norm across processes (CUDA + torchrun only, as in the "
-                        "paper) (default: on)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tvlars.harness.optimizers import add_optimizer_arguments
-
-    add_run_arguments(parser)
-    add_data_arguments(parser)
-    add_model_arguments(parser)
-    add_optimizer_arguments(parser)
-    add_batch_arguments(parser)
-    add_performance_arguments(parser)
-
-
-def parser_defaults(adder=add_arguments) -> dict:
-    p = argparse.ArgumentParser(add_help=False)
-    adder(p)
-    return {a.dest: a.default for a in p._actions if a.dest != argparse.SUPPRESS}
-
-
 DEFAULT_LR = {"lars": 1.0, "tvlars": 1.0, "lamb": 0.01, "sgd": 0.1, "adamw": 1e-3}
 DEFAULT_MODEL = {"digits": "mlp", "synthetic": "cnn", "cifar10": "resnet18", "tinyimagenet": "resnet34"}
+#: The paper's delay d_e of phi_t, in epochs.
+DEFAULT_DELAY_EPOCHS = 10.0
+#: The paper's warm-up, in epochs (at most half the run).
+DEFAULT_WARMUP_EPOCHS = 20.0
 
 
-def resolve_auto(args: argparse.Namespace) -> None:
-    """Fill the automatic (None) defaults in place; validate simple ranges."""
-    if args.model is None:
-        args.model = DEFAULT_MODEL[args.dataset]
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.optimizer]
-    if args.schedule is None:
-        args.schedule = "none" if (args.optimizer == "tvlars" or args.tv_factor) else "warmup-cosine"
-    if args.tv_factor and args.schedule != "none":
-        raise UserError("--tv-factor replaces the learning-rate schedule; use --schedule none with it")
-    if args.warmup_epochs is None:
-        args.warmup_epochs = 0.0 if args.schedule == "none" else float(min(20.0, args.epochs / 2))
-    elif args.schedule == "none" and args.warmup_epochs > 0:
-        raise UserError("--warmup-epochs needs a schedule (warmup-cosine, poly or constant), not --schedule none")
-    if args.augment is None:
-        args.augment = args.dataset in ("cifar10", "tinyimagenet")
-    if args.progress is None:
-        args.progress = sys.stderr.isatty()
-    for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("layer_stats_every", "num_workers", "warmup_epochs", "min_lr", "weight_decay"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.warmup_epochs > args.epochs:
-        raise UserError(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs})")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.micro_batch_size != "auto":
-        try:
-            args.micro_batch_size = int(args.micro_batch_size)
-        except (TypeError, ValueError):
-            raise UserError(f"--micro-batch-size must be a positive integer or 'auto', got '{args.micro_batch_size}'") from None
-        if args.micro_batch_size < 1:
-            raise UserError(f"--micro-batch-size must be positive, got {args.micro_batch_size}")
-    if args.delay_epochs is not None and args.delay_steps is not None:
-        raise UserError("give --delay-epochs or --delay-steps, not both")
-    if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
-        raise UserError("--stop-after-epochs must be at least 1")
+@dataclass(frozen=True)
+class TrainConfig:
+    """``tvlars train``: one field per flag (see --help for each), automatic values settled."""
+
+    command: ClassVar[str] = "train"
+    add_arguments: ClassVar = staticmethod(flags.add_train_arguments)
+
+    # run
+    config: str | None
+    out: str
+    resume: bool
+    seed: int
+    device: str
+    progress: bool
+    stop_after_epochs: int | None
+    # data
+    dataset: str
+    data_dir: str | None
+    download: bool
+    augment: bool
+    data_on_device: str
+    num_workers: int
+    synthetic_train: int
+    synthetic_test: int
+    synthetic_classes: int
+    synthetic_image_size: int
+    synthetic_channels: int
+    # model
+    model: str
+    stem: str
+    init: str
+    # optimizer
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    trust_coefficient: float
+    trust_form: str
+    trust_clip: bool
+    eps: float | None
+    nesterov: bool
+    betas: tuple[float, float]
+    bias_correction: bool
+    exclude_1d_decay: bool
+    exclude_1d_adapt: bool
+    # TVLARS time-varying factor
+    lam: float
+    delay_epochs: float | None
+    delay_steps: int | None
+    alpha: float
+    min_factor: float
+    variant: str
+    tv_factor: bool
+    # learning-rate schedule
+    schedule: str
+    warmup_epochs: float
+    min_lr: float
+    power: float
+    # batch and epochs
+    batch_size: int
+    micro_batch_size: int | str  # "auto" until the run measures it
+    epochs: int
+    drop_last: bool
+    eval_every: int
+    eval_batch_size: int
+    layer_stats_every: int
+    # performance
+    amp: str
+    channels_last: bool
+    compile: bool
+    sync_bn: bool
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return flags.defaults(cls.add_arguments)
+
+    @classmethod
+    def check_flags(cls, args: argparse.Namespace) -> argparse.Namespace:
+        """The command line as given, before --resume merges the saved flags into it:
+        where a command refuses or normalises a flag by what the user wrote."""
+        return args
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, *, out: str | None = None) -> "TrainConfig":
+        """The configuration of parsed flags: automatic values settled, ranges checked.
+        ``out`` (else --out, else the default folder of these settings) is the run folder."""
+        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
+        cls._resolve(values)
+        values["out"] = str(out or values["out"] or cls._default_out(values))
+        return cls(**values)
+
+    @classmethod
+    def _resolve(cls, values: dict[str, Any]) -> None:
+        if values["model"] is None:
+            values["model"] = DEFAULT_MODEL[values["dataset"]]
+        if values["lr"] is None:
+            values["lr"] = DEFAULT_LR[values["optimizer"]]
+        if values["schedule"] is None:  # phi_t is TVLARS's schedule
+            values["schedule"] = "none" if (values["optimizer"] == "tvlars" or values["tv_factor"]) else "warmup-cosine"
+        if values["tv_factor"] and values["schedule"] != "none":
+            raise UserError("--tv-factor replaces the learning-rate schedule; use --schedule none with it")
+        if values["warmup_epochs"] is None:
+            values["warmup_epochs"] = (0.0 if values["schedule"] == "none"
+                                       else float(min(DEFAULT_WARMUP_EPOCHS, values["epochs"] / 2)))
+        elif values["schedule"] == "none" and values["warmup_epochs"] > 0:
+            raise UserError("--warmup-epochs needs a schedule (warmup-cosine, poly or constant), not --schedule none")
+        if values["augment"] is None:
+            values["augment"] = values["dataset"] in ("cifar10", "tinyimagenet")
+        if values["progress"] is None:
+            values["progress"] = sys.stderr.isatty()
+        for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
+            _at_least(values, name, 1)
+        for name in ("layer_stats_every", "num_workers", "warmup_epochs", "min_lr", "weight_decay"):
+            _not_negative(values, name)
+        if values["warmup_epochs"] > values["epochs"]:
+            raise UserError(f"--warmup-epochs {values['warmup_epochs']:g} is longer than the run "
+                            f"(--epochs {values['epochs']})")
+        if values["lr"] <= 0:
+            raise UserError(f"--lr must be positive, got {values['lr']}")
+        if values["micro_batch_size"] != "auto":
+            micro = values["micro_batch_size"]
+            try:
+                values["micro_batch_size"] = int(micro)
+            except (TypeError, ValueError):
+                raise UserError(f"--micro-batch-size must be a positive integer or 'auto', got '{micro}'") from None
+            if values["micro_batch_size"] < 1:
+                raise UserError(f"--micro-batch-size must be positive, got {values['micro_batch_size']}")
+        if values["delay_epochs"] is not None and values["delay_steps"] is not None:
+            raise UserError("give --delay-epochs or --delay-steps, not both")
+        if values["stop_after_epochs"] is not None and values["stop_after_epochs"] < 1:
+            raise UserError("--stop-after-epochs must be at least 1")
+        values["betas"] = tuple(values["betas"])  # config.yaml gives a list
+
+    @classmethod
+    def _default_out(cls, values: dict[str, Any]) -> str:
+        return (f"runs/{values['dataset']}-{values['model']}-{values['optimizer']}-b{values['batch_size']}"
+                f"-lr{values['lr']:g}-s{values['seed']}")
+
+    @property
+    def keep_data_on_device(self) -> bool | str:
+        """--data-on-device as tvlars.harness.data.loader.make_loader takes it."""
+        return {"auto": "auto", "yes": True, "no": False}[self.data_on_device]
+
+    def delay_in_steps(self, steps_per_epoch: int) -> int:
+        """The delay d of phi_t in optimizer steps: --delay-steps, else --delay-epochs (the
+        paper's 10 by default; none in the authors' code, --variant official)."""
+        if self.delay_steps is not None:
+            if self.delay_steps < 0:
+                raise UserError("--delay-steps must not be negative")
+            return int(self.delay_steps)
+        if self.delay_epochs is None and self.variant == "official":
+            return 0
+        epochs = DEFAULT_DELAY_EPOCHS if self.delay_epochs is None else float(self.delay_epochs)
+        if epochs < 0:
+            raise UserError("--delay-epochs must not be negative")
+        return int(round(epochs * steps_per_epoch))
+
+    def record(self, **derived) -> dict:
+        """What config.yaml holds: the command, every setting, then what the run derived
+        (a derived value of a setting, such as the measured micro-batch size, replaces it)."""
+        return {"command": self.command, **dataclasses.asdict(self), **derived}
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return float(a) == float(b)
-    return a == b
+@dataclass(frozen=True)
+class SSLConfig(TrainConfig):
+    """``tvlars ssl``: every setting of tvlars train, plus Barlow Twins and its evaluation."""
+
+    command: ClassVar[str] = "ssl"
+    add_arguments: ClassVar = staticmethod(flags.add_ssl_arguments)
+
+    # Barlow Twins
+    projector: str
+    lambd: float
+    augment_preset: str
+    # evaluation
+    knn_k: int
+    knn_temperature: float
+    knn_every: int
+    online_probe: bool
+    probe_epochs: int
+    probe_lr: float
+    probe_batch_size: int
+    probe_weight_decay: float
+    probe_augment: bool
+
+    @classmethod
+    def check_flags(cls, args: argparse.Namespace) -> argparse.Namespace:
+        from tvlars.harness.ssl.barlow import parse_projector
+
+        if args.augment is not None:
+            raise UserError("--augment is tvlars train's crop+flip; tvlars ssl draws two views with --augment-preset")
+        # one spelling of the projector, so that a --config list and the saved string compare equal on --resume
+        projector = "-".join(str(width) for width in parse_projector(args.projector))
+        return argparse.Namespace(**{**vars(args), "augment": False, "projector": projector})
+
+    @classmethod
+    def _resolve(cls, values: dict[str, Any]) -> None:
+        from tvlars.harness.ssl.evaluate import default_probe_lr
+
+        super()._resolve(values)
+        if not values["drop_last"]:
+            raise UserError("--no-drop-last: the Barlow Twins loss normalises over the batch, so tvlars ssl "
+                            "drops the last partial batch")
+        for name in ("knn_k", "probe_epochs", "probe_batch_size"):
+            _at_least(values, name, 1)
+        for name in ("knn_every", "lambd", "probe_weight_decay"):
+            _not_negative(values, name)
+        if values["knn_temperature"] <= 0:
+            raise UserError(f"--knn-temperature must be positive, got {values['knn_temperature']}")
+        if values["probe_lr"] is None:
+            values["probe_lr"] = default_probe_lr(values["probe_batch_size"])
+        elif values["probe_lr"] <= 0:
+            raise UserError(f"--probe-lr must be positive, got {values['probe_lr']}")
+
+    @classmethod
+    def _default_out(cls, values: dict[str, Any]) -> str:
+        folder = super()._default_out(values)  # apart from tvlars train's runs
+        return folder.replace("runs/", "runs/ssl-", 1)
 
 
 def merge_resume(args: argparse.Namespace, saved: dict, defaults: dict, *, free=RUNTIME_FLAGS) -> argparse.Namespace:
-    """The saved config wins; a flag the user changed to a different value is an error."""
+    """The flags of a resumed run: the saved config wins. A flag the user set (it differs
+    from its default) to something other than the saved value is refused, naming it: a
+    resumed run that silently ran other settings would be two runs under one name. The
+    ``free`` flags change how the run executes, not its results, and come from the command line."""
     merged = argparse.Namespace(**vars(args))
     for dest, value in vars(args).items():
         if dest in free or dest not in saved:
@@ -227,11 +274,27 @@ def merge_resume(args: argparse.Namespace, saved: dict, defaults: dict, *, free=
     return merged
 
 
+def _same(a, b) -> bool:
+    """Equal as config.yaml sees it: 1 == 1.0, a tuple == the list YAML gives back."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    if numbers:
+        return float(a) == float(b)
+    return a == b
+
+
 def _show(value) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
     return str(value)
 
 
-def default_out(args: argparse.Namespace) -> str:
-    return f"runs/{args.dataset}-{args.model}-{args.optimizer}-b{args.batch_size}-lr{args.lr:g}-s{args.seed}"
+def _at_least(values: dict, name: str, low: int) -> None:
+    if values[name] < low:
+        raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {values[name]}")
+
+
+def _not_negative(values: dict, name: str) -> None:
+    if values[name] < 0:
+        raise UserError(f"--{name.replace('_', '-')} must not be negative, got {values[name]}")

@@ -1,109 +1,36 @@
-"""Building the optimizer and its learning-rate schedule from flags; per-layer statistics.
+"""The optimizer and learning-rate schedule of a run, and the per-layer statistics of its steps.
 
-API (reusable by ``tvlars ssl``)::
-
-    OPTIMIZERS = ("lars", "lamb", "tvlars", "sgd", "adamw")
-    add_optimizer_arguments(parser)      --optimizer --lr and every hyper-parameter, plus the
-                                         schedule flags (--schedule --warmup-epochs --min-lr
-                                         --power --tv-factor)
-    delay_in_steps(args, steps_per_epoch) -> int     --delay-steps, or --delay-epochs (default
-                                         10, the paper's d_e; 0 for --variant official) times
-                                         steps per epoch
-    build_optimizer(model, args, steps_per_epoch) -> torch.optim.Optimizer
-        parameter groups from tvlars.param_groups (1-D parameters excluded from weight decay
-        and from adaptation unless --no-exclude-1d-decay / --no-exclude-1d-adapt); sgd and
-        adamw are torch's (SGD with --momentum/--nesterov, AdamW with --betas/--eps).
-    build_scheduler(optimizer, args, steps_per_epoch, total_steps) -> LRScheduler | None
-        --tv-factor: TVFactorLR (phi_t as the schedule, any optimizer); else
-        schedules.build_schedule(--schedule, warm-up --warmup-epochs * steps_per_epoch steps,
-        --min-lr, --power). Step it once per optimizer step.
-    enable_stats(optimizer, on: bool) -> None     turn per-step statistics on/off (cheap no-op
-                                         for torch optimizers)
-    layer_stats(optimizer, names: dict[int, str]) -> dict[str, list] | None
-        after optimizer.step() (before zero_grad): {"layer", "weight_norm", "grad_norm",
-        "trust_ratio", "step_size"} lists, one entry per parameter, in one host transfer.
-        ``names`` maps id(parameter) -> name (from the raw model's named_parameters()).
-        tvlars optimizers: from optimizer.last_stats(). torch optimizers: norms computed
-        here, trust_ratio empty (None), step_size = the group's lr for sgd, None for adamw.
-    optimizer_step(optimizer, scheduler, log, names, *, stats, step, epoch) -> float
-        the end of a training step: optimizer.step(), layers.csv rows (labelled ``step``,
-        ``epoch``) when ``stats``, zero_grad, scheduler.step(); returns the lr it stepped with
+The builders take plain keyword arguments, not the run's configuration: the configuration
+is turned into them once, at the call site, by optimizer_kwargs / scheduler_kwargs (timm's
+optimizer_kwargs(cfg=args) pattern), so that the builders can be called from a notebook or
+a test with only what they use. Unknown or invalid settings surface as one-line UserErrors.
 """
 
 from __future__ import annotations
-
-import argparse
 
 from tvlars.errors import UserError
 
 OPTIMIZERS = ("lars", "lamb", "tvlars", "sgd", "adamw")
 
 
-def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("optimizer")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="tvlars",
-                   help="lars, lamb, tvlars (the paper's), or torch's sgd / adamw (default: tvlars)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="base (target) learning rate; the paper's grid is 1..19 for batch 512..16K "
-                        "(default: 1.0 for lars/tvlars, 0.01 lamb, 0.1 sgd, 0.001 adamw)")
-    g.add_argument("--momentum", type=float, default=0.9, help="momentum mu: lars, tvlars, sgd (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4, the paper's)")
-    g.add_argument("--trust-coefficient", type=float, default=1e-3,
-                   help="LARS coefficient eta: lars, tvlars (default: 1e-3)")
-    g.add_argument("--trust-form", default="coupled", choices=("coupled", "separate"),
-                   help="LARS trust ratio: coupled = eta*||w||/||g + wd*w|| (official code, Barlow Twins); "
-                        "separate = eta*||w||/(||g|| + wd*||w|| + eps) (You et al., timm) (default: coupled)")
-    g.add_argument("--trust-clip", action="store_true",
-                   help="clip the trust ratio (LARC for lars: min(trust/lr, 1); <= 1 for lamb)")
-    g.add_argument("--eps", type=float, default=None,
-                   help="epsilon: lars denominator (default 0), lamb (default 1e-6), adamw (default 1e-8)")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum: lars, sgd")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
-                   help="lamb / adamw moment coefficients (default: 0.9 0.999)")
-    g.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
-                   help="lamb: bias-correct the moments (default: on)")
-    g.add_argument("--exclude-1d-decay", action=argparse.BooleanOptionalAction, default=True,
-                   help="no weight decay on 1-D parameters (biases, norm weights) (default: on)")
-    g.add_argument("--exclude-1d-adapt", action=argparse.BooleanOptionalAction, default=True,
-                   help="trust ratio 1 (no layer-wise adaptation) for 1-D parameters (default: on)")
-    t = parser.add_argument_group("TVLARS time-varying factor phi_t = 1/(alpha + exp(lam*(t - d))) + min-factor")
-    t.add_argument("--lam", type=float, default=1e-4,
-                   help="decay coefficient lambda of phi_t (default: 1e-4, the paper's for classification)")
-    t.add_argument("--delay-epochs", type=float, default=None, metavar="E",
-                   help="delay d of phi_t in epochs, converted with steps per epoch (default: 10, the paper's)")
-    t.add_argument("--delay-steps", type=int, default=None, metavar="T",
-                   help="delay d of phi_t in optimizer steps (instead of --delay-epochs)")
-    t.add_argument("--alpha", type=float, default=1.0, help="alpha of phi_t (default: 1.0)")
-    t.add_argument("--min-factor", type=float, default=0.0, help="floor gamma_min of phi_t (default: 0)")
-    t.add_argument("--variant", default="paper", choices=("paper", "official"),
-                   help="tvlars: paper = Algorithm 1 and Eq. 4; official = the authors' published code "
-                        "(alpha 0.1, no delay, heavy-ball momentum; --delay-*, --alpha and --min-factor "
-                        "must stay at their defaults) (default: paper)")
-    t.add_argument("--tv-factor", action="store_true",
-                   help="run any optimizer (lars, lamb, sgd, adamw) under phi_t as its learning-rate "
-                        "schedule (TVFactorLR); implies --schedule none")
-    s = parser.add_argument_group("learning-rate schedule (stepped every optimizer step)")
-    s.add_argument("--schedule", choices=("warmup-cosine", "poly", "constant", "none"), default=None,
-                   help="linear warm-up then cosine decay to --min-lr / polynomial decay / constant; "
-                        "none = no scheduler (default: none for tvlars and --tv-factor, else warmup-cosine)")
-    s.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
-                   help="linear warm-up length in epochs (0 = 'without warm-up') (default: 20 as in "
-                        "the paper, at most half the run; 0 with --schedule none)")
-    s.add_argument("--min-lr", type=float, default=0.0, help="final learning rate of cosine/poly decay (default: 0)")
-    s.add_argument("--power", type=float, default=2.0, help="power of the polynomial decay (default: 2)")
+def optimizer_kwargs(cfg, steps_per_epoch: int) -> dict:
+    """build_optimizer's keyword arguments from a run's configuration."""
+    return dict(name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                trust_coefficient=cfg.trust_coefficient, trust_form=cfg.trust_form, trust_clip=cfg.trust_clip,
+                eps=cfg.eps, nesterov=cfg.nesterov, betas=tuple(cfg.betas), bias_correction=cfg.bias_correction,
+                exclude_1d_decay=cfg.exclude_1d_decay, exclude_1d_adapt=cfg.exclude_1d_adapt, lam=cfg.lam,
+                delay_steps=cfg.delay_in_steps(steps_per_epoch), alpha=cfg.alpha, min_factor=cfg.min_factor,
+                variant=cfg.variant)
 
 
-def delay_in_steps(args, steps_per_epoch: int) -> int:
-    if getattr(args, "delay_steps", None) is not None:
-        if args.delay_steps < 0:
-            raise UserError("--delay-steps must not be negative")
-        return int(args.delay_steps)
-    if getattr(args, "delay_epochs", None) is None and getattr(args, "variant", "paper") == "official":
-        return 0  # the authors' code has no delay
-    epochs = 10.0 if getattr(args, "delay_epochs", None) is None else float(args.delay_epochs)
-    if epochs < 0:
-        raise UserError("--delay-epochs must not be negative")
-    return int(round(epochs * steps_per_epoch))
+def scheduler_kwargs(cfg, steps_per_epoch: int, total_steps: int) -> dict:
+    """build_scheduler's keyword arguments: the schedule counts optimizer steps, the flags epochs."""
+    if cfg.tv_factor:
+        return dict(tv_factor=True, lam=cfg.lam, delay_steps=cfg.delay_in_steps(steps_per_epoch), alpha=cfg.alpha,
+                    min_factor=cfg.min_factor)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return dict(schedule=cfg.schedule, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
+                min_lr=cfg.min_lr, power=cfg.power)
 
 
 def _call(factory, name: str, *a, **kw):
@@ -115,73 +42,80 @@ def _call(factory, name: str, *a, **kw):
         raise UserError(f"{name}: {msg}") from None
 
 
-def _groups(model, args) -> list[dict]:
-    import tvlars
-
-    return tvlars.param_groups(model, args.weight_decay, exclude_from_decay=args.exclude_1d_decay,
-                               exclude_from_adaptation=args.exclude_1d_adapt)
-
-
-def build_optimizer(model, args, steps_per_epoch: int):
+def build_optimizer(model, name: str, *, lr: float, weight_decay: float = 0.0, exclude_1d_decay: bool = True,
+                    exclude_1d_adapt: bool = True, momentum: float = 0.9, trust_coefficient: float = 1e-3,
+                    trust_form: str = "coupled", trust_clip: bool = False, eps: float | None = None,
+                    nesterov: bool = False, betas=(0.9, 0.999), bias_correction: bool = True, lam: float = 1e-4,
+                    delay_steps: int = 0, alpha: float = 1.0, min_factor: float = 0.0, variant: str = "paper"):
+    """``name`` over tvlars.param_groups(model): 1-D parameters (biases, norm weights) get no
+    weight decay and no layer-wise adaptation unless told otherwise, as in the paper. Each
+    optimizer gets only the settings it has; eps=None keeps each one's own default."""
     import torch
+
     import tvlars
 
-    groups = _groups(model, args)
-    name = args.optimizer
-    kw = {}
+    groups = tvlars.param_groups(model, weight_decay, exclude_from_decay=exclude_1d_decay,
+                                 exclude_from_adaptation=exclude_1d_adapt)
+    own_eps = {} if eps is None else {"eps": eps}
     if name == "lars":
-        if args.eps is not None:
-            kw["eps"] = args.eps
-        return _call(tvlars.LARS, "lars", groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                     trust_coefficient=args.trust_coefficient, nesterov=args.nesterov, trust_clip=args.trust_clip,
-                     trust_form=args.trust_form, **kw)
+        return _call(tvlars.LARS, "lars", groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     trust_coefficient=trust_coefficient, nesterov=nesterov, trust_clip=trust_clip,
+                     trust_form=trust_form, **own_eps)
     if name == "lamb":
-        if args.eps is not None:
-            kw["eps"] = args.eps
-        return _call(tvlars.LAMB, "lamb", groups, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                     bias_correction=args.bias_correction, trust_clip=args.trust_clip, **kw)
+        return _call(tvlars.LAMB, "lamb", groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                     bias_correction=bias_correction, trust_clip=trust_clip, **own_eps)
     if name == "tvlars":
-        return _call(tvlars.TVLARS, "tvlars", groups, lr=args.lr, momentum=args.momentum,
-                     weight_decay=args.weight_decay, trust_coefficient=args.trust_coefficient, lam=args.lam,
-                     delay=delay_in_steps(args, steps_per_epoch), alpha=args.alpha, min_factor=args.min_factor,
-                     variant=args.variant)
+        return _call(tvlars.TVLARS, "tvlars", groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     trust_coefficient=trust_coefficient, lam=lam, delay=delay_steps, alpha=alpha,
+                     min_factor=min_factor, variant=variant)
     if name == "sgd":
-        return _call(torch.optim.SGD, "sgd", groups, lr=args.lr, momentum=args.momentum,
-                     weight_decay=args.weight_decay, nesterov=args.nesterov)
+        return _call(torch.optim.SGD, "sgd", groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     nesterov=nesterov)
     if name == "adamw":
-        return _call(torch.optim.AdamW, "adamw", groups, lr=args.lr, betas=tuple(args.betas),
-                     eps=1e-8 if args.eps is None else args.eps, weight_decay=args.weight_decay)
+        return _call(torch.optim.AdamW, "adamw", groups, lr=lr, betas=tuple(betas),
+                     eps=1e-8 if eps is None else eps, weight_decay=weight_decay)
     raise UserError(f"unknown optimizer '{name}'; choose from {', '.join(OPTIMIZERS)}")
 
 
-def build_scheduler(optimizer, args, steps_per_epoch: int, total_steps: int):
+def build_scheduler(optimizer, *, schedule: str = "none", total_steps: int = 0, warmup_steps: int = 0,
+                    min_lr: float = 0.0, power: float = 2.0, tv_factor: bool = False, lam: float = 1e-4,
+                    delay_steps: int = 0, alpha: float = 1.0, min_factor: float = 0.0):
+    """The schedule to step once per optimizer step (None for none). ``tv_factor``: phi_t
+    itself is the schedule (TVFactorLR), for any optimizer; else tvlars.harness.schedules."""
     from tvlars.harness.schedules import build_schedule
 
-    if args.tv_factor:
+    if tv_factor:
         import tvlars
 
-        return _call(tvlars.TVFactorLR, "tv-factor", optimizer, lam=args.lam,
-                     delay=delay_in_steps(args, steps_per_epoch), alpha=args.alpha, min_factor=args.min_factor)
-    warmup = int(round(args.warmup_epochs * steps_per_epoch))
-    return build_schedule(optimizer, args.schedule, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
-                          min_lr=args.min_lr, power=args.power)
+        return _call(tvlars.TVFactorLR, "tv-factor", optimizer, lam=lam, delay=delay_steps, alpha=alpha,
+                     min_factor=min_factor)
+    return build_schedule(optimizer, schedule, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min_lr,
+                          power=power)
 
 
 def enable_stats(optimizer, on: bool) -> None:
+    """Statistics cost a host transfer, so the tvlars optimizers record them only on the
+    steps that write layers.csv; torch's optimizers have no switch (their norms are
+    computed afterwards, by layer_stats)."""
     if hasattr(optimizer, "last_stats"):
         optimizer.stats = bool(on)
 
 
 def layer_stats(optimizer, names: dict) -> dict | None:
+    """layers.csv's columns for the step just taken, a list per column in parameter order.
+
+    The tvlars optimizers report what they used (LayerStats); for torch's the norms are
+    taken here, the trust ratio is empty (they have none) and SGD's step size is its lr.
+    """
     import torch
 
     if hasattr(optimizer, "last_stats"):
-        st = optimizer.last_stats()
-        if st is None:
+        stats = optimizer.last_stats()
+        if stats is None:
             return None
-        return {"layer": [names.get(id(p), "?") for p in st.params],
-                "weight_norm": st.weight_norm.tolist(), "grad_norm": st.grad_norm.tolist(),
-                "trust_ratio": st.trust_ratio.tolist(), "step_size": st.step_size.tolist()}
+        return {"layer": [names.get(id(p), "?") for p in stats.params],
+                "weight_norm": stats.weight_norm.tolist(), "grad_norm": stats.grad_norm.tolist(),
+                "trust_ratio": stats.trust_ratio.tolist(), "step_size": stats.step_size.tolist()}
     params, lrs = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -191,9 +125,9 @@ def layer_stats(optimizer, names: dict) -> dict | None:
     if not params:
         return None
     with torch.no_grad():
-        w = torch.stack([p.detach().float().norm() for p in params])
-        g = torch.stack([p.grad.detach().float().norm() for p in params])
-        both = torch.stack([w, g]).to("cpu", torch.float64)
+        weight_norms = torch.stack([p.detach().float().norm() for p in params])
+        grad_norms = torch.stack([p.grad.detach().float().norm() for p in params])
+        both = torch.stack([weight_norms, grad_norms]).to("cpu", torch.float64)  # one transfer
     sgd = isinstance(optimizer, torch.optim.SGD)
     return {"layer": [names.get(id(p), "?") for p in params], "weight_norm": both[0].tolist(),
             "grad_norm": both[1].tolist(), "trust_ratio": [None] * len(params),
@@ -201,17 +135,16 @@ def layer_stats(optimizer, names: dict) -> dict | None:
 
 
 def optimizer_step(optimizer, scheduler, log, names: dict, *, stats: bool, step: int, epoch: int) -> float:
-    """Step with the accumulated gradients; when ``stats`` (see enable_stats) write the
-    per-layer statistics to ``log``'s layers.csv as rows of optimizer step ``step`` in
-    epoch ``epoch`` (both 1-based); clear the gradients; step the schedule. Returns the
-    learning rate of the step (the first group's, before the schedule moved it)."""
+    """The end of a training step, the same in both loops: step, layers.csv rows for step
+    ``step`` of epoch ``epoch`` (1-based) when ``stats``, clear the gradients, move the
+    schedule. Returns the lr the step used (the schedule has moved it since)."""
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.step()
     if stats:
-        st = layer_stats(optimizer, names)
-        if st is not None:
-            log.log_layers([{"step": step, "epoch": epoch, **{k: v[n] for k, v in st.items()}}
-                            for n in range(len(st["layer"]))])
+        columns = layer_stats(optimizer, names)
+        if columns is not None:
+            log.log_layers([{"step": step, "epoch": epoch, **{k: v[n] for k, v in columns.items()}}
+                            for n in range(len(columns["layer"]))])
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()

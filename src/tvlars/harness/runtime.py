@@ -1,28 +1,9 @@
-"""Process / device runtime: single process or DDP (torchrun), seeding, model wrapping.
+"""One process or one rank of a torchrun job, behind one interface, so the loops have no
+``if distributed`` branches: the collectives are no-ops on one process, and only rank 0
+writes or speaks (:func:`say`, ``Runtime.is_main``).
 
-API (reusable by ``tvlars ssl``)::
-
-    setup_runtime(device="auto") -> Runtime
-        Under torchrun (WORLD_SIZE > 1 in the environment) initialises the default process
-        group from the environment (env://; backend nccl on CUDA, gloo otherwise) and picks
-        the device cuda:LOCAL_RANK. ``device``: "auto" (cuda if available, else mps, else
-        cpu), "cpu", "cuda", "cuda:N", "mps". Raises UserError for an unusable device.
-    Runtime(rank, world_size, local_rank, device, distributed)
-        .is_main                     rank == 0 (the only rank that writes files)
-        .barrier()
-        .all_reduce_sum(tensor)      in place, returns the tensor (no-op on one process)
-        .all_reduce_min_int(value) -> int
-        .broadcast_object(obj)       rank 0's object on every rank
-        .shutdown()                  destroy the process group (call in a finally block)
-    seed_everything(seed) -> None    python, numpy, torch (all devices)
-    prepare_model(model, rt, *, sync_bn=False, channels_last=False, compile=False)
-        -> (train_model, raw_model)
-        moves to rt.device, optional SyncBatchNorm (CUDA + DDP only) and channels_last,
-        wraps in DistributedDataParallel when distributed, then torch.compile. ``raw_model``
-        is the plain module: save/load its state_dict and map parameter names with it.
-    autocast(rt, amp) -> context manager   amp in {"none", "bf16"}
-    maybe_no_sync(model, skip) -> context manager   DDP's no_sync() when skip, else nullcontext
-    say(rt, message) -> None         print to stderr on rank 0 only
+Under torchrun (WORLD_SIZE > 1) the process group comes from the environment: nccl on
+CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU (what the tests use).
 """
 
 from __future__ import annotations
@@ -111,7 +92,8 @@ def _pick_device(name: str):
 
 
 def setup_runtime(device: str = "auto") -> Runtime:
-    """One process, or one rank of a torchrun job (see the module doc)."""
+    """``device``: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps; an unusable
+    one is a UserError now rather than a CUDA error later."""
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -149,35 +131,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def prepare_model(model, rt: Runtime, *, sync_bn: bool = False, channels_last: bool = False,
+def prepare_model(model, runtime: Runtime, *, sync_bn: bool = False, channels_last: bool = False,
                   compile: bool = False):
-    """(train_model, raw_model): device, SyncBN, channels_last, DDP, compile -- in that order."""
+    """(wrapped, module): device, SyncBN, channels_last, DDP, compile -- in that order.
+
+    Train and evaluate with the first; save, load and name parameters with the second,
+    so that checkpoints and layers.csv never see a wrapper's prefixes."""
     import torch
 
-    raw = model.to(rt.device)
+    module = model.to(runtime.device)
     if channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    train_model = raw
-    if rt.distributed:
-        if sync_bn and rt.device.type == "cuda":
-            raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-            train_model = raw
+        module = module.to(memory_format=torch.channels_last)
+    wrapped = module
+    if runtime.distributed:
+        if sync_bn and runtime.device.type == "cuda":
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            wrapped = module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        train_model = DDP(raw, device_ids=ids, broadcast_buffers=not sync_bn or rt.device.type != "cuda")
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        wrapped = DDP(module, device_ids=ids, broadcast_buffers=not sync_bn or runtime.device.type != "cuda")
     if compile:
-        train_model = torch.compile(train_model)
-    return train_model, raw
+        wrapped = torch.compile(wrapped)
+    return wrapped, module
 
 
-def autocast(rt: Runtime, amp: str):
+def autocast(runtime: Runtime, amp: str):
     import torch
 
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "bf16":
-        return torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=runtime.device.type, dtype=torch.bfloat16)
     raise UserError(f"unknown --amp '{amp}' (use none or bf16)")
 
 
@@ -190,7 +175,7 @@ def maybe_no_sync(model, skip: bool):
     return contextlib.nullcontext()
 
 
-def say(rt: Runtime, message: str) -> None:
+def say(runtime: Runtime, message: str) -> None:
     """A progress or status line on stderr, from rank 0 only."""
-    if rt.is_main:
+    if runtime.is_main:
         print(message, file=sys.stderr, flush=True)

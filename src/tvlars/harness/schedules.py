@@ -15,12 +15,6 @@ Convention: t = 1, 2, ..., total_steps numbers the optimizer steps, and gamma_t 
 learning rate *used by* step t. So with warm-up the first step uses target / T (never a
 wasted step at lr 0), step T uses the target and the last step uses ``min_lr``.
 
-API (reusable by ``tvlars ssl``)::
-
-    lr_factor(t, *, kind, total_steps, warmup_steps, min_ratio=0.0, power=2.0) -> float
-    build_schedule(optimizer, kind, *, total_steps, warmup_steps, min_lr=0.0, power=2.0)
-        -> torch.optim.lr_scheduler.LambdaLR | None     (None for kind "none")
-
 The scheduler is a :class:`~torch.optim.lr_scheduler.LambdaLR` whose lambda is a small
 picklable object (:class:`Schedule`), so ``scheduler.state_dict()`` holds everything
 (including the step counter ``last_epoch`` = number of optimizer steps taken) and a

@@ -31,7 +31,6 @@ import argparse
 import csv
 import io
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -319,18 +318,8 @@ def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=
 
 def figure_tv_factor(out: Path, formats, lams: Sequence[float], delay: float = 0.0, runs=(), dpi=120) -> list[Path]:
     """phi_t against steps for several lam (Figure 3)."""
-    try:
-        from tvlars import tv_factor
-    except ImportError:
-        tv_factor = None
-    if tv_factor is None:
-        try:
-            from tvlars.optim.factor import tv_factor
-        except ImportError:
-            tv_factor = None
-    if tv_factor is None:
-        print("tvlars plot: tvlars.tv_factor is not available; skipping the tv-factor figure", file=sys.stderr)
-        return []
+    from tvlars import tv_factor
+
     plt = _pyplot()
     import numpy as np
 

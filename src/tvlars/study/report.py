@@ -30,11 +30,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 from tvlars import runfolder
 from tvlars.cli import parse_formats

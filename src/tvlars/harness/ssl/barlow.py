@@ -42,6 +42,8 @@ __all__ = [
     "Projector",
     "parse_projector",
     "BarlowTwins",
+    "TwoViewCost",
+    "forward_backward",
     "DEFAULT_LAMBD",
     "DEFAULT_PROJECTOR",
 ]
@@ -205,7 +207,8 @@ class BarlowTwins(nn.Module):
     ``encoder``: maps images to ``[N, feature_dim]`` (e.g. ``build_model(...).encoder``).
     ``forward(v1, v2)`` returns the scalar loss; ``forward(v1, v2, return_features=True)``
     returns ``(loss, h1, h2)`` with the encoder features of each view (for an online probe,
-    which must detach them). The views go through the network in two separate passes, so
+    which must detach them); ``forward(v1, v2, embeddings=True)`` returns ``(z1, z2, h1)``
+    without the loss. The views go through the network in two separate passes, so
     batch-norm statistics are per view, as in the reference.
 
     Under DDP: ``model = nn.SyncBatchNorm.convert_sync_batchnorm(model)`` then
@@ -228,7 +231,10 @@ class BarlowTwins(nn.Module):
         self.lambd = float(lambd)
         self.distributed = distributed
 
-    def forward(self, v1: Tensor, v2: Tensor, *, return_features: bool = False):
+    def forward(self, v1: Tensor, v2: Tensor, *, return_features: bool = False, embeddings: bool = False):
+        if embeddings:  # for gradient caching (forward_backward): the loss is taken outside
+            h1 = self.encoder(v1)
+            return self.projector(h1), self.projector(self.encoder(v2)), h1
         h1 = self.encoder(v1)
         h2 = self.encoder(v2)
         z1 = self.projector(h1)
@@ -240,3 +246,57 @@ class BarlowTwins(nn.Module):
 
     def extra_repr(self) -> str:
         return f"feature_dim={self.feature_dim}, lambd={self.lambd}"
+
+
+class TwoViewCost(nn.Module):
+    """One input, the activation memory of a Barlow Twins step (two passes): the model the
+    automatic --micro-batch-size search (tvlars.harness.run.micro_batch_size) measures."""
+
+    def __init__(self, model: BarlowTwins):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        z1, z2, _ = self.model(x, x, embeddings=True)
+        return z1 + z2
+
+
+def forward_backward(wrapped, model: BarlowTwins, v1: Tensor, v2: Tensor, micro: int, runtime, amp: str):
+    """One step's loss and view-1 encoder features (both detached); the gradients are left
+    in the parameters, averaged over ranks by DDP. ``wrapped`` is what prepare_model made of
+    ``model`` (DDP, compiled): the passes that back-propagate go through it.
+
+    The loss normalises over the whole batch, so it does not split into micro-batches. When
+    the rank's rows exceed ``micro``, gradient caching: the embeddings of every micro-batch
+    without a graph (batch-norm buffers restored afterwards, so that they move once per
+    step), the loss and its gradient with respect to the embeddings on the whole batch, then
+    each micro-batch forward again, back-propagating its slice of that gradient. Exact for a
+    model without batch norm; one extra forward pass per step.
+    """
+    from tvlars.harness.runtime import autocast, maybe_no_sync
+
+    if micro >= v1.shape[0]:
+        with autocast(runtime, amp):
+            loss, h1, _ = wrapped(v1, v2, return_features=True)
+        loss.backward()
+        return loss.detach(), h1.detach()
+    pairs = list(zip(v1.split(micro), v2.split(micro)))
+    buffers = [b.detach().clone() for b in model.buffers()]
+    with torch.no_grad(), autocast(runtime, amp):
+        embedded = [model(a, b, embeddings=True)[:2] for a, b in pairs]
+    with torch.no_grad():  # the second pass updates the batch-norm running statistics once
+        for buffer, before in zip(model.buffers(), buffers):
+            buffer.copy_(before)
+    z1 = torch.cat([z[0] for z in embedded]).float().requires_grad_()
+    z2 = torch.cat([z[1] for z in embedded]).float().requires_grad_()
+    del embedded
+    loss = barlow_twins_loss(z1, z2, model.lambd, distributed=model.distributed)
+    loss.backward()
+    features = []
+    grads = list(zip(z1.grad.split(micro), z2.grad.split(micro)))
+    for j, ((a, b), (g1, g2)) in enumerate(zip(pairs, grads)):
+        with maybe_no_sync(wrapped, j < len(pairs) - 1), autocast(runtime, amp):
+            c1, c2, h = wrapped(a, b, embeddings=True)
+        torch.autograd.backward([c1.float(), c2.float()], [g1, g2])
+        features.append(h.detach())
+    return loss.detach(), torch.cat(features)

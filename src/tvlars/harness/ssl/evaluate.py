@@ -44,6 +44,7 @@ __all__ = [
     "linear_probe",
     "OnlineProbe",
     "default_probe_lr",
+    "epoch_evaluation",
 ]
 
 Data = Union[tuple, Iterable]
@@ -224,6 +225,26 @@ def knn_accuracy(
         votes.scatter_add_(1, train_labels[top_idx], weights)
         correct += (votes.argmax(dim=1) == test_labels[i:i + chunk_size]).sum()
     return 100.0 * correct.item() / n_test
+
+
+def epoch_evaluation(encoder: nn.Module, data, probe: Optional["OnlineProbe"], *, knn: bool, online: bool,
+                     knn_k: int, temperature: float, batch_size: int) -> dict:
+    """What tvlars ssl records after an epoch: kNN accuracy at ``knn_k`` and at 20
+    (knn_acc, knn20_acc) and the online probe's test accuracy (online_acc), on features of
+    the un-augmented images; ``data`` is the run's ImageData. Every rank gets the same numbers."""
+    if not (knn or online):
+        return {}
+    kw = dict(batch_size=batch_size, mean=data.mean, std=data.std)
+    test_features, test_labels = extract_features(encoder, (data.test_images, data.test_labels), **kw)
+    row = {}
+    if online and probe is not None:
+        row["online_acc"] = probe.accuracy(test_features, test_labels)
+    if knn:
+        train_features, train_labels = extract_features(encoder, (data.train_images, data.train_labels), **kw)
+        for key, k in (("knn_acc", knn_k), ("knn20_acc", 20)):
+            row[key] = knn_accuracy(train_features, train_labels, test_features, test_labels, k=k,
+                                    temperature=temperature, num_classes=data.num_classes)
+    return row
 
 
 def _topk_correct(logits: Tensor, y: Tensor, ks=(1, 5)) -> list[Tensor]:

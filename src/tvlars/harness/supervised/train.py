@@ -4,10 +4,11 @@
     torchrun --nproc_per_node 4 -m tvlars train --dataset cifar10 --data-dir data ...
 
 What it does, in order:
- 1. flags -> resolved configuration (tvlars.harness.config); the run folder is checked
-    (tvlars.harness.run, shared with tvlars ssl, as are the data checks and logging): a
-    folder holding another run is refused unless --resume, which takes the saved
-    config.yaml (a changed flag that affects results is an error) and the checkpoint.
+ 1. flags -> the run's configuration (tvlars.harness.config), once, at the boundary; the
+    run folder is checked (tvlars.harness.run, shared with tvlars ssl, as are the data
+    checks, the end of an epoch and divergence): a folder holding another run is refused
+    unless --resume, which takes the saved config.yaml (a changed flag that affects
+    results is an error) and the checkpoint.
  2. runtime (one process or DDP under torchrun), data (whole splits as uint8 tensors),
     model, loaders, optimizer (+ schedule stepped per optimizer step).
  3. per epoch: train over global batches of --batch-size rows, each split into this
@@ -34,176 +35,168 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 
-from tvlars.harness import config as cfg
+from tvlars.harness import flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cfg.add_arguments(parser)
+    flags.add_train_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tvlars.harness.config import TrainConfig
+    from tvlars.harness.run import open_run
     from tvlars.harness.runtime import setup_runtime
 
-    rt = setup_runtime(args.device)
+    runtime = setup_runtime(args.device)
+    started = time.time()
     try:
-        return train(args, rt)
+        opened = open_run(args, runtime, TrainConfig)
+        return 0 if opened is None else train(opened, runtime, started)
     finally:
-        rt.shutdown()
+        runtime.shutdown()
 
 
 # ---------------------------------------------------------------------------------------
-def train(args: argparse.Namespace, rt) -> int:
+def train(opened, runtime, started: float) -> int:
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
+    from tvlars import runfolder
     from tvlars.harness import checkpoint as ckpt
-    from tvlars.harness import optimizers as opt_lib
-    from tvlars.harness import run as run_lib
-    from tvlars.harness.data.loader import DeviceLoader, make_loader
+    from tvlars.harness import optimizers
+    from tvlars.harness.data import loader
+    from tvlars.harness.run import (all_finite, build_classifier, load_run_data, micro_batch_size, run_record,
+                                    start_session)
     from tvlars.harness.runtime import autocast, maybe_no_sync, prepare_model, say, seed_everything
 
-    t_start = time.time()
-    # ---- 1. configuration and run folder ------------------------------------------------
-    opened = run_lib.open_run(args, rt, command="train", parser_defaults=cfg.parser_defaults,
-                              default_out=cfg.default_out)
-    if opened is None:
-        return 0
-    args, out, saved, state = opened
+    cfg, out, state = opened.config, opened.out, opened.state
 
-    # ---- 2. data, model, loaders, optimizer ---------------------------------------------
-    data, per_rank = run_lib.load_run_data(args, rt)
+    # ---- data, model, loaders, optimizer ----------------------------------------------------
+    data, per_rank = load_run_data(cfg, runtime)
     n_train, n_test = len(data.train_labels), len(data.test_labels)
-    seed_everything(args.seed)
-    model = run_lib.build_classifier(args, data)
-    model, raw = prepare_model(model, rt, sync_bn=args.sync_bn, channels_last=args.channels_last,
-                               compile=args.compile)
-    micro = run_lib.micro_batch_size(args, raw, data, rt, per_rank)
-    names = {id(p): n for n, p in raw.named_parameters()}
+    seed_everything(cfg.seed)
+    wrapped, model = prepare_model(build_classifier(cfg, data), runtime, sync_bn=cfg.sync_bn,
+                                   channels_last=cfg.channels_last, compile=cfg.compile)
+    micro = micro_batch_size(cfg, model, data, runtime, per_rank)
+    names = {id(p): n for n, p in model.named_parameters()}
 
-    on_device = {"auto": "auto", "yes": True, "no": False}[args.data_on_device]
-    common = dict(mean=data.mean, std=data.std, device=rt.device, rank=rt.rank, world_size=rt.world_size,
-                  seed=args.seed, channels_last=args.channels_last)
+    common = dict(mean=data.mean, std=data.std, device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
+                  seed=cfg.seed, channels_last=cfg.channels_last)
     augment = None
-    if args.augment:
+    if cfg.augment:
         from tvlars.harness.data.augment import RandomCropFlip
 
         augment = RandomCropFlip(4)
-    train_loader = make_loader(data.train_images, data.train_labels, data_on_device=on_device,
-                               num_workers=args.num_workers, batch_size=args.batch_size, shuffle=True,
-                               drop_last=args.drop_last, augment=augment, **common)
+    train_loader = loader.make_loader(data.train_images, data.train_labels, data_on_device=cfg.keep_data_on_device,
+                                      num_workers=cfg.num_workers, batch_size=cfg.batch_size, shuffle=True,
+                                      drop_last=cfg.drop_last, augment=augment, **common)
     # DeviceLoader slices global batches, so the rows of each global batch are known without comms;
     # the test set then lives on the device too.
-    exact_rows = isinstance(train_loader, DeviceLoader)
-    test_loader = DeviceLoader(data.test_images, data.test_labels, batch_size=args.eval_batch_size * rt.world_size,
-                               shuffle=False, drop_last=False,
-                               **{**common, "device": rt.device if exact_rows else "cpu"})
+    exact_rows = isinstance(train_loader, loader.DeviceLoader)
+    test_loader = loader.DeviceLoader(data.test_images, data.test_labels,
+                                      batch_size=cfg.eval_batch_size * runtime.world_size, shuffle=False,
+                                      drop_last=False,
+                                      **{**common, "device": runtime.device if exact_rows else "cpu"})
     steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * args.epochs
-    optimizer = opt_lib.build_optimizer(raw, args, steps_per_epoch)
-    scheduler = opt_lib.build_scheduler(optimizer, args, steps_per_epoch, total_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = optimizers.build_optimizer(model, **optimizers.optimizer_kwargs(cfg, steps_per_epoch))
+    scheduler = optimizers.build_scheduler(optimizer, **optimizers.scheduler_kwargs(cfg, steps_per_epoch, total_steps))
 
     start_epoch, step, best_acc, best_epoch = 0, 0, None, None
     if state is not None:
-        ckpt.restore(state, out / "checkpoint.pt", raw, optimizer, scheduler)
+        ckpt.restore(state, out / runfolder.CHECKPOINT, model, optimizer, scheduler)
         start_epoch, step = int(state["epoch"]), int(state["step"])
         best_acc, best_epoch = state.get("best_test_acc"), state.get("best_epoch")
-        t_start -= float(state.get("wall_time_s", 0.0))  # wall_time_s counts every invocation
+        started -= float(state.get("wall_time_s", 0.0))  # wall_time_s counts every invocation
 
-    resolved = run_lib.run_config(args, rt, command="train", micro=micro, per_rank=per_rank,
-                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps, data=data)
-    log = run_lib.open_log(out, rt, resolved, saved, resume_epoch=start_epoch if state is not None else None,
-                           resume_step=step, epochs_done=start_epoch, best_test_acc=best_acc, best_epoch=best_epoch)
-    if args.sync_bn and rt.distributed and rt.device.type != "cuda":
-        say(rt, "tvlars: note: --sync-bn needs CUDA; batch norm statistics stay per process on the CPU")
-    say(rt, f"tvlars: training {args.model} on {args.dataset} ({n_train} images) with {args.optimizer}, "
-            f"batch {args.batch_size} = {rt.world_size} x {math.ceil(per_rank / micro)} x {micro}, "
-            f"{steps_per_epoch} steps/epoch, run folder {out}")
+    record = run_record(cfg, runtime, micro=micro, per_rank=per_rank, steps_per_epoch=steps_per_epoch,
+                        total_steps=total_steps, data=data)
+    session = start_session(opened, runtime, record, started=started,
+                            resume_epoch=start_epoch if state is not None else None, resume_step=step,
+                            epochs_done=start_epoch, best_test_acc=best_acc, best_epoch=best_epoch)
+    if cfg.sync_bn and runtime.distributed and runtime.device.type != "cuda":
+        say(runtime, "tvlars: note: --sync-bn needs CUDA; batch norm statistics stay per process on the CPU")
+    say(runtime, f"tvlars: training {cfg.model} on {cfg.dataset} ({n_train} images) with {cfg.optimizer}, "
+                 f"batch {cfg.batch_size} = {runtime.world_size} x {math.ceil(per_rank / micro)} x {micro}, "
+                 f"{steps_per_epoch} steps/epoch, run folder {out}")
 
-    # ---- 3. the loop -----------------------------------------------------------------------
-    dev = rt.device
-    params = list(raw.parameters())
-    epochs_run, last_acc = 0, None
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
+    # ---- the loop ---------------------------------------------------------------------------
+    dev = runtime.device
+    params = list(model.parameters())
+    last_acc = None
+    for epoch in range(start_epoch, cfg.epochs):
+        wrapped.train()
         train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         correct = torch.zeros((), device=dev, dtype=torch.int64)
         rows_seen = 0
         lr_used = float(optimizer.param_groups[0]["lr"])
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=not (args.progress and rt.is_main), file=sys.stderr)
+        bar = session.progress_bar(epoch, steps_per_epoch)
         t0 = time.time()
         for i, (x, y) in enumerate(train_loader):
-            global_rows = min(args.batch_size, n_train - i * args.batch_size) if exact_rows else len(y) * rt.world_size
-            stats_now = rt.is_main and args.layer_stats_every > 0 and (step + 1) % args.layer_stats_every == 0
-            opt_lib.enable_stats(optimizer, stats_now)
+            global_rows = (min(cfg.batch_size, n_train - i * cfg.batch_size) if exact_rows
+                           else len(y) * runtime.world_size)
+            stats_now = runtime.is_main and cfg.layer_stats_every > 0 and (step + 1) % cfg.layer_stats_every == 0
+            optimizers.enable_stats(optimizer, stats_now)
             chunks = list(zip(x.split(micro), y.split(micro))) or [(x, y)]
             for j, (xm, ym) in enumerate(chunks):
-                with maybe_no_sync(model, j < len(chunks) - 1), autocast(rt, args.amp):
-                    logits = model(xm)
+                with maybe_no_sync(wrapped, j < len(chunks) - 1), autocast(runtime, cfg.amp):
+                    logits = wrapped(xm)
                 loss = F.cross_entropy(logits.float(), ym, reduction="sum")
-                (loss * (rt.world_size / global_rows)).backward()
+                (loss * (runtime.world_size / global_rows)).backward()
                 loss_sum += loss.detach()
                 correct += (logits.detach().argmax(1) == ym).sum()
-            lr_used = opt_lib.optimizer_step(optimizer, scheduler, log, names, stats=stats_now, step=step + 1,
-                                             epoch=epoch + 1)
+            lr_used = optimizers.optimizer_step(optimizer, scheduler, session.log, names, stats=stats_now,
+                                                step=step + 1, epoch=epoch + 1)
             step += 1
             rows_seen += len(y)
             if not bar.disable and (i % 10 == 0 or i == steps_per_epoch - 1):  # host sync: rank 0 only
                 seen = max(rows_seen, 1)
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.1f}",
-                                img_s=f"{rows_seen * rt.world_size / max(time.time() - t0, 1e-9):.0f}")
+                                img_s=f"{rows_seen * runtime.world_size / max(time.time() - t0, 1e-9):.0f}")
             bar.update(1)
         bar.close()
-        totals = rt.all_reduce_sum(torch.stack([loss_sum, correct.to(torch.float64),
+        totals = runtime.all_reduce_sum(torch.stack([loss_sum, correct.to(torch.float64),
                                                 torch.tensor(float(rows_seen), device=dev, dtype=torch.float64)]))
         train_loss, train_correct, train_rows = totals.tolist()
         epoch_time = time.time() - t0
-        finite = math.isfinite(train_loss) and bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+        finite = all_finite(train_loss, params)
         row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "train_loss": train_loss / max(train_rows, 1),
                "train_acc": 100.0 * train_correct / max(train_rows, 1), "epoch_time": round(epoch_time, 4),
                "images_per_sec": round(train_rows / max(epoch_time, 1e-9), 2)}
-        if finite and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            row["test_loss"], row["test_acc"] = evaluate(model, test_loader, rt, args.amp, n_test)
+        if finite and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            row["test_loss"], row["test_acc"] = evaluate(wrapped, test_loader, runtime, cfg.amp, n_test)
             finite = math.isfinite(row["test_loss"])
-        epochs_run += 1
-        log.log_epoch(row)
-        if not finite:  # ---- 4. divergence: keep everything written so far, stop -------------
-            return run_lib.diverged(log, out, epoch=epoch, t_start=t_start, what="training", best_test_acc=best_acc,
-                                    best_epoch=best_epoch)
+        session.log.log_epoch(row)
+        if not finite:  # ---- divergence: keep everything written so far, stop -------------------
+            return session.diverged(epoch, what="training", best_test_acc=best_acc, best_epoch=best_epoch)
         if "test_acc" in row:
             last_acc = row["test_acc"]
             if best_acc is None or last_acc > best_acc:
                 best_acc, best_epoch = last_acc, epoch + 1
-        if rt.is_main:
-            ckpt.save_checkpoint(out / "checkpoint.pt", ckpt.training_state(
-                raw, optimizer, scheduler, epoch=epoch + 1, step=step, best_test_acc=best_acc, best_epoch=best_epoch,
-                last_test_acc=last_acc, wall_time_s=time.time() - t_start))
-        log.write_summary(status="running", epochs_done=epoch + 1, best_test_acc=best_acc, best_epoch=best_epoch,
-                          wall_time_s=round(time.time() - t_start, 3))
-        say(rt, f"epoch {epoch + 1}/{args.epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} "
-                 + (f"test_loss {row['test_loss']:.4f} test_acc {row['test_acc']:.2f} " if "test_acc" in row else "")
-                 + f"({epoch_time:.1f}s, {row['images_per_sec']:.0f} img/s)")
-        if args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs and epoch + 1 < args.epochs:
-            log.close()
-            say(rt, f"tvlars: stopped after {epochs_run} epoch(s) as asked; continue with --resume --out {out}")
+        stop = session.end_epoch(
+            epoch,
+            checkpoint=dict(model=model, optimizer=optimizer, scheduler=scheduler, step=step, best_test_acc=best_acc,
+                            best_epoch=best_epoch, last_test_acc=last_acc, wall_time_s=time.time() - session.started),
+            summary=dict(best_test_acc=best_acc, best_epoch=best_epoch),
+            message=f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} "
+                    + (f"test_loss {row['test_loss']:.4f} test_acc {row['test_acc']:.2f} " if "test_acc" in row else "")
+                    + f"({epoch_time:.1f}s, {row['images_per_sec']:.0f} img/s)")
+        if stop:
             return 0
-    rt.barrier()
-    if epochs_run == 0 and state is not None:  # the checkpoint was the last epoch's
+    runtime.barrier()
+    if session.epochs_run == 0 and state is not None:  # the checkpoint was the last epoch's
         last_acc = state.get("last_test_acc")
-    log.write_summary(status="completed", epochs_done=args.epochs, final_test_acc=last_acc, best_test_acc=best_acc,
-                      best_epoch=best_epoch, wall_time_s=round(time.time() - t_start, 3))
-    log.close()
-    say(rt, f"tvlars: done: test accuracy {last_acc if last_acc is None else round(last_acc, 2)}% "
-             f"(best {best_acc if best_acc is None else round(best_acc, 2)}% at epoch {best_epoch}), run folder {out}")
+    session.complete(final_test_acc=last_acc, best_test_acc=best_acc, best_epoch=best_epoch)
+    say(runtime, f"tvlars: done: test accuracy {last_acc if last_acc is None else round(last_acc, 2)}% "
+                 f"(best {best_acc if best_acc is None else round(best_acc, 2)}% at epoch {best_epoch}), "
+                 f"run folder {out}")
     return 0
 
 
-def evaluate(model, loader, rt, amp: str, n_test: int) -> tuple[float, float]:
+def evaluate(model, loader, runtime, amp: str, n_test: int) -> tuple[float, float]:
     """Mean loss and top-1 accuracy (percent) over the WHOLE test set: every rank evaluates
     its share of each batch, and the sums of loss and correct predictions are all-reduced."""
     import torch
@@ -212,19 +205,19 @@ def evaluate(model, loader, rt, amp: str, n_test: int) -> tuple[float, float]:
     from tvlars.harness.runtime import autocast
 
     model.eval()
-    dev = rt.device
+    dev = runtime.device
     sums = torch.zeros(3, device=dev, dtype=torch.float64)
     with torch.no_grad():
         for x, y in loader:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if len(y) == 0:
                 continue
-            with autocast(rt, amp):
+            with autocast(runtime, amp):
                 logits = _unwrapped(model)(x)
             sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += len(y)
-    loss, correct, rows = rt.all_reduce_sum(sums).tolist()
+    loss, correct, rows = runtime.all_reduce_sum(sums).tolist()
     if int(rows) != n_test:  # the sharding must cover the test set exactly once
         raise RuntimeError(f"evaluated {int(rows)} test images, expected {n_test}")
     model.train()
