@@ -35,8 +35,10 @@ import sys
 
 from tvlars.errors import UserError
 
-DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet")
-MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp")
+# Spelled out here so that --help does not import torch; tests check them against
+# tvlars.harness.data.DATASETS and tvlars.harness.models.MODELS.
+DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet", "fashion-mnist", "mnist")
+MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp", "mlp-bn")
 
 # Flags that change how a run executes but not what it computes: free to change on --resume.
 RUNTIME_FLAGS = frozenset({
@@ -73,8 +75,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits (sklearn 8x8, built in), synthetic (random images), cifar10, "
-                        "tinyimagenet (default: digits)")
-    g.add_argument("--data-dir", metavar="DIR", help="dataset folder (cifar10, tinyimagenet)")
+                        "tinyimagenet, fashion-mnist, mnist (IDX files) (default: digits)")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="dataset folder (cifar10, tinyimagenet: default ./data; fashion-mnist, mnist: "
+                        "default ./data, then /usr/share/datasets/<name> where Debian's "
+                        "dataset-fashion-mnist installs it)")
     g.add_argument("--download", action="store_true", help="download the dataset into --data-dir if missing")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="the paper's augmentation: random crop (4-pixel padding) + horizontal flip "
@@ -100,7 +105,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", choices=MODELS, default=None,
                    help="network (default: mlp for digits, cnn for synthetic, resnet18 for cifar10, resnet34 "
-                        "for tinyimagenet); mlp has no batch norm")
+                        "for tinyimagenet, mlp-bn for fashion-mnist and mnist); mlp has no batch norm, "
+                        "mlp-bn the same layers with batch norm")
     g.add_argument("--stem", default="auto", choices=("auto", "cifar", "imagenet"),
                    help="ResNet stem: cifar (3x3 conv, no max-pool) or imagenet (7x7 conv + max-pool) "
                         "(default: auto = cifar for images up to 64 pixels)")
@@ -159,11 +165,14 @@ def parser_defaults(adder=add_arguments) -> dict:
 
 
 DEFAULT_LR = {"lars": 1.0, "tvlars": 1.0, "lamb": 0.01, "sgd": 0.1, "adamw": 1e-3}
-DEFAULT_MODEL = {"digits": "mlp", "synthetic": "cnn", "cifar10": "resnet18", "tinyimagenet": "resnet34"}
+DEFAULT_MODEL = {"digits": "mlp", "synthetic": "cnn", "cifar10": "resnet18", "tinyimagenet": "resnet34",
+                 "fashion-mnist": "mlp-bn", "mnist": "mlp-bn"}
 
 
-def resolve_auto(args: argparse.Namespace) -> None:
-    """Fill the automatic (None) defaults in place; validate simple ranges."""
+def resolve_auto(args: argparse.Namespace, *, min_epochs: int = 1) -> None:
+    """Fill the automatic (None) defaults in place; validate simple ranges. ``tvlars ssl``
+    allows ``--epochs 0``: the linear probe of the untrained encoder, the baseline every
+    self-supervised result is measured against."""
     if args.model is None:
         args.model = DEFAULT_MODEL[args.dataset]
     if args.lr is None:
@@ -180,7 +189,9 @@ def resolve_auto(args: argparse.Namespace) -> None:
         args.augment = args.dataset in ("cifar10", "tinyimagenet")
     if args.progress is None:
         args.progress = sys.stderr.isatty()
-    for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
+    if args.epochs < min_epochs:
+        raise UserError(f"--epochs must be at least {min_epochs}, got {args.epochs}")
+    for name in ("batch_size", "eval_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("layer_stats_every", "num_workers", "warmup_epochs", "min_lr", "weight_decay"):
@@ -190,6 +201,15 @@ def resolve_auto(args: argparse.Namespace) -> None:
         raise UserError(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs})")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.base_batch_size < 1:
+        raise UserError(f"--base-batch-size must be at least 1, got {args.base_batch_size}")
+    if args.min_lr_ratio is not None:
+        if not 0 <= args.min_lr_ratio <= 1:
+            raise UserError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio:g}")
+        if args.min_lr:
+            raise UserError("give --min-lr or --min-lr-ratio, not both")
+    if args.max_weight_norm is not None and args.max_weight_norm <= 0:
+        raise UserError(f"--max-weight-norm must be positive, got {args.max_weight_norm:g}")
     if args.micro_batch_size != "auto":
         try:
             args.micro_batch_size = int(args.micro_batch_size)

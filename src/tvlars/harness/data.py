@@ -21,6 +21,10 @@ Data sets:
     the ``tiny-imagenet-200`` folder as distributed; ``val`` is the test split (the ``test``
     folder has no labels). Decoding 110,000 JPEGs takes a while, so the decoded arrays
     are cached; see :func:`load_tinyimagenet`.
+``fashion-mnist``, ``mnist``
+    the four IDX files as distributed (gzipped or not). Fashion-MNIST is the one real
+    benchmark of CIFAR-10's size that a package manager installs offline (Debian's
+    ``dataset-fashion-mnist``), so it is the default folder when none is given.
 
 Anything wrong with the user's files raises :class:`tvlars.errors.UserError` with one
 line naming the problem and the path.
@@ -28,6 +32,7 @@ line naming the problem and the path.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import math
 import os
@@ -43,7 +48,7 @@ import torch
 
 from tvlars.errors import UserError
 
-DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet")
+DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet", "fashion-mnist", "mnist")
 
 #: Seed of the digits train/test split; fixed so the split is the same for every run.
 DIGITS_SPLIT_SEED = 0
@@ -58,6 +63,32 @@ TINYIMAGENET_FOLDER = "tiny-imagenet-200"
 TINYIMAGENET_SIZE = 64
 # Bump when the cache file layout changes, so old caches are not read.
 TINYIMAGENET_CACHE_VERSION = 1
+
+#: The IDX data sets: where a package manager puts them, the folder names other tools use,
+#: and the class names.
+IDX_DATASETS = {
+    "fashion-mnist": {
+        "title": "Fashion-MNIST",
+        "system_dir": "/usr/share/datasets/fashion-mnist",
+        "install": "apt-get install dataset-fashion-mnist",
+        "folders": ("fashion-mnist", "FashionMNIST/raw"),
+        "classes": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                    "Bag", "Ankle boot"),
+    },
+    "mnist": {
+        "title": "MNIST",
+        "system_dir": "/usr/share/datasets/mnist",
+        "install": None,
+        "folders": ("mnist", "MNIST/raw"),
+        "classes": tuple(str(d) for d in range(10)),
+    },
+}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
 
 #: The options of the synthetic data set and their defaults.
 SYNTHETIC_DEFAULTS = {
@@ -126,6 +157,10 @@ def load_data(
                 f"choose from {', '.join(SYNTHETIC_DEFAULTS)}"
             )
         return make_synthetic(**options)
+    if name in IDX_DATASETS:
+        if download:
+            raise UserError(f"{IDX_DATASETS[name]['title']} cannot be downloaded by tvlars; {_idx_hint(name)}")
+        return load_idx_dataset(name, data_dir)
     root = Path(data_dir) if data_dir is not None else Path("data")
     if name == "cifar10":
         return load_cifar10(root, download=download)
@@ -344,6 +379,90 @@ def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
         num_classes=10,
         class_names=class_names,
     )
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST, MNIST
+
+_IDX_UBYTE = 0x08
+
+
+def _idx_hint(name: str) -> str:
+    spec = IDX_DATASETS[name]
+    where = f"put the four IDX files ({', '.join(IDX_FILES.values())}, .gz or not) in --data-dir"
+    return f"{spec['install']}, or {where}" if spec["install"] else where
+
+
+def _idx_folder(name: str, data_dir: str | os.PathLike | None) -> Path:
+    """The folder holding the IDX files: ``data_dir`` itself or one of the usual subfolders;
+    without ``data_dir``, ``./data/<name>`` and then where the system package puts it."""
+    spec = IDX_DATASETS[name]
+    marker = IDX_FILES["test_labels"]
+
+    def holds(folder: Path) -> bool:
+        return (folder / marker).is_file() or (folder / f"{marker}.gz").is_file()
+
+    roots = [Path(data_dir)] if data_dir is not None else [Path("data"), Path(spec["system_dir"])]
+    for root in roots:
+        for folder in (root, *(root / sub for sub in spec["folders"])):
+            if holds(folder):
+                return folder
+    if data_dir is not None:
+        if not Path(data_dir).exists():
+            raise UserError(f"{spec['title']} data folder not found: {data_dir}")
+        raise UserError(f"{spec['title']} IDX files not found in {data_dir}; {_idx_hint(name)}")
+    raise UserError(f"{spec['title']} not found in ./data or {spec['system_dir']}; {_idx_hint(name)}")
+
+
+def _read_idx(folder: Path, stem: str, ndim: int) -> np.ndarray:
+    """One IDX file of unsigned bytes with ``ndim`` dimensions (3 for images, 1 for labels)."""
+    path = folder / stem
+    if not path.is_file():
+        path = folder / f"{stem}.gz"
+    if not path.is_file():
+        raise UserError(f"IDX file missing: {folder / stem} (or .gz)")
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as file:
+            raw = file.read()
+    except (OSError, EOFError) as err:  # gzip raises BadGzipFile (an OSError) or EOFError
+        raise UserError(f"IDX file is not readable: {path} ({type(err).__name__})") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[0] != 0 or raw[1] != 0:
+        raise UserError(f"not an IDX file (bad magic number): {path}")
+    if raw[2] != _IDX_UBYTE or raw[3] != ndim:
+        raise UserError(f"IDX file must hold unsigned bytes in {ndim} dimension(s), "
+                        f"got type 0x{raw[2]:02x} in {raw[3]}: {path}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    count = math.prod(dims)
+    if len(raw) - header != count:
+        state = "truncated" if len(raw) - header < count else "longer than its header says"
+        raise UserError(f"IDX file is {state} ({len(raw) - header} bytes of data, header says {count}): {path}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx_split(folder: Path, images_stem: str, labels_stem: str, num_classes: int):
+    images = _read_idx(folder, images_stem, 3)
+    labels = _read_idx(folder, labels_stem, 1)
+    if images.shape[0] == 0:
+        raise UserError(f"IDX file holds no images: {folder / images_stem}")
+    if labels.shape[0] != images.shape[0]:
+        raise UserError(f"{images.shape[0]} images but {labels.shape[0]} labels: {folder / labels_stem}")
+    if labels.max() >= num_classes:
+        raise UserError(f"labels must be 0..{num_classes - 1}, found {labels.max()}: {folder / labels_stem}")
+    return torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64))
+
+
+def load_idx_dataset(name: str, data_dir: str | os.PathLike | None = None) -> ImageData:
+    """Fashion-MNIST or MNIST from its four IDX files; see :func:`_idx_folder` for where."""
+    spec = IDX_DATASETS[name]
+    folder = _idx_folder(name, data_dir)
+    classes = len(spec["classes"])
+    train_images, train_labels = _read_idx_split(folder, IDX_FILES["train_images"], IDX_FILES["train_labels"], classes)
+    test_images, test_labels = _read_idx_split(folder, IDX_FILES["test_images"], IDX_FILES["test_labels"], classes)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise UserError(f"{spec['title']} train and test images differ in size "
+                        f"({tuple(train_images.shape[2:])} vs {tuple(test_images.shape[2:])}): {folder}")
+    return _image_data(name, train_images, train_labels, test_images, test_labels,
+                       num_classes=classes, class_names=spec["classes"])
 
 
 # --------------------------------------------------------------------------- Tiny ImageNet

@@ -7,8 +7,8 @@ API (reusable by ``tvlars ssl``)::
                                          schedule flags (--schedule --warmup-epochs --min-lr
                                          --power --tv-factor)
     delay_in_steps(args, steps_per_epoch) -> int     --delay-steps, or --delay-epochs (default
-                                         10, the paper's d_e; 0 for --variant official) times
-                                         steps per epoch
+                                         10, the paper's d_e and the authors' classification
+                                         script's gate) times steps per epoch
     build_optimizer(model, args, steps_per_epoch) -> torch.optim.Optimizer
         parameter groups from tvlars.param_groups (1-D parameters excluded from weight decay
         and from adaptation unless --no-exclude-1d-decay / --no-exclude-1d-adapt); sgd and
@@ -33,10 +33,12 @@ API (reusable by ``tvlars ssl``)::
 from __future__ import annotations
 
 import argparse
+import math
 
 from tvlars.errors import UserError
 
 OPTIMIZERS = ("lars", "lamb", "tvlars", "sgd", "adamw")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,13 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
                    help="lamb / adamw moment coefficients (default: 0.9 0.999)")
     g.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
                    help="lamb: bias-correct the moments (default: on)")
+    g.add_argument("--max-weight-norm", type=float, default=None, metavar="C",
+                   help="lamb: cap ||w|| at C in the trust ratio min(||w||, C) / ||u|| (the TVLARS "
+                        "authors' LAMB, cybertronai/pytorch-lamb: 10) (default: no cap)")
+    g.add_argument("--layer-adaptation", action=argparse.BooleanOptionalAction, default=True,
+                   help="lars, lamb, tvlars: the layer-wise trust ratio; --no-layer-adaptation sets it to 1 "
+                        "for every parameter (the authors' Barlow Twins 'LAMB' ran that way, as Adam "
+                        "without bias correction) (default: on)")
     g.add_argument("--exclude-1d-decay", action=argparse.BooleanOptionalAction, default=True,
                    help="no weight decay on 1-D parameters (biases, norm weights) (default: on)")
     g.add_argument("--exclude-1d-adapt", action=argparse.BooleanOptionalAction, default=True,
@@ -77,8 +86,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--min-factor", type=float, default=0.0, help="floor gamma_min of phi_t (default: 0)")
     t.add_argument("--variant", default="paper", choices=("paper", "official"),
                    help="tvlars: paper = Algorithm 1 and Eq. 4; official = the authors' published code "
-                        "(alpha 0.1, no delay, heavy-ball momentum; --delay-*, --alpha and --min-factor "
-                        "must stay at their defaults) (default: paper)")
+                        "(alpha 0.1, heavy-ball momentum, plain LARS during the delay and then phi of the "
+                        "unshifted step count; --alpha and --min-factor must stay at their defaults) "
+                        "(default: paper)")
     t.add_argument("--tv-factor", action="store_true",
                    help="run any optimizer (lars, lamb, sgd, adamw) under phi_t as its learning-rate "
                         "schedule (TVFactorLR); implies --schedule none")
@@ -89,7 +99,17 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
                    help="linear warm-up length in epochs (0 = 'without warm-up') (default: 20 as in "
                         "the paper, at most half the run; 0 with --schedule none)")
-    s.add_argument("--min-lr", type=float, default=0.0, help="final learning rate of cosine/poly decay (default: 0)")
+    s.add_argument("--min-lr", type=float, default=0.0,
+                   help="final learning rate of cosine/poly decay, absolute (default: 0)")
+    s.add_argument("--min-lr-ratio", type=float, default=None, metavar="R",
+                   help="final learning rate of cosine/poly decay as a fraction of the peak, instead of "
+                        "--min-lr (the authors' warm-up: 0.001)")
+    s.add_argument("--lr-scaling", choices=LR_SCALINGS, default="none",
+                   help="peak learning rate from --lr and the batch size B: none = lr, linear = lr * B / "
+                        "base (the paper's Eq. 2 and the authors' warm-up), sqrt = lr * sqrt(B / base); "
+                        "the resolved peak is recorded as peak_lr in config.yaml (default: none)")
+    s.add_argument("--base-batch-size", type=int, default=256, metavar="B0",
+                   help="the batch size at which --lr-scaling leaves --lr unchanged (default: 256)")
     s.add_argument("--power", type=float, default=2.0, help="power of the polynomial decay (default: 2)")
 
 
@@ -98,12 +118,24 @@ def delay_in_steps(args, steps_per_epoch: int) -> int:
         if args.delay_steps < 0:
             raise UserError("--delay-steps must not be negative")
         return int(args.delay_steps)
-    if getattr(args, "delay_epochs", None) is None and getattr(args, "variant", "paper") == "official":
-        return 0  # the authors' code has no delay
     epochs = 10.0 if getattr(args, "delay_epochs", None) is None else float(args.delay_epochs)
     if epochs < 0:
         raise UserError("--delay-epochs must not be negative")
     return int(round(epochs * steps_per_epoch))
+
+
+def lr_scale(args) -> float:
+    """How much --lr-scaling multiplies --lr at this run's global batch size."""
+    ratio = args.batch_size / args.base_batch_size
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[args.lr_scaling]
+
+
+def peak_lr(args) -> float:
+    return args.lr * lr_scale(args)
+
+
+def min_lr(args) -> float:
+    return args.min_lr if args.min_lr_ratio is None else args.min_lr_ratio * peak_lr(args)
 
 
 def _call(factory, name: str, *a, **kw):
@@ -118,8 +150,12 @@ def _call(factory, name: str, *a, **kw):
 def _groups(model, args) -> list[dict]:
     import tvlars
 
-    return tvlars.param_groups(model, args.weight_decay, exclude_from_decay=args.exclude_1d_decay,
-                               exclude_from_adaptation=args.exclude_1d_adapt)
+    groups = tvlars.param_groups(model, args.weight_decay, exclude_from_decay=args.exclude_1d_decay,
+                                 exclude_from_adaptation=args.exclude_1d_adapt)
+    if not args.layer_adaptation:
+        for group in groups:
+            group["adapt"] = False
+    return groups
 
 
 def build_optimizer(model, args, steps_per_epoch: int):
@@ -128,28 +164,30 @@ def build_optimizer(model, args, steps_per_epoch: int):
 
     groups = _groups(model, args)
     name = args.optimizer
+    lr = peak_lr(args)  # schedules scale from the optimizer's lr, so the peak goes in here
     kw = {}
     if name == "lars":
         if args.eps is not None:
             kw["eps"] = args.eps
-        return _call(tvlars.LARS, "lars", groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        return _call(tvlars.LARS, "lars", groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
                      trust_coefficient=args.trust_coefficient, nesterov=args.nesterov, trust_clip=args.trust_clip,
                      trust_form=args.trust_form, **kw)
     if name == "lamb":
         if args.eps is not None:
             kw["eps"] = args.eps
-        return _call(tvlars.LAMB, "lamb", groups, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                     bias_correction=args.bias_correction, trust_clip=args.trust_clip, **kw)
+        return _call(tvlars.LAMB, "lamb", groups, lr=lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                     bias_correction=args.bias_correction, trust_clip=args.trust_clip,
+                     max_weight_norm=args.max_weight_norm, **kw)
     if name == "tvlars":
-        return _call(tvlars.TVLARS, "tvlars", groups, lr=args.lr, momentum=args.momentum,
+        return _call(tvlars.TVLARS, "tvlars", groups, lr=lr, momentum=args.momentum,
                      weight_decay=args.weight_decay, trust_coefficient=args.trust_coefficient, lam=args.lam,
                      delay=delay_in_steps(args, steps_per_epoch), alpha=args.alpha, min_factor=args.min_factor,
                      variant=args.variant)
     if name == "sgd":
-        return _call(torch.optim.SGD, "sgd", groups, lr=args.lr, momentum=args.momentum,
+        return _call(torch.optim.SGD, "sgd", groups, lr=lr, momentum=args.momentum,
                      weight_decay=args.weight_decay, nesterov=args.nesterov)
     if name == "adamw":
-        return _call(torch.optim.AdamW, "adamw", groups, lr=args.lr, betas=tuple(args.betas),
+        return _call(torch.optim.AdamW, "adamw", groups, lr=lr, betas=tuple(args.betas),
                      eps=1e-8 if args.eps is None else args.eps, weight_decay=args.weight_decay)
     raise UserError(f"unknown optimizer '{name}'; choose from {', '.join(OPTIMIZERS)}")
 
@@ -164,7 +202,7 @@ def build_scheduler(optimizer, args, steps_per_epoch: int, total_steps: int):
                      delay=delay_in_steps(args, steps_per_epoch), alpha=args.alpha, min_factor=args.min_factor)
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
     return build_schedule(optimizer, args.schedule, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
-                          min_lr=args.min_lr, power=args.power)
+                          min_lr=min_lr(args), power=args.power)
 
 
 def enable_stats(optimizer, on: bool) -> None:

@@ -35,7 +35,7 @@ from tvlars.harness.runlog import METRIC_COLUMNS
 from tvlars.harness.runtime import say
 
 
-def open_run(args: argparse.Namespace, rt, *, command: str, parser_defaults, default_out):
+def open_run(args: argparse.Namespace, rt, *, command: str, parser_defaults, default_out, min_epochs: int = 1):
     """(args resolved, out, saved config or None, checkpoint state or None), or None when
     the run in --out already completed. ``parser_defaults()`` gives the command's flag
     defaults (read only on --resume); ``default_out(args)`` the folder when --out is unset."""
@@ -43,7 +43,7 @@ def open_run(args: argparse.Namespace, rt, *, command: str, parser_defaults, def
     from tvlars.harness.runlog import RUN_FILES, read_config, read_summary
 
     probe = copy.copy(args)
-    cfg.resolve_auto(probe)
+    cfg.resolve_auto(probe, min_epochs=min_epochs)
     out = Path(args.out or default_out(probe))
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a run folder")
@@ -64,7 +64,7 @@ def open_run(args: argparse.Namespace, rt, *, command: str, parser_defaults, def
             raise UserError(f"run in {out} diverged at epoch {summary.get('epochs_done', 0) + 1}; nothing to resume")
         if (out / "checkpoint.pt").exists():
             state = ckpt.load_checkpoint(out / "checkpoint.pt")
-    cfg.resolve_auto(args)
+    cfg.resolve_auto(args, min_epochs=min_epochs)
     args.out = str(out)
     return args, out, saved, state
 
@@ -138,12 +138,13 @@ def run_config(args: argparse.Namespace, rt, *, command: str, micro: int, per_ra
     """The resolved configuration config.yaml records: every flag, then what was derived."""
     import torch
 
-    from tvlars.harness.optimizers import delay_in_steps
+    from tvlars.harness.optimizers import delay_in_steps, peak_lr
 
     return dict(vars(args), command=command, out=args.out, micro_batch_size=micro,
                 accumulation_steps=math.ceil(per_rank / micro), world_size=rt.world_size,
                 torch_version=torch.__version__, tvlars_version=package_version(), steps_per_epoch=steps_per_epoch,
                 total_steps=total_steps, delay_steps_resolved=delay_in_steps(args, steps_per_epoch),
+                peak_lr=peak_lr(args),
                 train_size=len(data.train_labels), test_size=len(data.test_labels), **extra)
 
 

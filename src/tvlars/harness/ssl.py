@@ -164,7 +164,7 @@ def open_run(args: argparse.Namespace, rt):
     args.augment = False
     args.projector = "-".join(str(w) for w in parse_projector(args.projector))  # a --config list too
     opened = open_any_run(args, rt, command="ssl", parser_defaults=lambda: cfg.parser_defaults(add_arguments),
-                          default_out=default_out)
+                          default_out=default_out, min_epochs=0)
     if opened is not None:
         resolve_ssl(opened[0])
     return opened

@@ -47,7 +47,7 @@ IGNORED = {
     "eval_every", "eval_batch_size", "layer_stats_every", "seed", "data_on_device", "compile",
     "channels_last", "micro_batch_size", "stop_after_epochs", "command", "batch_size", "lr",
     "optimizer", "warmup_epochs", "schedule", "delay_steps", "world_size", "tb", "tensorboard",
-    "cache_dir", "log_every", "name",
+    "cache_dir", "log_every", "name", "peak_lr",
 }
 
 
@@ -289,6 +289,7 @@ class Cell:
     diverged: int = 0
     runs: int = 0
     reached: int = 0   # runs that reached the epochs-to-target goal
+    peak_lr: float | None = None   # the schedule's peak (config.yaml's peak_lr: lr after --lr-scaling)
 
 
 @dataclass
@@ -353,6 +354,7 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
             diverged=sum(r.status == "diverged" for r in members),
             runs=len(members),
             reached=sum(e is not None for e in epochs),
+            peak_lr=_number(members[0].get("peak_lr")),
         )
     datasets = {str(r.get("dataset", "?")).lower() for r in runs}
     tasks = {str(r.get("command", "train")).lower() for r in runs}
@@ -430,12 +432,21 @@ def _markdown_lr_table(table: Table, cell_text, paper_row=None) -> str:
                 continue
             cells = [cell_text(table.cells.get((label, batch, lr))) for lr in lrs]
             cells += [""] * (table.width - len(lrs))
-            row = [label, f"{batch} ({'/'.join(_lr_text(lr) for lr in lrs)})"] + cells
+            row = [label, f"{batch} ({'/'.join(_lr_text(lr) for lr in lrs)}){_peak_text(table, label, batch)}"] + cells
             if paper_row is not None:
                 values = paper_row(label, batch) or []
                 row += [f"{v:.2f}" if v is not None else "—" for v in values] + [""] * (table.width - len(values))
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _peak_text(table: Table, label: str, batch: int) -> str:
+    """", peak x16" where --lr-scaling made the schedule's peak differ from the lr column."""
+    for lr in table.lrs[batch]:
+        cell = table.cells.get((label, batch, lr))
+        if cell is not None and cell.peak_lr is not None and not math.isclose(cell.peak_lr, lr):
+            return f", peak ×{cell.peak_lr / lr:.4g}"
+    return ""
 
 
 def markdown_accuracy(table: Table, metric: str, with_paper: bool) -> str:
@@ -524,7 +535,7 @@ def render_csv(table: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["dataset", "task", "row", "optimizer", "batch_size", "lr", "lr_index", "n", "n_diverged",
                      "best_mean", "best_std", "final_mean", "final_std", "epochs_to_target_mean",
-                     "epochs_to_target_std", "n_reached_target", "paper_acc"])
+                     "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr"])
 
     def num(x):
         return "" if x is None else f"{x:.6g}"
@@ -542,7 +553,7 @@ def render_csv(table: Table) -> str:
                                  num(lr), _letters(i + 1)[-1], cell.best[2], cell.diverged,
                                  num(cell.best[0]), num(cell.best[1]), num(cell.final[0]), num(cell.final[1]),
                                  num(cell.epochs[0]), num(cell.epochs[1]), cell.reached,
-                                 num(papers[i] if i < len(papers) else None)])
+                                 num(papers[i] if i < len(papers) else None), num(cell.peak_lr)])
     return buf.getvalue()
 
 

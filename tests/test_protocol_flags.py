@@ -1,0 +1,112 @@
+"""The flags that let a run follow either protocol: the paper's as written, or its authors'
+code as it ran (docs/DIFFERENCES.md): learning-rate scaling with the batch size, the decay
+floor relative to the peak, LAMB's weight-norm cap, layer adaptation off, and the linear
+probe of an untrained encoder (``tvlars ssl --epochs 0``)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+from helpers import read_csv, run_command
+
+from tvlars.errors import UserError
+from tvlars.harness import config as cfg
+from tvlars.harness import optimizers as opt_lib
+from tvlars.harness import ssl, train
+from tvlars.harness.models import build_model
+
+FAST = ["--dataset", "digits", "--model", "mlp", "--epochs", "2", "--no-progress", "--device", "cpu"]
+
+
+def parse(*flags) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser)
+    args = parser.parse_args(list(flags))
+    cfg.resolve_auto(args)
+    return args
+
+
+@pytest.mark.parametrize("scaling,expected", [("none", 19.0), ("linear", 19.0 * 64), ("sqrt", 19.0 * 8)])
+def test_lr_scaling_sets_the_optimizer_peak(scaling, expected):
+    args = parse("--optimizer", "lars", "--lr", "19", "--batch-size", "16384", "--lr-scaling", scaling)
+    assert opt_lib.peak_lr(args) == pytest.approx(expected)
+    model = build_model("mlp", 10, 1, 8)
+    optimizer = opt_lib.build_optimizer(model, args, steps_per_epoch=10)
+    assert all(g["lr"] == pytest.approx(expected) for g in optimizer.param_groups)
+
+
+def test_base_batch_size_and_warm_up_reach_the_scaled_peak():
+    args = parse("--optimizer", "lars", "--lr", "2", "--batch-size", "1024", "--lr-scaling", "linear",
+                 "--base-batch-size", "512", "--schedule", "warmup-cosine", "--warmup-epochs", "1",
+                 "--epochs", "2", "--min-lr-ratio", "0.001")
+    model = build_model("mlp", 10, 1, 8)
+    optimizer = opt_lib.build_optimizer(model, args, steps_per_epoch=4)
+    scheduler = opt_lib.build_scheduler(optimizer, args, steps_per_epoch=4, total_steps=8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[3] == pytest.approx(4.0)            # the end of warm-up: 2 * 1024 / 512
+    assert lrs[-1] == pytest.approx(4.0 * 0.001)   # the authors' floor: 0.001 of the peak
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--base-batch-size", "0"], "--base-batch-size"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
+    (["--min-lr-ratio", "0.1", "--min-lr", "0.01"], "not both"),
+    (["--optimizer", "lamb", "--max-weight-norm", "0"], "--max-weight-norm"),
+])
+def test_bad_values_are_user_errors(flags, words):
+    with pytest.raises(UserError, match=words):
+        parse(*flags)
+
+
+def test_no_layer_adaptation_and_the_authors_lamb():
+    args = parse("--optimizer", "lamb", "--max-weight-norm", "10", "--no-bias-correction",
+                 "--no-exclude-1d-decay", "--no-exclude-1d-adapt")
+    model = build_model("mlp", 10, 1, 8)
+    optimizer = opt_lib.build_optimizer(model, args, steps_per_epoch=1)
+    assert all(g["adapt"] and g["weight_decay"] == 5e-4 for g in optimizer.param_groups)
+    assert {g["max_weight_norm"] for g in optimizer.param_groups} == {10.0}
+    assert not any(g["bias_correction"] for g in optimizer.param_groups)
+    args = parse("--optimizer", "lamb", "--no-layer-adaptation")
+    optimizer = opt_lib.build_optimizer(model, args, steps_per_epoch=1)
+    assert not any(g["adapt"] for g in optimizer.param_groups)
+
+
+def test_official_tvlars_delay_defaults_to_ten_epochs():
+    args = parse("--optimizer", "tvlars", "--variant", "official")
+    assert opt_lib.delay_in_steps(args, steps_per_epoch=7) == 70
+
+
+def test_config_records_the_peak_and_report_shows_it(tmp_path):
+    from tvlars.study.report import build_table, load_runs, render_csv, render_markdown
+
+    for lr in ("1", "2"):
+        out = tmp_path / "sweep" / f"lr{lr}"
+        assert run_command(train, out, *FAST, "--optimizer", "lars", "--lr", lr, "--batch-size", "512",
+                           "--lr-scaling", "linear", "--schedule", "warmup-cosine", "--warmup-epochs", "1") == 0
+        config = yaml.safe_load((out / "config.yaml").read_text())
+        assert config["peak_lr"] == pytest.approx(float(lr) * 2) and config["lr_scaling"] == "linear"
+        assert float(read_csv(out / "metrics.csv")[0]["lr"]) == pytest.approx(float(lr) * 2)
+    (tmp_path / "sweep" / "sweep.json").write_text("{}")
+    table = build_table(load_runs(tmp_path / "sweep"))
+    assert "512 (1/2), peak ×2" in render_markdown(table)
+    rows = render_csv(table).splitlines()
+    assert rows[0].endswith(",peak_lr") and rows[1].endswith(",2") and rows[2].endswith(",4")
+
+
+def test_ssl_zero_epochs_probes_the_untrained_encoder(tmp_path):
+    out = tmp_path / "probe0"
+    assert run_command(ssl, out, "--dataset", "digits", "--model", "mlp", "--projector", "64-64",
+                       "--batch-size", "128", "--epochs", "0", "--probe-epochs", "2", "--no-progress",
+                       "--device", "cpu") == 0
+    summary = yaml.safe_load((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_done"] == 0
+    assert 10 < summary["final_test_acc"] <= 100
+    assert not (out / "metrics.csv").exists() or len(read_csv(out / "metrics.csv")) == 0
+    with pytest.raises(UserError, match="--epochs must be at least 1"):  # tvlars train still needs one
+        parse("--epochs", "0")
