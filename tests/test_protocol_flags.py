@@ -110,3 +110,50 @@ def test_ssl_zero_epochs_probes_the_untrained_encoder(tmp_path):
     assert not (out / "metrics.csv").exists() or len(read_csv(out / "metrics.csv")) == 0
     with pytest.raises(UserError, match="--epochs must be at least 1"):  # tvlars train still needs one
         parse("--epochs", "0")
+
+
+# --------------------------------------------------------------------------- the grids
+
+GRIDS = __import__("pathlib").Path(__file__).resolve().parents[1] / "grids"
+
+
+def _expand(name):
+    from tvlars.study import sweep
+
+    return sweep.expand_grid(sweep.load_grid(GRIDS / f"{name}.yaml"))  # checked against the real flags
+
+
+@pytest.mark.parametrize("name", ["official-cifar10", "official-tinyimagenet", "official-barlowtwins-cifar10",
+                                  "fashion-mnist-official"])
+def test_official_grids_follow_the_authors_code(name):
+    from tvlars.study.paper import LEARNING_RATES
+
+    runs = _expand(name)
+    assert len(runs) == 90 and len({r.name for r in runs}) == 90
+    for r in runs:
+        flags = r.flags
+        assert flags["lr"] in LEARNING_RATES[flags["batch_size"]]
+        warm = flags.get("warmup_epochs", 0) > 0
+        assert flags.get("lr_scaling", "none") == ("linear" if warm else "none")
+        assert (flags.get("min_lr_ratio") == 0.001) == warm
+        if flags["optimizer"] in ("lars", "lamb") and not warm:
+            assert flags["schedule"] == "constant"
+        if flags["optimizer"] == "tvlars":
+            assert flags["variant"] == "official" and flags["schedule"] == "none"
+        if flags["optimizer"] == "lamb":
+            assert flags["bias_correction"] is False and flags["exclude_1d_decay"] is False
+            if name.startswith("official-barlowtwins"):
+                assert flags["layer_adaptation"] is False        # their adam=True
+            else:
+                assert flags["max_weight_norm"] == 10.0 and flags["exclude_1d_adapt"] is False
+
+
+def test_fashion_mnist_paper_grid_runs_seed_0_first():
+    runs = _expand("fashion-mnist-paper")
+    assert len(runs) == 180
+    seeds = [r.flags["seed"] for r in runs]
+    assert seeds == sorted(seeds)
+    assert all(r.flags.get("lr_scaling", "none") == "none" for r in runs)
+    lam = _expand("fashion-mnist-lam")
+    assert sorted({r.flags["lam"] for r in lam}) == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+    assert {r.flags["batch_size"] for r in lam} == {16384}
