@@ -16,11 +16,13 @@ Data sets:
 ``synthetic``
     class templates plus noise, of any size; see :func:`make_synthetic`.
 ``cifar10``
-    the ``cifar-10-batches-py`` folder as distributed (and as torchvision reads it).
+    the ``cifar-10-batches-py`` folder as distributed (Python 2 pickles), read by a
+    restricted unpickler that admits only what the batches hold, so a file that would run
+    code is refused (:func:`tvlars.harness.safeload.unpickle_arrays`).
 ``tinyimagenet``
     the ``tiny-imagenet-200`` folder as distributed; ``val`` is the test split (the ``test``
     folder has no labels). Decoding 110,000 JPEGs takes a while, so the decoded arrays
-    are cached; see :func:`load_tinyimagenet`.
+    are cached (``allow_pickle=False``, checked against the folder); see :func:`load_tinyimagenet`.
 ``fashion-mnist``, ``mnist``
     the four IDX files as distributed (gzipped or not). Fashion-MNIST is the one real
     benchmark of CIFAR-10's size that a package manager installs offline (Debian's
@@ -36,7 +38,6 @@ import gzip
 import hashlib
 import math
 import os
-import pickle
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -314,13 +315,14 @@ def _find_dataset_folder(root: Path, folder_name: str, marker: str, dataset: str
 
 
 def _read_pickle(path: Path) -> dict:
+    """A CIFAR-10 file's dict, read by :func:`tvlars.harness.safeload.unpickle_arrays`: only
+    what the format holds (dicts, lists, strings, numbers, numpy arrays) is admitted, so a
+    file that asks for anything else is refused before any of it runs."""
+    from tvlars.harness.safeload import unpickle_arrays
+
     if not path.is_file():
         raise UserError(f"CIFAR-10 file missing: {path}")
-    try:
-        with path.open("rb") as file:
-            content = pickle.load(file, encoding="bytes")
-    except Exception as err:  # a truncated or foreign file can raise almost anything
-        raise UserError(f"CIFAR-10 file is not a readable pickle: {path} ({type(err).__name__})") from None
+    content = unpickle_arrays(path, what="CIFAR-10 file", encoding="bytes")
     if not isinstance(content, dict):
         raise UserError(f"CIFAR-10 file does not hold a dict: {path}")
     # The distributed files were pickled by Python 2 and load with bytes keys; files
@@ -349,6 +351,21 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def _download_cifar10(root: Path) -> None:
+    """torchvision's verified download (md5 of the archive, then of every batch), without
+    its CIFAR10 class: that would also unpickle the batches with ``pickle.load``."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+    folder = root / CIFAR10.base_folder
+    if all(check_integrity(str(folder / name), md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list):
+        return
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    except Exception as err:  # network failures come in many types
+        raise UserError(f"could not download CIFAR-10 into {root}: {str(err).strip().splitlines()[0]}") from None
+
+
 def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
     """The ``cifar-10-batches-py`` folder at ``root`` or inside it.
 
@@ -356,12 +373,7 @@ def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
     first (skipped when it is already there).
     """
     if download:
-        from torchvision.datasets import CIFAR10
-
-        try:
-            CIFAR10(str(root), train=True, download=True)
-        except Exception as err:  # network failures come in many types
-            raise UserError(f"could not download CIFAR-10 into {root}: {err}") from None
+        _download_cifar10(Path(root))
     folder = _find_dataset_folder(root, CIFAR10_FOLDER, CIFAR10_TEST_FILE, "CIFAR-10")
     train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_FILES]
     test_images, test_labels = _read_cifar_batch(folder / CIFAR10_TEST_FILE)
@@ -591,6 +603,27 @@ def _write_cache_atomically(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
+def _read_cache(path: Path, train_labels: list[int], test_labels: list[int]) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None (the cache is then rebuilt, not reported) unless the file
+    holds exactly what :func:`load_tinyimagenet` writes for this folder: no pickles
+    (``allow_pickle=False``), uint8 images [N, 3, 64, 64], the listing's int64 labels."""
+    size = TINYIMAGENET_SIZE
+    labels = {"train_y": np.asarray(train_labels, dtype=np.int64), "test_y": np.asarray(test_labels, dtype=np.int64)}
+    images = {"train_x": (len(train_labels), 3, size, size), "test_x": (len(test_labels), 3, size, size)}
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if not isinstance(cached, np.lib.npyio.NpzFile) or set(cached.files) != {*labels, *images}:
+                return None
+            arrays = {key: cached[key] for key in (*images, *labels)}
+    except Exception:  # truncated zip, a pickle refused by allow_pickle=False, a bad header ...
+        return None
+    if any(arrays[key].dtype != np.uint8 or arrays[key].shape != shape for key, shape in images.items()):
+        return None
+    if any(arrays[key].dtype != np.int64 or not np.array_equal(arrays[key], value) for key, value in labels.items()):
+        return None
+    return arrays
+
+
 def load_tinyimagenet(root: Path, *, cache_dir: str | os.PathLike | None = None) -> ImageData:
     """The ``tiny-imagenet-200`` folder at ``root`` or inside it; ``val`` is the test split.
 
@@ -607,13 +640,7 @@ def load_tinyimagenet(root: Path, *, cache_dir: str | os.PathLike | None = None)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir(folder)
     cache_file = cache_root / f"tinyimagenet-{folder_key}-{_fingerprint(folder, listed)}.npz"
 
-    arrays = None
-    if cache_file.is_file():
-        try:
-            with np.load(cache_file, allow_pickle=False) as cached:
-                arrays = {key: cached[key] for key in ("train_x", "train_y", "test_x", "test_y")}
-        except (OSError, ValueError, KeyError):
-            arrays = None  # a damaged cache is rebuilt, not reported
+    arrays = _read_cache(cache_file, train_labels, val_labels) if cache_file.is_file() else None
     if arrays is None:
         arrays = {
             "train_x": _decode_all(train_paths),
