@@ -61,7 +61,9 @@ def open_run(args: argparse.Namespace, rt, *, command: str, parser_defaults, def
             say(rt, f"tvlars: run in {out} already completed ({summary.get('epochs_done')} epochs); nothing to do")
             return None
         if summary.get("status") == "diverged":
-            raise UserError(f"run in {out} diverged at epoch {summary.get('epochs_done', 0) + 1}; nothing to resume")
+            done = summary.get("epochs_done")
+            at = f" at epoch {done + 1}" if type(done) is int else ""
+            raise UserError(f"run in {out} diverged{at}; nothing to resume")
         if (out / "checkpoint.pt").exists():
             state = ckpt.load_checkpoint(out / "checkpoint.pt")
     cfg.resolve_auto(args, min_epochs=min_epochs)

@@ -85,19 +85,21 @@ def read_config(out) -> dict | None:
     if not path.exists():
         return None
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {path}: {str(err).strip().splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a run configuration")
     return data
 
 
 def read_summary(out) -> dict:
+    """summary.json as a dict; {} when it is missing or not a JSON object."""
     try:
-        return json.loads((Path(out) / "summary.json").read_text())
-    except (OSError, ValueError):
+        data = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _fmt(value) -> str:
@@ -196,12 +198,7 @@ class RunLog:
     def write_summary(self, **fields) -> None:
         if not self.enabled:
             return
-        summary = {}
-        if self.summary_path.exists():
-            try:
-                summary = json.loads(self.summary_path.read_text())
-            except (OSError, ValueError):
-                summary = {}
+        summary = read_summary(self.summary_path.parent)
         summary.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                         for k, v in _plain(fields).items()})
         atomic_write_text(self.summary_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")

@@ -142,18 +142,19 @@ def _finite(value: Any) -> float | None:
 
 def read_metrics(path: Path) -> list[dict[str, float | None]]:
     try:
-        text = Path(path).read_text()
-    except OSError:
+        text = Path(path).read_text(encoding="utf-8")
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except (OSError, UnicodeDecodeError, csv.Error):
         return []
-    return [{k: _number(v) for k, v in row.items() if k} for row in csv.DictReader(io.StringIO(text))]
+    return [{k: _number(v) for k, v in row.items() if isinstance(k, str) and k} for row in rows]
 
 
 def _yaml(path: Path) -> dict:
     import yaml
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+    try:  # safe_load: plain data only (a python/object tag is a YAMLError, never a call)
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -163,9 +164,9 @@ def read_run(path: Path) -> RunData:
     flags = _yaml(path / "sweep-run.yaml")
     resolved = _yaml(path / "config.yaml")
     try:
-        summary = json.loads((path / "summary.json").read_text())
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
         summary = summary if isinstance(summary, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
         summary = {}
     config = {**flags, **{k: v for k, v in resolved.items() if v is not None}}
     return RunData(name=path.name, path=path, flags=flags or resolved, config=config, summary=summary,
