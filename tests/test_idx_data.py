@@ -108,6 +108,8 @@ def _damage(folder: Path, key: str, raw: bytes) -> Path:
     ("train_labels", lambda raw: raw[:8] + bytes([0] * 11 + [10]), "labels must be 0..9"),  # label 10
     ("train_labels", lambda raw: raw[:3] + bytes([1]) + struct.pack(">i", 11) + raw[8:19], "12 images but 11 labels"),
     ("test_images", lambda raw: raw[:4] + struct.pack(">i", 0) + raw[8:16], "no images"),
+    # a header promising 10^15 bytes is refused before anything is read into memory
+    ("train_images", lambda raw: raw[:4] + struct.pack(">iii", 10**5, 10**5, 10**5) + raw[16:], "more than tvlars reads"),
 ])
 def test_damaged_files_name_the_file(tmp_path, key, damage, words):
     folder = tmp_path / "set"

@@ -396,6 +396,7 @@ def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
 # --------------------------------------------------------------------------- Fashion-MNIST, MNIST
 
 _IDX_UBYTE = 0x08
+_IDX_MAX_BYTES = 1 << 32  # 4 GiB: far above any IDX data set
 
 
 def _idx_hint(name: str) -> str:
@@ -432,23 +433,29 @@ def _read_idx(folder: Path, stem: str, ndim: int) -> np.ndarray:
         path = folder / f"{stem}.gz"
     if not path.is_file():
         raise UserError(f"IDX file missing: {folder / stem} (or .gz)")
+    header = 4 + 4 * ndim
     try:
+        # Read only what the header promises (plus one byte to detect a longer file), so a
+        # gzip bomb or a wrong header cannot fill the memory.
         with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as file:
-            raw = file.read()
+            head = file.read(header)
+            if len(head) < header or head[0] != 0 or head[1] != 0:
+                raise UserError(f"not an IDX file (bad magic number): {path}")
+            if head[2] != _IDX_UBYTE or head[3] != ndim:
+                raise UserError(f"IDX file must hold unsigned bytes in {ndim} dimension(s), "
+                                f"got type 0x{head[2]:02x} in {head[3]}: {path}")
+            dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+            count = math.prod(dims)
+            if count > _IDX_MAX_BYTES:
+                raise UserError(f"IDX header claims {count} bytes of data, more than tvlars reads: {path}")
+            body = file.read(count + 1)
     except (OSError, EOFError) as err:  # gzip raises BadGzipFile (an OSError) or EOFError
         raise UserError(f"IDX file is not readable: {path} ({type(err).__name__})") from None
-    header = 4 + 4 * ndim
-    if len(raw) < header or raw[0] != 0 or raw[1] != 0:
-        raise UserError(f"not an IDX file (bad magic number): {path}")
-    if raw[2] != _IDX_UBYTE or raw[3] != ndim:
-        raise UserError(f"IDX file must hold unsigned bytes in {ndim} dimension(s), "
-                        f"got type 0x{raw[2]:02x} in {raw[3]}: {path}")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    count = math.prod(dims)
-    if len(raw) - header != count:
-        state = "truncated" if len(raw) - header < count else "longer than its header says"
-        raise UserError(f"IDX file is {state} ({len(raw) - header} bytes of data, header says {count}): {path}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    if len(body) != count:
+        state = "truncated" if len(body) < count else "longer than its header says"
+        shown = f"{len(body)} bytes of data" if len(body) < count else "more data"
+        raise UserError(f"IDX file is {state} ({shown}, header says {count}): {path}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def _read_idx_split(folder: Path, images_stem: str, labels_stem: str, num_classes: int):
