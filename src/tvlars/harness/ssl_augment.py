@@ -281,6 +281,7 @@ class OneViewAugment:
         self.blur_radius = max(1, math.ceil(3.0 * view.blur_sigma[1]))
         #: None: select rows by indexing on the CPU, by masks elsewhere (True/False force it)
         self.sync_free: Optional[bool] = None
+        self._host_mean_std = (torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64))
         self._stats_cache: dict = {}
 
     # -- parameters
@@ -340,7 +341,7 @@ class OneViewAugment:
         key = (torch.device(device), dtype)
         cached = self._stats_cache.get(key)
         if cached is None:
-            host = [torch.tensor(v, dtype=dtype).view(1, -1, 1, 1) for v in (self.mean, self.std)]
+            host = [t.to(dtype).view(1, -1, 1, 1) for t in self._host_mean_std]
             cached = self._stats_cache[key] = tuple(to_device(host, device))
         return cached
 
