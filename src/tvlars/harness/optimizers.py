@@ -295,8 +295,8 @@ class LayerStatsLog:
     def flush(self, wait: bool = False) -> None:
         while self._pending:
             step, epoch, layers, table, event, host = self._pending[0]
-            if event is not None:
-                if not wait and not event.query():
+            if event is not None and not event.query():
+                if not wait:
                     return
                 event.synchronize()
             self._pending.pop(0)
