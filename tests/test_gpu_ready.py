@@ -247,7 +247,8 @@ class _Rows:
         self.rows += rows
 
 
-@pytest.mark.parametrize("path", [dict(), dict(foreach=True), dict(foreach=False)], ids=["default", "foreach", "single"])
+@pytest.mark.parametrize("path", [dict(), dict(foreach=True), dict(foreach=False)],
+                         ids=["default", "foreach", "single"])
 @pytest.mark.parametrize("cls", [tvlars.LARS, tvlars.LAMB, tvlars.TVLARS])
 def test_layer_stats_log_writes_what_last_stats_reads(cls, path):
     torch.manual_seed(0)

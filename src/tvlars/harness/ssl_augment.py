@@ -281,7 +281,7 @@ class OneViewAugment:
         self.blur_radius = max(1, math.ceil(3.0 * view.blur_sigma[1]))
         #: None: select rows by indexing on the CPU, by masks elsewhere (True/False force it)
         self.sync_free: Optional[bool] = None
-        self._host_mean_std = (torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64))
+        self._host_mean_std = tuple(torch.tensor(v, dtype=torch.float64) for v in (self.mean, self.std))
         self._stats_cache: dict = {}
 
     # -- parameters
