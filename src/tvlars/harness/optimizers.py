@@ -19,15 +19,21 @@ API (reusable by ``tvlars ssl``)::
         --min-lr, --power). Step it once per optimizer step.
     enable_stats(optimizer, on: bool) -> None     turn per-step statistics on/off (cheap no-op
                                          for torch optimizers)
-    layer_stats(optimizer, names: dict[int, str]) -> dict[str, list] | None
-        after optimizer.step() (before zero_grad): {"layer", "weight_norm", "grad_norm",
-        "trust_ratio", "step_size"} lists, one entry per parameter, in one host transfer.
+    LayerStatsLog(log, names)            layers.csv rows without making the host wait:
+        .capture(optimizer, step=, epoch=)   after optimizer.step() (before zero_grad): the
+            per-parameter "weight_norm", "grad_norm", "trust_ratio", "step_size" as one
+            table on the device, copied to pinned host memory without blocking
+        .flush(wait=False)               write the captured steps whose copy has arrived
+            (all of them, waiting, with wait=True: at the end of an epoch)
         ``names`` maps id(parameter) -> name (from the raw model's named_parameters()).
-        tvlars optimizers: from optimizer.last_stats(). torch optimizers: norms computed
-        here, trust_ratio empty (None), step_size = the group's lr for sgd, None for adamw.
-    optimizer_step(optimizer, scheduler, log, names, *, stats, step, epoch) -> float
-        the end of a training step: optimizer.step(), layers.csv rows (labelled ``step``,
-        ``epoch``) when ``stats``, zero_grad, scheduler.step(); returns the lr it stepped with
+        tvlars optimizers: their recorded statistics (what optimizer.last_stats() returns).
+        torch optimizers: norms computed here, trust_ratio empty (None), step_size = the
+        group's lr for sgd, None for adamw.
+    optimizer_step(optimizer, scheduler, stats_log, *, stats, step, epoch) -> float | Tensor
+        the end of a training step: optimizer.step(), stats_log.capture() when ``stats``
+        (rows labelled ``step``, ``epoch``), zero_grad, scheduler.step(); returns the lr it
+        stepped with (a copy, still on the device, when the group's lr is a tensor: read it
+        with float() at the end of the epoch)
 """
 
 from __future__ import annotations
@@ -210,46 +216,111 @@ def enable_stats(optimizer, on: bool) -> None:
         optimizer.stats = bool(on)
 
 
-def layer_stats(optimizer, names: dict) -> dict | None:
+def _stats_table(optimizer):
+    """(parameters, [k, n] float64 table on the device, host columns) of the last step, with
+    no host read: tvlars optimizers' recorded statistics; for torch optimizers the weight and
+    gradient norms computed here (and each group's lr as step_size for sgd)."""
     import torch
 
     if hasattr(optimizer, "last_stats"):
-        st = optimizer.last_stats()
-        if st is None:
+        # the records optimizer.last_stats() would gather and copy to the host with a wait;
+        # same gathering here (same float64 values), the copy is LayerStatsLog's
+        records = getattr(optimizer, "_records", None)
+        if records is None:  # an optimizer without the records: its own (blocking) copy
+            st = optimizer.last_stats()
+            if st is None:
+                return None
+            return st.params, torch.stack([st.weight_norm, st.grad_norm, st.trust_ratio, st.step_size]), {}
+        if not records:
             return None
-        return {"layer": [names.get(id(p), "?") for p in st.params],
-                "weight_norm": st.weight_norm.tolist(), "grad_norm": st.grad_norm.tolist(),
-                "trust_ratio": st.trust_ratio.tolist(), "step_size": st.step_size.tolist()}
+        params = [p for ps, _ in records for p in ps]
+        device = records[0][1].device
+        table = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in records], dim=1)
+        return params, table, {}
     params, lrs = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is not None:
                 params.append(p)
-                lrs.append(float(group["lr"]))
+                lrs.append(group["lr"])
     if not params:
         return None
     with torch.no_grad():
         w = torch.stack([p.detach().float().norm() for p in params])
         g = torch.stack([p.grad.detach().float().norm() for p in params])
-        both = torch.stack([w, g]).to("cpu", torch.float64)
+        table = torch.stack([w, g]).to(torch.float64)
     sgd = isinstance(optimizer, torch.optim.SGD)
-    return {"layer": [names.get(id(p), "?") for p in params], "weight_norm": both[0].tolist(),
-            "grad_norm": both[1].tolist(), "trust_ratio": [None] * len(params),
-            "step_size": lrs if sgd else [None] * len(params)}
+    host = {"trust_ratio": [None] * len(params),
+            "step_size": [float(lr) for lr in lrs] if sgd else [None] * len(params)}
+    return params, table, host
 
 
-def optimizer_step(optimizer, scheduler, log, names: dict, *, stats: bool, step: int, epoch: int) -> float:
-    """Step with the accumulated gradients; when ``stats`` (see enable_stats) write the
-    per-layer statistics to ``log``'s layers.csv as rows of optimizer step ``step`` in
-    epoch ``epoch`` (both 1-based); clear the gradients; step the schedule. Returns the
-    learning rate of the step (the first group's, before the schedule moved it)."""
-    lr = float(optimizer.param_groups[0]["lr"])
+_TABLE_COLUMNS = ("weight_norm", "grad_norm", "trust_ratio", "step_size")
+
+
+class LayerStatsLog:
+    """layers.csv rows of the steps that record statistics, written without a host wait.
+
+    ``capture`` starts a non-blocking copy of the step's statistics into pinned host memory
+    and marks it with a CUDA event; ``flush`` writes, in step order, the steps whose copy
+    has arrived (``event.query()``, which never waits) and, with ``wait=True``, all the
+    rest. A synchronous read here would stall rank 0 and, through the next collective,
+    every other rank. On the CPU the rows are ready at once. The rows are those a direct
+    read would give, value for value.
+    """
+
+    def __init__(self, log, names: dict):
+        self.log = log
+        self.names = names
+        self._pending = []  # (step, epoch, layer names, host table, event or None, host columns)
+
+    def capture(self, optimizer, *, step: int, epoch: int) -> None:
+        import torch
+
+        got = _stats_table(optimizer)
+        if got is None:
+            return
+        params, table, host = got
+        event = None
+        if table.device.type == "cuda":
+            copy = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            copy.copy_(table, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            table = copy
+        elif table.device.type != "cpu":
+            table = table.cpu()
+        self._pending.append((step, epoch, [self.names.get(id(p), "?") for p in params], table, event, host))
+
+    def flush(self, wait: bool = False) -> None:
+        while self._pending:
+            step, epoch, layers, table, event, host = self._pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._pending.pop(0)
+            columns = dict(zip(_TABLE_COLUMNS, table.tolist()))
+            columns.update(host)
+            self.log.log_layers([{"step": step, "epoch": epoch, "layer": layer,
+                                  **{k: columns[k][n] for k in _TABLE_COLUMNS}}
+                                 for n, layer in enumerate(layers)])
+
+
+def optimizer_step(optimizer, scheduler, stats_log: LayerStatsLog, *, stats: bool, step: int, epoch: int):
+    """Step with the accumulated gradients; when ``stats`` (see enable_stats) capture the
+    per-layer statistics for ``stats_log`` as rows of optimizer step ``step`` in epoch
+    ``epoch`` (both 1-based); clear the gradients; step the schedule. Returns the learning
+    rate of the step (the first group's, before the schedule moved it): a float, or a
+    device copy of a tensor lr, so that no step reads the device."""
+    import torch
+
+    lr = optimizer.param_groups[0]["lr"]
+    lr = lr.detach().clone() if torch.is_tensor(lr) else float(lr)
     optimizer.step()
     if stats:
-        st = layer_stats(optimizer, names)
-        if st is not None:
-            log.log_layers([{"step": step, "epoch": epoch, **{k: v[n] for k, v in st.items()}}
-                            for n in range(len(st["layer"]))])
+        stats_log.capture(optimizer, step=step, epoch=epoch)
+    stats_log.flush()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()

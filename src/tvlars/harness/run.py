@@ -7,7 +7,10 @@
         error) and the checkpoint; None when the run already completed (nothing to do)
     load_run_data(args, rt) -> (data, per_rank)        --dataset + the global-batch checks
     build_classifier(args, data) -> Classifier         --model, one-line UserError
-    micro_batch_size(args, raw, data, rt, per_rank) -> int   --micro-batch-size
+    data_on_device(args, rt, *tensors) -> bool         --data-on-device, the same on every rank
+    micro_batch_size(args, module, data, rt, per_rank, *, make_optimizer=None, inputs_per_row=1)
+        -> int                                          --micro-batch-size, the same on every rank
+    micro_batches(x, y, micro, most_rows) -> list      a step's micro-batches, as many on every rank
     run_config(args, rt, *, command, micro, per_rank, steps_per_epoch, total_steps, data, **extra)
         -> dict                                         what config.yaml records
     open_log(out, rt, config, saved, *, resume_epoch, resume_step, epochs_done, best_test_acc=None,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import sys
 import time
@@ -98,41 +102,156 @@ def build_classifier(args: argparse.Namespace, data):
         raise UserError(str(err).splitlines()[0]) from None
 
 
-def micro_batch_size(args: argparse.Namespace, raw, data, rt, per_rank: int) -> int:
+def data_on_device(args: argparse.Namespace, rt, *tensors) -> bool:
+    """--data-on-device: yes, no, or auto = whether ``tensors`` fit comfortably in the device
+    memory (tvlars.harness.loader.fits_on_device). Free memory differs between GPUs, so the
+    ranks agree on the answer (keep on the device only if every rank can): a rank that
+    disagreed would shard, normalise and count its batches differently."""
+    from tvlars.harness.loader import fits_on_device
+
+    if args.data_on_device != "auto":
+        return args.data_on_device == "yes"
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return bool(rt.all_reduce_min_int(int(fits_on_device(size, rt.device))))
+
+
+def micro_batch_size(args: argparse.Namespace, module, data, rt, per_rank: int, *, make_optimizer=None,
+                     inputs_per_row: int = 1) -> int:
     """--micro-batch-size: an integer (capped at the per-rank batch), or auto: on CUDA the
-    largest power-of-two fraction of the per-rank batch whose forward+backward of ``raw``
-    fits, else the per-rank batch capped at 1024. The smallest choice over ranks wins."""
+    largest power-of-two fraction of the per-rank batch whose training step of ``module``
+    fits (see probe_micro_batch; call it once the data set is on the device), else the
+    per-rank batch capped at 1024. The smallest choice over ranks wins."""
     if args.micro_batch_size != "auto":
         return max(1, min(int(args.micro_batch_size), per_rank))
     if rt.device.type != "cuda":
         return rt.all_reduce_min_int(min(per_rank, 1024))
+    local = probe_micro_batch(module, rt, input_shape=(data.in_channels, data.image_size, data.image_size),
+                              per_rank=per_rank, amp=args.amp, channels_last=args.channels_last,
+                              make_optimizer=make_optimizer, inputs_per_row=inputs_per_row)
+    return rt.all_reduce_min_int(local)
+
+
+def probe_micro_batch(module, rt, *, input_shape, per_rank: int, amp: str = "none", channels_last: bool = False,
+                      make_optimizer=None, inputs_per_row: int = 1) -> int:
+    """The largest of per_rank, per_rank / 2, ..., 1 rows whose forward and backward through a
+    copy of ``module`` run twice without an allocation failure (is_allocation_failure), while
+    what training holds at the same time is allocated too: the loader's batch
+    (``inputs_per_row`` float32 tensors of per_rank rows), the gradients and, when
+    ``make_optimizer(copy)`` is given, the optimizer state (one step on zero gradients).
+
+    No collective runs in the probe, so ranks that fail at different sizes cannot hang:
+    SyncBatchNorm layers are plain batch norm in the copy (plain_batch_norm). The random
+    number generators (CPU and ``rt.device``) are as they were before the probe."""
     import torch
 
     from tvlars.harness.runtime import autocast
 
-    probe = copy.deepcopy(raw)  # batch-norm statistics of the real model stay untouched
-    shape = (data.in_channels, data.image_size, data.image_size)
-    micro = per_rank
-    while True:
-        try:
-            x = torch.randn(micro, *shape, device=rt.device)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(rt, args.amp):
-                probe(x).float().sum().backward()
-            probe.zero_grad(set_to_none=True)
-            break
-        except torch.cuda.OutOfMemoryError:
-            probe.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+    device = rt.device
+    fork = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork, device_type=device.type if fork else "cuda"):
+        probe = plain_batch_norm(copy.deepcopy(module)).train()
+        optimizer = None
+        if make_optimizer is not None:
+            optimizer = make_optimizer(probe)
+            for p in probe.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            optimizer.step()  # the state exists from the first step on
+        held = torch.empty((per_rank * inputs_per_row, *input_shape), device=device)
+
+        def fits(rows: int) -> bool:
+            try:
+                for _ in range(2):  # the second pass meets the first one's leftovers, as training does
+                    x = torch.randn((rows, *input_shape), device=device)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast(rt, amp):
+                        out = probe(x)
+                    out.float().sum().backward()
+                    del x, out
+                return True
+            except Exception as err:  # noqa: BLE001 -- anything but an allocation failure is re-raised
+                if not is_allocation_failure(err):
+                    raise
+                return False
+            finally:
+                probe.zero_grad(set_to_none=optimizer is None)
+
+        micro = per_rank
+        while not fits(micro):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             if micro == 1:
-                raise UserError("one image per micro-batch does not fit in GPU memory") from None
+                raise UserError("one image per micro-batch does not fit in GPU memory")
             micro = max(1, micro // 2)
-    del probe
-    torch.cuda.empty_cache()
-    # headroom for the optimizer state and fragmentation
-    micro = micro if micro == per_rank else max(1, micro // 2)
-    return rt.all_reduce_min_int(micro)
+        del probe, optimizer, held
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return micro
+
+
+#: Messages of allocation failures that reach Python as a plain RuntimeError (cuBLAS,
+#: cuDNN and CUDA runtime errors) rather than torch.OutOfMemoryError.
+ALLOCATION_FAILURES = ("out of memory", "ALLOC_FAILED")
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    """Whether ``err`` says the device ran out of memory: torch's OutOfMemoryError, or a
+    RuntimeError such as "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED" or
+    "CUDNN_STATUS_ALLOC_FAILED"."""
+    import torch
+
+    if isinstance(err, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+
+
+def plain_batch_norm(module):
+    """``module`` with every SyncBatchNorm replaced by a plain batch norm holding the same
+    parameters and statistics (in place; returns the module). SyncBatchNorm runs a
+    collective in every training forward."""
+    from torch import nn
+
+    if isinstance(module, nn.SyncBatchNorm):
+        plain = _any_rank_batch_norm()(module.num_features, module.eps, module.momentum, module.affine,
+                                       module.track_running_stats)
+        state = module.state_dict()
+        if state:
+            plain = plain.to(next(iter(state.values())).device)
+            plain.load_state_dict(state)
+        for name, p in module.named_parameters(recurse=False):
+            getattr(plain, name).requires_grad_(p.requires_grad)
+        return plain.train(module.training)
+    for name, child in module.named_children():
+        replaced = plain_batch_norm(child)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
+
+
+@functools.cache
+def _any_rank_batch_norm():
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    class AnyRankBatchNorm(_BatchNorm):
+        """Batch norm over dimension 1 of an input of any rank, as SyncBatchNorm accepts."""
+
+        def _check_input_dim(self, input):
+            if input.dim() < 2:
+                raise ValueError(f"expected at least 2-D input (got {input.dim()}-D input)")
+
+    return AnyRankBatchNorm
+
+
+def micro_batches(x, y, micro: int, most_rows: int) -> list:
+    """The micro-batches of one step: rows [j * micro, (j + 1) * micro) of ``x`` and ``y`` for
+    j < ceil(most_rows / micro), at least one. ``most_rows`` is the largest share of the
+    global batch on any rank, so every rank gets the same number of micro-batches (the last
+    ones of a rank with fewer rows may be short or empty): SyncBatchNorm and FSDP run
+    collectives in each forward, which must pair up across ranks."""
+    count = max(1, math.ceil(most_rows / micro))
+    return [(x[j * micro:(j + 1) * micro], y[j * micro:(j + 1) * micro]) for j in range(count)]
 
 
 def run_config(args: argparse.Namespace, rt, *, command: str, micro: int, per_rank: int, steps_per_epoch: int,

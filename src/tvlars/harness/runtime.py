@@ -3,9 +3,10 @@
 API (reusable by ``tvlars ssl``)::
 
     setup_runtime(device="auto") -> Runtime
-        Under torchrun (WORLD_SIZE > 1 in the environment) initialises the default process
-        group from the environment (env://; backend nccl on CUDA, gloo otherwise) and picks
-        the device cuda:LOCAL_RANK. ``device``: "auto" (cuda if available, else mps, else
+        Under torchrun (even with one process: a 1-GPU torchrun runs the DDP code path), or
+        with WORLD_SIZE > 1 in the environment, initialises the default process group from
+        the environment (env://; backend nccl on CUDA, gloo otherwise) and picks the device
+        cuda:LOCAL_RANK. ``device``: "auto" (cuda if available, else mps, else
         cpu), "cpu", "cuda", "cuda:N", "mps". Raises UserError for an unusable device.
     Runtime(rank, world_size, local_rank, device, distributed)
         .is_main                     rank == 0 (the only rank that writes files)
@@ -115,7 +116,8 @@ def setup_runtime(device: str = "auto") -> Runtime:
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun for its workers
+    if world <= 1 and not under_torchrun:
         return Runtime(0, 1, 0, _pick_device(device), False)
     import torch.distributed as dist
 

@@ -138,11 +138,10 @@ def pretrain(args, rt) -> int:
     net = SSLModel(clf.encoder, clf.feature_dim, parse_projector(args.projector), args.lambd)
     model, raw = prepare_model(net, rt, sync_bn=args.sync_bn, channels_last=args.channels_last,
                                compile=args.compile)
-    micro = run_lib.micro_batch_size(args, _TwoViewCost(raw), data, rt, per_rank)
     names = {id(p): n for n, p in raw.named_parameters()}
 
     unit_mean, unit_std = unit_loader_stats(channels)  # the loader yields [0, 1]; the views normalise
-    on_device = {"auto": "auto", "yes": True, "no": False}[args.data_on_device]
+    on_device = run_lib.data_on_device(args, rt, data.train_images, data.train_labels)  # the same on every rank
     train_loader = make_loader(data.train_images, data.train_labels, data_on_device=on_device,
                                num_workers=args.num_workers, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                augment=None, mean=unit_mean, std=unit_std, device=rt.device, rank=rt.rank,
@@ -153,6 +152,10 @@ def pretrain(args, rt) -> int:
     optimizer = opt_lib.build_optimizer(raw, args, steps_per_epoch)
     scheduler = opt_lib.build_scheduler(optimizer, args, steps_per_epoch, total_steps)
     probe = OnlineProbe(raw.feature_dim, data.num_classes, device=rt.device) if args.online_probe else None
+    # probed with the data on the device and an optimizer state like training's; a step holds
+    # the loader's batch and its two views
+    micro = run_lib.micro_batch_size(args, _TwoViewCost(raw), data, rt, per_rank, inputs_per_row=3,
+                                     make_optimizer=lambda m: opt_lib.build_optimizer(m, args, steps_per_epoch))
 
     start_epoch, step, last_eval, pending = 0, 0, {}, None
     if state is not None:
@@ -173,13 +176,14 @@ def pretrain(args, rt) -> int:
 
     # ---- 3. pre-training ----------------------------------------------------------------
     params = list(raw.parameters())
+    stats_log = opt_lib.LayerStatsLog(log, names)
     epochs_run = 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
         train_loader.set_epoch(epoch)
         views = derived_generator(args.seed, epoch, 2)  # the same on every rank
         loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-        lr_used = float(optimizer.param_groups[0]["lr"])
+        lr_used = optimizer.param_groups[0]["lr"]
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=not (args.progress and rt.is_main), file=sys.stderr)
         t0 = time.time()
@@ -190,7 +194,7 @@ def pretrain(args, rt) -> int:
             if args.channels_last:
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             loss, h1 = forward_backward(model, raw, v1, v2, micro, rt, args.amp)
-            lr_used = opt_lib.optimizer_step(optimizer, scheduler, log, names, stats=stats_now, step=step + 1,
+            lr_used = opt_lib.optimizer_step(optimizer, scheduler, stats_log, stats=stats_now, step=step + 1,
                                              epoch=epoch + 1)
             if probe is not None:
                 probe.step(h1, y)
@@ -200,11 +204,12 @@ def pretrain(args, rt) -> int:
                 bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}")
             bar.update(1)
         bar.close()
+        stats_log.flush(wait=True)
         epoch_time = time.time() - t0
         train_loss = loss_sum.item() / steps_per_epoch  # the loss is global: the same on every rank
         train_rows = steps_per_epoch * args.batch_size
         finite = math.isfinite(train_loss) and bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
-        row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "train_loss": train_loss,
+        row = {"epoch": epoch + 1, "step": step, "lr": float(lr_used), "train_loss": train_loss,
                "epoch_time": round(epoch_time, 4), "images_per_sec": round(train_rows / max(epoch_time, 1e-9), 2)}
         if probe is not None:
             acc = probe.epoch_metrics()["acc"]

@@ -81,10 +81,11 @@ def train(args: argparse.Namespace, rt) -> int:
     model = run_lib.build_classifier(args, data)
     model, raw = prepare_model(model, rt, sync_bn=args.sync_bn, channels_last=args.channels_last,
                                compile=args.compile)
-    micro = run_lib.micro_batch_size(args, raw, data, rt, per_rank)
     names = {id(p): n for n, p in raw.named_parameters()}
 
-    on_device = {"auto": "auto", "yes": True, "no": False}[args.data_on_device]
+    # every rank takes the same decision (the test set joins the training set on the device)
+    on_device = run_lib.data_on_device(args, rt, data.train_images, data.train_labels, data.test_images,
+                                       data.test_labels)
     common = dict(mean=data.mean, std=data.std, device=rt.device, rank=rt.rank, world_size=rt.world_size,
                   seed=args.seed, channels_last=args.channels_last)
     augment = None
@@ -105,6 +106,9 @@ def train(args: argparse.Namespace, rt) -> int:
     total_steps = steps_per_epoch * args.epochs
     optimizer = opt_lib.build_optimizer(raw, args, steps_per_epoch)
     scheduler = opt_lib.build_scheduler(optimizer, args, steps_per_epoch, total_steps)
+    # probed with the data on the device and an optimizer state like training's
+    micro = run_lib.micro_batch_size(args, raw, data, rt, per_rank,
+                                     make_optimizer=lambda m: opt_lib.build_optimizer(m, args, steps_per_epoch))
 
     start_epoch, step, best_acc, best_epoch = 0, 0, None, None
     if state is not None:
@@ -126,6 +130,7 @@ def train(args: argparse.Namespace, rt) -> int:
     # ---- 3. the loop -----------------------------------------------------------------------
     dev = rt.device
     params = list(raw.parameters())
+    stats_log = opt_lib.LayerStatsLog(log, names)
     epochs_run, last_acc = 0, None
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -133,7 +138,7 @@ def train(args: argparse.Namespace, rt) -> int:
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         correct = torch.zeros((), device=dev, dtype=torch.int64)
         rows_seen = 0
-        lr_used = float(optimizer.param_groups[0]["lr"])
+        lr_used = optimizer.param_groups[0]["lr"]
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=not (args.progress and rt.is_main), file=sys.stderr)
         t0 = time.time()
@@ -141,7 +146,10 @@ def train(args: argparse.Namespace, rt) -> int:
             global_rows = min(args.batch_size, n_train - i * args.batch_size) if exact_rows else len(y) * rt.world_size
             stats_now = rt.is_main and args.layer_stats_every > 0 and (step + 1) % args.layer_stats_every == 0
             opt_lib.enable_stats(optimizer, stats_now)
-            chunks = list(zip(x.split(micro), y.split(micro))) or [(x, y)]
+            # as many micro-batches on every rank, sized for the rank with the most rows of a short
+            # last batch, so that collectives in the forward (SyncBatchNorm, FSDP) pair up
+            most_rows = math.ceil(global_rows / rt.world_size) if exact_rows else len(y)
+            chunks = run_lib.micro_batches(x, y, micro, most_rows)
             for j, (xm, ym) in enumerate(chunks):
                 with maybe_no_sync(model, j < len(chunks) - 1), autocast(rt, args.amp):
                     logits = model(xm)
@@ -149,7 +157,7 @@ def train(args: argparse.Namespace, rt) -> int:
                 (loss * (rt.world_size / global_rows)).backward()
                 loss_sum += loss.detach()
                 correct += (logits.detach().argmax(1) == ym).sum()
-            lr_used = opt_lib.optimizer_step(optimizer, scheduler, log, names, stats=stats_now, step=step + 1,
+            lr_used = opt_lib.optimizer_step(optimizer, scheduler, stats_log, stats=stats_now, step=step + 1,
                                              epoch=epoch + 1)
             step += 1
             rows_seen += len(y)
@@ -159,12 +167,13 @@ def train(args: argparse.Namespace, rt) -> int:
                                 img_s=f"{rows_seen * rt.world_size / max(time.time() - t0, 1e-9):.0f}")
             bar.update(1)
         bar.close()
+        stats_log.flush(wait=True)
         totals = rt.all_reduce_sum(torch.stack([loss_sum, correct.to(torch.float64),
                                                 torch.tensor(float(rows_seen), device=dev, dtype=torch.float64)]))
         train_loss, train_correct, train_rows = totals.tolist()
         epoch_time = time.time() - t0
         finite = math.isfinite(train_loss) and bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
-        row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "train_loss": train_loss / max(train_rows, 1),
+        row = {"epoch": epoch + 1, "step": step, "lr": float(lr_used), "train_loss": train_loss / max(train_rows, 1),
                "train_acc": 100.0 * train_correct / max(train_rows, 1), "epoch_time": round(epoch_time, 4),
                "images_per_sec": round(train_rows / max(epoch_time, 1e-9), 2)}
         if finite and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
