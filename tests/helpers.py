@@ -26,7 +26,7 @@ def weights(out) -> dict:
     """The model state_dict of the checkpoint in run folder ``out``."""
     import torch
 
-    return torch.load(Path(out) / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["model"]
 
 
 def torchrun() -> str | None:
@@ -83,3 +83,37 @@ def _gloo_main(rank, world, port, worker, out_dir):
         dist.destroy_process_group()
     # skip interpreter teardown: a late C++ thread destructor can abort (SIGABRT) a finished worker
     os._exit(0)
+
+
+def python2_pickle_dump(obj, file) -> None:
+    """Writes ``obj`` as Python 2's ``cPickle.dump(obj, file, 2)`` did, which is how the
+    CIFAR-10 batches were distributed: every string an 8-bit string (SHORT_BINSTRING /
+    BINSTRING, no unicode), numpy's reduce arguments with ints for bools, and numpy's
+    module named ``numpy.core`` (numpy 2 calls it ``numpy._core``)."""
+    import pickle
+    import struct
+
+    class Python2Pickler(pickle._Pickler):
+        dispatch = pickle._Pickler.dispatch.copy()
+
+        def save_8bit_string(self, obj):
+            raw = obj.encode("latin1") if isinstance(obj, str) else obj
+            if len(raw) < 256:
+                self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+            else:
+                self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+            self.memoize(obj)
+
+        def save_bool_as_int(self, obj):
+            self.save_long(int(obj))
+
+        def save_global(self, obj, name=None):
+            module = obj.__module__.replace("numpy._core", "numpy.core")
+            self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+            self.memoize(obj)
+
+        dispatch[str] = save_8bit_string
+        dispatch[bytes] = save_8bit_string
+        dispatch[bool] = save_bool_as_int
+
+    Python2Pickler(file, protocol=2).dump(obj)

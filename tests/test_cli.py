@@ -141,10 +141,3 @@ def test_the_configuration_is_immutable():
         resolved.lr = 2.0
     assert resolved.betas == (0.9, 0.999) and resolved.out == "runs/digits-mlp-lars-b256-lr1-s0"
 
-
-def test_the_flag_choices_are_the_builders_names():
-    from tvlars.harness import flags
-    from tvlars.harness.data.datasets import DATASETS
-    from tvlars.harness.models import MODELS
-
-    assert flags.DATASETS == DATASETS and flags.MODELS == MODELS

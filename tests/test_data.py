@@ -16,6 +16,8 @@ from tvlars.errors import UserError
 from tvlars.harness.data import datasets as data
 from tvlars.harness.data.datasets import ImageData, channel_mean_std, load_data
 
+from helpers import python2_pickle_dump
+
 
 def expect_user_error(match_path, call, *args, **kwargs) -> str:
     """Run ``call``; it must raise a one-line UserError naming ``match_path``."""
@@ -42,8 +44,20 @@ def _check_image_data(loaded: ImageData, channels: int, size: int) -> None:
     assert loaded.in_channels == channels and loaded.image_size == size
 
 
-def write_cifar10(parent: Path, per_batch: int = 6, seed: int = 0) -> tuple[Path, np.ndarray, np.ndarray]:
-    """A ``cifar-10-batches-py`` folder as distributed: pickled dicts with bytes keys."""
+def write_cifar10(parent: Path, per_batch: int = 6, seed: int = 0, style: str = "python3"
+                  ) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A ``cifar-10-batches-py`` folder as distributed: pickled dicts with bytes keys.
+
+    ``style``: "python2" writes what the distributed files hold (Python 2, protocol 2,
+    8-bit strings); "protocol2" is Python 3 at protocol 2 (bytes via ``_codecs.encode``);
+    "python3" the default protocol (arrays via numpy's ``_frombuffer``).
+    """
+    def dump(obj, file):
+        if style == "python2":
+            python2_pickle_dump(obj, file)
+        else:
+            pickle.dump(obj, file, protocol=2 if style == "protocol2" else pickle.DEFAULT_PROTOCOL)
+
     rng = np.random.default_rng(seed)
     folder = parent / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -52,12 +66,13 @@ def write_cifar10(parent: Path, per_batch: int = 6, seed: int = 0) -> tuple[Path
         pixels = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
         with (folder / name).open("wb") as file:
-            pickle.dump({b"batch_label": name.encode(), b"data": pixels, b"labels": labels}, file)
+            dump({b"batch_label": name.encode(), b"data": pixels, b"labels": labels,
+                  b"filenames": [f"image_{i}.png".encode() for i in range(per_batch)]}, file)
         all_data.append(pixels)
         all_labels.append(labels)
     names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]
     with (folder / data.CIFAR10_META_FILE).open("wb") as file:
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch}, file)
+        dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, file)
     return folder, np.concatenate(all_data), np.concatenate(all_labels)
 
 
@@ -180,6 +195,19 @@ def test_cifar10_reads_the_distributed_format(tmp_path, point_at):
     assert torch.equal(cifar.test_images, torch.from_numpy(pixels[train_count:].reshape(-1, 3, 32, 32)))
     # Channel planes are R, G, B of 1024 row-major pixels each.
     assert cifar.train_images[0, 1, 0, 1].item() == pixels[0, 1024 + 1]
+
+
+@pytest.mark.parametrize("style", ["python2", "protocol2", "python3"])
+def test_cifar10_reads_every_pickle_style(tmp_path, style):
+    """The distributed files are Python 2 pickles; re-pickled copies from Python 3 load too."""
+    folder, pixels, labels = write_cifar10(tmp_path, style=style)
+    if style == "python2":
+        assert b"cnumpy.core.multiarray\n_reconstruct\n" in (folder / "data_batch_1").read_bytes()
+    cifar = load_data("cifar10", folder)
+    assert cifar.class_names[9] == "truck"
+    assert torch.equal(cifar.train_images, torch.from_numpy(pixels[:30].reshape(-1, 3, 32, 32)))
+    assert cifar.train_labels.tolist() == labels[:30].tolist()
+    assert cifar.test_labels.tolist() == labels[30:].tolist()
 
 
 def test_cifar10_missing_folder(tmp_path):

@@ -27,7 +27,7 @@ def one_thread():
 
 
 def test_model_names():
-    assert MODELS == ("resnet18", "resnet34", "resnet50", "cnn", "mlp")
+    assert MODELS == ("resnet18", "resnet34", "resnet50", "cnn", "mlp", "mlp-bn")
 
 
 # stem="auto" is the cifar stem at these sizes (test_stems); cnn and mlp have no stem.

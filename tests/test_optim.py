@@ -117,7 +117,9 @@ class RefTVLARSOfficial(Ref):
 
     def update(self, p, g, wd, adapt, st):
         h = self.hp
-        phi = 1.0 / (0.1 + math.exp(h["lam"] * (self.t + 1)))
+        # their classification script's gate: plain LARS for the first `delay` steps, then
+        # phi of the global step count (not shifted by the delay)
+        phi = 1.0 / (0.1 + math.exp(h["lam"] * (self.t + 1))) if self.t >= h.get("delay", 0) else 1.0
         d = g + wd * p
         wn, dn = min(p.norm().item(), 10.0), min(d.norm().item(), 10.0)
         q = h["eta"] * phi * wn / dn if adapt and wn > 0 and dn > 0 else 1.0
@@ -136,6 +138,8 @@ class RefLAMB(Ref):
         bc1, bc2 = (1 - b1**t, 1 - b2**t) if h.get("bias_correction", True) else (1.0, 1.0)
         u = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + h.get("eps", 1e-6)) + wd * p
         wn, un = p.norm().item(), u.norm().item()
+        if h.get("max_weight_norm") is not None:
+            wn = min(wn, h["max_weight_norm"])
         trust = ratio(wn, un, 1.0, un) if adapt else 1.0
         if h.get("trust_clip"):
             trust = min(trust, 1.0)
@@ -164,7 +168,14 @@ CASES = {
                          dict(exclude_from_decay=False, exclude_from_adaptation=False)),
     "tvlars-official": (TVLARS, RefTVLARSOfficial, dict(lr=0.1, lam=0.05, variant="official"),
                         dict(lr=0.1, eta=1e-3, lam=0.05, momentum=0.9), {}),
+    "tvlars-official-delay": (TVLARS, RefTVLARSOfficial, dict(lr=0.1, lam=0.05, delay=7, variant="official"),
+                              dict(lr=0.1, eta=1e-3, lam=0.05, delay=7, momentum=0.9), {}),
     "lamb": (LAMB, RefLAMB, dict(lr=1e-2), dict(lr=1e-2), {}),
+    # the authors' LAMB: ||w|| capped (low enough here that the cap binds), no bias
+    # correction, every parameter adapted and decayed
+    "lamb-authors": (LAMB, RefLAMB, dict(lr=1e-2, max_weight_norm=0.5, bias_correction=False),
+                     dict(lr=1e-2, max_weight_norm=0.5, bias_correction=False),
+                     dict(exclude_from_decay=False, exclude_from_adaptation=False)),
     "lamb-no-bias-correction": (LAMB, RefLAMB, dict(lr=1e-2, bias_correction=False, eps=1e-4),
                                 dict(lr=1e-2, bias_correction=False, eps=1e-4), {}),
     "lamb-clip-betas": (LAMB, RefLAMB, dict(lr=1e-2, trust_clip=True, betas=(0.8, 0.99)),
@@ -173,7 +184,7 @@ CASES = {
     "lamb-adapt-all": (LAMB, RefLAMB, dict(lr=1e-2), dict(lr=1e-2),
                        dict(exclude_from_decay=False, exclude_from_adaptation=False)),
 }
-FUSED_CASES = ["lars-nesterov", "tvlars", "tvlars-official", "lamb"]
+FUSED_CASES = ["lars-nesterov", "tvlars", "tvlars-official", "tvlars-official-delay", "lamb", "lamb-authors"]
 WEIGHT_DECAY = 5e-3
 
 

@@ -174,7 +174,8 @@ def test_sparse_gradients_raise(cls, kw):
     (LAMB, dict(eps=-1e-6), "eps"), (LAMB, dict(weight_decay=-0.1), "weight_decay"),
     (TVLARS, dict(lam=-1e-4), "lam"), (TVLARS, dict(variant="authors"), "variant"),
     (TVLARS, dict(delay=-1), "delay"), (TVLARS, dict(alpha=0.0), "alpha"), (TVLARS, dict(min_factor=-0.1), "min_factor"),
-    (TVLARS, dict(variant="official", delay=5), "delay"), (TVLARS, dict(momentum=1.5), "momentum"),
+    (TVLARS, dict(variant="official", alpha=0.5), "alpha"),
+    (LAMB, dict(max_weight_norm=0.0), "max_weight_norm"), (TVLARS, dict(momentum=1.5), "momentum"),
     (TVLARS, dict(lr=-0.1), "lr"),
 ])
 def test_invalid_hyper_parameters_name_the_argument(cls, kw, name):

@@ -91,7 +91,7 @@ def test_warmup_epochs_convert_with_steps_per_epoch():
     """The harness converts --warmup-epochs with steps per epoch (optimizer steps, not micro-batches)."""
     from tvlars.harness.optimizers import build_scheduler, scheduler_kwargs
 
-    args = SimpleNamespace(tv_factor=False, schedule="warmup-cosine", warmup_epochs=2.0, min_lr=0.0, power=2.0)
+    args = SimpleNamespace(tv_factor=False, schedule="warmup-cosine", warmup_epochs=2.0, final_lr=0.0, power=2.0)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4.0)
     sched = build_scheduler(opt, **scheduler_kwargs(args, steps_per_epoch=5, total_steps=50))
     lrs = []

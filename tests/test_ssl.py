@@ -240,7 +240,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys
     assert run_ssl(out, *TINY, "--epochs", "3") == 1
     s = summary(out)
     assert s["status"] == "diverged" and s["epochs_done"] == 1 and s["diverged_at_epoch"] == 2
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     err = capsys.readouterr().err
     assert "diverged in epoch 2" in err and "checkpoint of epoch 1 is kept" in err
 

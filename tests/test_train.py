@@ -63,7 +63,7 @@ def test_run_folder_contents(tmp_path, optimizer):
     assert summary["best_test_acc"] == pytest.approx(max(float(r["test_acc"]) for r in rows))
     assert summary["best_epoch"] in (1, 2) and summary["wall_time_s"] > 0
 
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best_test_acc"):
         assert key in state
     assert state["epoch"] == 2 and state["step"] == 2 * steps
@@ -188,7 +188,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys
     assert "diverged in epoch 3" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["epochs_done"] == 2
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     rows = read_csv(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[2]["train_loss"] == "nan"

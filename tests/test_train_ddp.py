@@ -26,8 +26,8 @@ def test_two_processes_match_one(tmp_path):
     import yaml
 
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["world_size"] == 2
-    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 

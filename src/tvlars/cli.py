@@ -39,8 +39,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     if not file.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        why = getattr(err, "strerror", None) or "not UTF-8 text"
+        raise UserError(f"cannot read config file {path}: {why}") from None
+    except yaml.YAMLError as err:  # also a python/object tag: safe_load builds plain data only
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must map flag names to values")

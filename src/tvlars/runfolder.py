@@ -68,7 +68,10 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Binar
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the original failure is the one to report
+            pass
         raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -145,10 +148,10 @@ def read_config(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / CONFIG
     if not path.exists():
         return None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    try:  # safe_load: plain data only (a python/object tag is a YAMLError, never a call)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {path}: {str(err).strip().splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a run configuration")
     return data
@@ -159,8 +162,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -168,8 +171,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
 def read_summary(folder: str | os.PathLike) -> dict:
     """summary.json, {} when missing or unreadable (a run that has not got that far)."""
     try:
-        data = json.loads((Path(folder) / SUMMARY).read_text())
-    except (OSError, ValueError):
+        data = json.loads((Path(folder) / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -192,10 +195,10 @@ def number(text: Any) -> float | None:
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float | None]]:
     """metrics.csv as numbers (None for empty cells), [] when missing."""
     try:
-        text = Path(path).read_text()
-    except OSError:
+        rows = list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))
+    except (OSError, UnicodeDecodeError, csv.Error):
         return []
-    return [{k: number(v) for k, v in row.items() if k} for row in csv.DictReader(io.StringIO(text))]
+    return [{k: number(v) for k, v in row.items() if isinstance(k, str) and k} for row in rows]
 
 
 def holds_run(folder: str | os.PathLike) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,7 +29,8 @@ RUNTIME_FLAGS = frozenset({
 })
 
 DEFAULT_LR = {"lars": 1.0, "tvlars": 1.0, "lamb": 0.01, "sgd": 0.1, "adamw": 1e-3}
-DEFAULT_MODEL = {"digits": "mlp", "synthetic": "cnn", "cifar10": "resnet18", "tinyimagenet": "resnet34"}
+DEFAULT_MODEL = {"digits": "mlp", "synthetic": "cnn", "cifar10": "resnet18", "tinyimagenet": "resnet34",
+                 "fashion-mnist": "mlp-bn", "mnist": "mlp-bn"}
 #: The paper's delay d_e of phi_t, in epochs.
 DEFAULT_DELAY_EPOCHS = 10.0
 #: The paper's warm-up, in epochs (at most half the run).
@@ -41,6 +43,7 @@ class TrainConfig:
 
     command: ClassVar[str] = "train"
     add_arguments: ClassVar = staticmethod(flags.add_train_arguments)
+    min_epochs: ClassVar[int] = 1
 
     # run
     config: str | None
@@ -78,6 +81,8 @@ class TrainConfig:
     nesterov: bool
     betas: tuple[float, float]
     bias_correction: bool
+    max_weight_norm: float | None
+    layer_adaptation: bool
     exclude_1d_decay: bool
     exclude_1d_adapt: bool
     # TVLARS time-varying factor
@@ -92,6 +97,9 @@ class TrainConfig:
     schedule: str
     warmup_epochs: float
     min_lr: float
+    min_lr_ratio: float | None
+    lr_scaling: str
+    base_batch_size: int
     power: float
     # batch and epochs
     batch_size: int
@@ -145,7 +153,8 @@ class TrainConfig:
             values["augment"] = values["dataset"] in ("cifar10", "tinyimagenet")
         if values["progress"] is None:
             values["progress"] = sys.stderr.isatty()
-        for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
+        _at_least(values, "epochs", cls.min_epochs)
+        for name in ("batch_size", "eval_every", "eval_batch_size"):
             _at_least(values, name, 1)
         for name in ("layer_stats_every", "num_workers", "warmup_epochs", "min_lr", "weight_decay"):
             _not_negative(values, name)
@@ -154,6 +163,14 @@ class TrainConfig:
                             f"(--epochs {values['epochs']})")
         if values["lr"] <= 0:
             raise UserError(f"--lr must be positive, got {values['lr']}")
+        _at_least(values, "base_batch_size", 1)
+        if values["min_lr_ratio"] is not None:
+            if not 0 <= values["min_lr_ratio"] <= 1:
+                raise UserError(f"--min-lr-ratio must be in [0, 1], got {values['min_lr_ratio']:g}")
+            if values["min_lr"]:
+                raise UserError("give --min-lr or --min-lr-ratio, not both")
+        if values["max_weight_norm"] is not None and values["max_weight_norm"] <= 0:
+            raise UserError(f"--max-weight-norm must be positive, got {values['max_weight_norm']:g}")
         if values["micro_batch_size"] != "auto":
             micro = values["micro_batch_size"]
             try:
@@ -174,19 +191,24 @@ class TrainConfig:
                 f"-lr{values['lr']:g}-s{values['seed']}")
 
     @property
-    def keep_data_on_device(self) -> bool | str:
-        """--data-on-device as tvlars.harness.data.loader.make_loader takes it."""
-        return {"auto": "auto", "yes": True, "no": False}[self.data_on_device]
+    def peak_lr(self) -> float:
+        """The lr the schedule scales from: --lr times --lr-scaling's factor at this batch size
+        (the paper's Eq. 2 with linear, lr * B / base)."""
+        ratio = self.batch_size / self.base_batch_size
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
+
+    @property
+    def final_lr(self) -> float:
+        """Where cosine and poly decay end: --min-lr, or --min-lr-ratio of the peak."""
+        return self.min_lr if self.min_lr_ratio is None else self.min_lr_ratio * self.peak_lr
 
     def delay_in_steps(self, steps_per_epoch: int) -> int:
         """The delay d of phi_t in optimizer steps: --delay-steps, else --delay-epochs (the
-        paper's 10 by default; none in the authors' code, --variant official)."""
+        paper's 10 by default, and the authors' classification script's gate)."""
         if self.delay_steps is not None:
             if self.delay_steps < 0:
                 raise UserError("--delay-steps must not be negative")
             return int(self.delay_steps)
-        if self.delay_epochs is None and self.variant == "official":
-            return 0
         epochs = DEFAULT_DELAY_EPOCHS if self.delay_epochs is None else float(self.delay_epochs)
         if epochs < 0:
             raise UserError("--delay-epochs must not be negative")
@@ -204,6 +226,7 @@ class SSLConfig(TrainConfig):
 
     command: ClassVar[str] = "ssl"
     add_arguments: ClassVar = staticmethod(flags.add_ssl_arguments)
+    min_epochs: ClassVar[int] = 0  # the linear probe of the untrained encoder: the baseline of every SSL result
 
     # Barlow Twins
     projector: str

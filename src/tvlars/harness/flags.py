@@ -19,8 +19,9 @@ from tvlars.harness.schedules import KINDS as SCHEDULES
 
 # The builders' own lists (tvlars.harness.data.datasets, tvlars.harness.models) import torch;
 # test_cli checks these copies against them.
-DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet")
-MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp")
+DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet", "fashion-mnist", "mnist")
+MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp", "mlp-bn")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 #: The paper's decay coefficient of phi_t (Table 1): classification, and Barlow Twins.
 LAM = {"train": 1e-4, "ssl": 1e-5}
@@ -113,8 +114,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits (sklearn 8x8, built in), synthetic (random images), cifar10, "
-                        "tinyimagenet (default: digits)")
-    g.add_argument("--data-dir", metavar="DIR", help="dataset folder (cifar10, tinyimagenet)")
+                        "tinyimagenet, fashion-mnist, mnist (IDX files) (default: digits)")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="dataset folder (cifar10, tinyimagenet: default ./data; fashion-mnist, mnist: "
+                        "default ./data, then /usr/share/datasets/<name> where Debian's "
+                        "dataset-fashion-mnist installs it)")
     g.add_argument("--download", action="store_true", help="download the dataset into --data-dir if missing")
     # tvlars ssl keeps the flag only to say that --augment-preset is its augmentation
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -142,7 +146,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", choices=MODELS, default=None,
                    help="network (default: mlp for digits, cnn for synthetic, resnet18 for cifar10, resnet34 "
-                        "for tinyimagenet); mlp has no batch norm")
+                        "for tinyimagenet, mlp-bn for fashion-mnist and mnist); mlp has no batch norm, "
+                        "mlp-bn the same layers with batch norm")
     g.add_argument("--stem", default="auto", choices=("auto", "cifar", "imagenet"),
                    help="ResNet stem: cifar (3x3 conv, no max-pool) or imagenet (7x7 conv + max-pool) "
                         "(default: auto = cifar for images up to 64 pixels)")
@@ -174,6 +179,13 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser, command: str) -> N
                    help="lamb / adamw moment coefficients (default: 0.9 0.999)")
     g.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
                    help="lamb: bias-correct the moments (default: on)")
+    g.add_argument("--max-weight-norm", type=float, default=None, metavar="C",
+                   help="lamb: cap ||w|| at C in the trust ratio min(||w||, C) / ||u|| (the TVLARS "
+                        "authors' LAMB, cybertronai/pytorch-lamb: 10) (default: no cap)")
+    g.add_argument("--layer-adaptation", action=argparse.BooleanOptionalAction, default=True,
+                   help="lars, lamb, tvlars: the layer-wise trust ratio; --no-layer-adaptation sets it to 1 "
+                        "for every parameter (the authors' Barlow Twins 'LAMB' ran that way, as Adam "
+                        "without bias correction) (default: on)")
     g.add_argument("--exclude-1d-decay", action=argparse.BooleanOptionalAction, default=True,
                    help="no weight decay on 1-D parameters (biases, norm weights) (default: on)")
     g.add_argument("--exclude-1d-adapt", action=argparse.BooleanOptionalAction, default=True,
@@ -191,8 +203,9 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser, command: str) -> N
     t.add_argument("--min-factor", type=float, default=0.0, help="floor gamma_min of phi_t (default: 0)")
     t.add_argument("--variant", default="paper", choices=("paper", "official"),
                    help="tvlars: paper = Algorithm 1 and Eq. 4; official = the authors' published code "
-                        "(alpha 0.1, no delay, heavy-ball momentum; --delay-*, --alpha and --min-factor "
-                        "must stay at their defaults) (default: paper)")
+                        "(alpha 0.1, heavy-ball momentum, plain LARS during the delay and then phi of the "
+                        "unshifted step count; --alpha and --min-factor must stay at their defaults) "
+                        "(default: paper)")
     t.add_argument("--tv-factor", action="store_true",
                    help="run any optimizer (lars, lamb, sgd, adamw) under phi_t as its learning-rate "
                         "schedule (TVFactorLR); implies --schedule none")
@@ -203,7 +216,17 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser, command: str) -> N
     s.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
                    help="linear warm-up length in epochs (0 = 'without warm-up') (default: 20 as in "
                         "the paper, at most half the run; 0 with --schedule none)")
-    s.add_argument("--min-lr", type=float, default=0.0, help="final learning rate of cosine/poly decay (default: 0)")
+    s.add_argument("--min-lr", type=float, default=0.0,
+                   help="final learning rate of cosine/poly decay, absolute (default: 0)")
+    s.add_argument("--min-lr-ratio", type=float, default=None, metavar="R",
+                   help="final learning rate of cosine/poly decay as a fraction of the peak, instead of "
+                        "--min-lr (the authors' warm-up: 0.001)")
+    s.add_argument("--lr-scaling", choices=LR_SCALINGS, default="none",
+                   help="peak learning rate from --lr and the batch size B: none = lr, linear = lr * B / "
+                        "base (the paper's Eq. 2 and the authors' warm-up), sqrt = lr * sqrt(B / base); "
+                        "the resolved peak is recorded as peak_lr in config.yaml (default: none)")
+    s.add_argument("--base-batch-size", type=int, default=256, metavar="B0",
+                   help="the batch size at which --lr-scaling leaves --lr unchanged (default: 256)")
     s.add_argument("--power", type=float, default=2.0, help="power of the polynomial decay (default: 2)")
 
 

@@ -21,6 +21,12 @@ Models (:data:`MODELS`):
     two hidden layers of 256 units with ReLU and no normalisation layer at all, so a
     batch's gradient is the mean of per-example gradients (used to check that
     distributed training matches single-process training exactly).
+``mlp-bn``
+    the same two hidden layers, each linear map (without bias) followed by batch norm.
+    Like the paper's ResNets, every hidden weight matrix is then scale-invariant (the
+    loss does not change when it is multiplied by a constant), which is what shapes how
+    LARS's ``||w||/||g||`` evolves; at about 0.5 s per Fashion-MNIST epoch on two CPU cores
+    it lets a CPU run the paper's grids on real data.
 
 Initialisation (:data:`INITS`):
 
@@ -41,7 +47,7 @@ from torch import nn
 
 from tvlars.errors import UserError
 
-MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp")
+MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp", "mlp-bn")
 STEMS = ("auto", "cifar", "imagenet")
 INITS = ("kaiming_uniform", "torchvision")
 
@@ -97,16 +103,18 @@ def _cnn_encoder(in_channels: int) -> tuple[nn.Module, int]:
     return encoder, 128
 
 
-def _mlp_encoder(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def _mlp_encoder(in_channels: int, image_size: int, *, batch_norm: bool = False) -> tuple[nn.Module, int]:
     hidden = 256
-    encoder = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_channels * image_size * image_size, hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(inplace=True),
-    )
-    return encoder, hidden
+    layers: list[nn.Module] = [nn.Flatten()]
+    inputs = in_channels * image_size * image_size
+    for _ in range(2):
+        # A bias before batch norm is cancelled by its mean subtraction: leave it out.
+        layers.append(nn.Linear(inputs, hidden, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(nn.ReLU(inplace=True))
+        inputs = hidden
+    return nn.Sequential(*layers), hidden
 
 
 def kaiming_uniform_init(model: nn.Module) -> None:
@@ -116,7 +124,7 @@ def kaiming_uniform_init(model: nn.Module) -> None:
             nn.init.kaiming_uniform_(module.weight, mode="fan_in", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -152,7 +160,7 @@ def build_model(
     elif name == "cnn":
         encoder, feature_dim = _cnn_encoder(in_channels)
     else:
-        encoder, feature_dim = _mlp_encoder(in_channels, image_size)
+        encoder, feature_dim = _mlp_encoder(in_channels, image_size, batch_norm=name == "mlp-bn")
 
     model = Classifier(encoder, feature_dim, num_classes)
     if init == "kaiming_uniform":

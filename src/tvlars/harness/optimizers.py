@@ -14,10 +14,12 @@ OPTIMIZERS = ("lars", "lamb", "tvlars", "sgd", "adamw")
 
 
 def optimizer_kwargs(cfg, steps_per_epoch: int) -> dict:
-    """build_optimizer's keyword arguments from a run's configuration."""
-    return dict(name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    """build_optimizer's keyword arguments from a run's configuration. The lr is the peak:
+    schedules scale from the optimizer's lr."""
+    return dict(name=cfg.optimizer, lr=cfg.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                 trust_coefficient=cfg.trust_coefficient, trust_form=cfg.trust_form, trust_clip=cfg.trust_clip,
                 eps=cfg.eps, nesterov=cfg.nesterov, betas=tuple(cfg.betas), bias_correction=cfg.bias_correction,
+                max_weight_norm=cfg.max_weight_norm, layer_adaptation=cfg.layer_adaptation,
                 exclude_1d_decay=cfg.exclude_1d_decay, exclude_1d_adapt=cfg.exclude_1d_adapt, lam=cfg.lam,
                 delay_steps=cfg.delay_in_steps(steps_per_epoch), alpha=cfg.alpha, min_factor=cfg.min_factor,
                 variant=cfg.variant)
@@ -30,7 +32,7 @@ def scheduler_kwargs(cfg, steps_per_epoch: int, total_steps: int) -> dict:
                     min_factor=cfg.min_factor)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     return dict(schedule=cfg.schedule, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
-                min_lr=cfg.min_lr, power=cfg.power)
+                min_lr=cfg.final_lr, power=cfg.power)
 
 
 def _call(factory, name: str, *a, **kw):
@@ -45,17 +47,23 @@ def _call(factory, name: str, *a, **kw):
 def build_optimizer(model, name: str, *, lr: float, weight_decay: float = 0.0, exclude_1d_decay: bool = True,
                     exclude_1d_adapt: bool = True, momentum: float = 0.9, trust_coefficient: float = 1e-3,
                     trust_form: str = "coupled", trust_clip: bool = False, eps: float | None = None,
-                    nesterov: bool = False, betas=(0.9, 0.999), bias_correction: bool = True, lam: float = 1e-4,
+                    nesterov: bool = False, betas=(0.9, 0.999), bias_correction: bool = True,
+                    max_weight_norm: float | None = None, layer_adaptation: bool = True, lam: float = 1e-4,
                     delay_steps: int = 0, alpha: float = 1.0, min_factor: float = 0.0, variant: str = "paper"):
     """``name`` over tvlars.param_groups(model): 1-D parameters (biases, norm weights) get no
-    weight decay and no layer-wise adaptation unless told otherwise, as in the paper. Each
-    optimizer gets only the settings it has; eps=None keeps each one's own default."""
+    weight decay and no layer-wise adaptation unless told otherwise, as in the paper;
+    ``layer_adaptation=False`` turns the trust ratio off everywhere (the authors' Barlow
+    Twins "LAMB"). Each optimizer gets only the settings it has; eps=None keeps each one's
+    own default."""
     import torch
 
     import tvlars
 
     groups = tvlars.param_groups(model, weight_decay, exclude_from_decay=exclude_1d_decay,
                                  exclude_from_adaptation=exclude_1d_adapt)
+    if not layer_adaptation:
+        for group in groups:
+            group["adapt"] = False
     own_eps = {} if eps is None else {"eps": eps}
     if name == "lars":
         return _call(tvlars.LARS, "lars", groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -63,7 +71,8 @@ def build_optimizer(model, name: str, *, lr: float, weight_decay: float = 0.0, e
                      trust_form=trust_form, **own_eps)
     if name == "lamb":
         return _call(tvlars.LAMB, "lamb", groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                     bias_correction=bias_correction, trust_clip=trust_clip, **own_eps)
+                     bias_correction=bias_correction, trust_clip=trust_clip, max_weight_norm=max_weight_norm,
+                     **own_eps)
     if name == "tvlars":
         return _call(tvlars.TVLARS, "tvlars", groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      trust_coefficient=trust_coefficient, lam=lam, delay=delay_steps, alpha=alpha,
@@ -94,57 +103,118 @@ def build_scheduler(optimizer, *, schedule: str = "none", total_steps: int = 0, 
 
 
 def enable_stats(optimizer, on: bool) -> None:
-    """Statistics cost a host transfer, so the tvlars optimizers record them only on the
-    steps that write layers.csv; torch's optimizers have no switch (their norms are
-    computed afterwards, by layer_stats)."""
+    """Statistics cost device work and a copy, so the tvlars optimizers record them only on
+    the steps that write layers.csv; torch's optimizers have no switch (their norms are
+    computed afterwards, by LayerStatsLog)."""
     if hasattr(optimizer, "last_stats"):
         optimizer.stats = bool(on)
 
 
-def layer_stats(optimizer, names: dict) -> dict | None:
-    """layers.csv's columns for the step just taken, a list per column in parameter order.
-
-    The tvlars optimizers report what they used (LayerStats); for torch's the norms are
-    taken here, the trust ratio is empty (they have none) and SGD's step size is its lr.
-    """
+def _stats_table(optimizer):
+    """(parameters, [k, n] float64 table on the device, host columns) of the last step, with
+    no host read: tvlars optimizers' recorded statistics; for torch optimizers the weight and
+    gradient norms computed here (and each group's lr as step_size for sgd)."""
     import torch
 
     if hasattr(optimizer, "last_stats"):
-        stats = optimizer.last_stats()
-        if stats is None:
+        # the records optimizer.last_stats() would gather and copy to the host with a wait;
+        # same gathering here (same float64 values), the copy is LayerStatsLog's
+        records = getattr(optimizer, "_records", None)
+        if records is None:  # an optimizer without the records: its own (blocking) copy
+            st = optimizer.last_stats()
+            if st is None:
+                return None
+            return st.params, torch.stack([st.weight_norm, st.grad_norm, st.trust_ratio, st.step_size]), {}
+        if not records:
             return None
-        return {"layer": [names.get(id(p), "?") for p in stats.params],
-                "weight_norm": stats.weight_norm.tolist(), "grad_norm": stats.grad_norm.tolist(),
-                "trust_ratio": stats.trust_ratio.tolist(), "step_size": stats.step_size.tolist()}
+        params = [p for ps, _ in records for p in ps]
+        device = records[0][1].device
+        table = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in records], dim=1)
+        return params, table, {}
     params, lrs = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is not None:
                 params.append(p)
-                lrs.append(float(group["lr"]))
+                lrs.append(group["lr"])
     if not params:
         return None
     with torch.no_grad():
-        weight_norms = torch.stack([p.detach().float().norm() for p in params])
-        grad_norms = torch.stack([p.grad.detach().float().norm() for p in params])
-        both = torch.stack([weight_norms, grad_norms]).to("cpu", torch.float64)  # one transfer
+        w = torch.stack([p.detach().float().norm() for p in params])
+        g = torch.stack([p.grad.detach().float().norm() for p in params])
+        table = torch.stack([w, g]).to(torch.float64)
     sgd = isinstance(optimizer, torch.optim.SGD)
-    return {"layer": [names.get(id(p), "?") for p in params], "weight_norm": both[0].tolist(),
-            "grad_norm": both[1].tolist(), "trust_ratio": [None] * len(params),
-            "step_size": lrs if sgd else [None] * len(params)}
+    host = {"trust_ratio": [None] * len(params),
+            "step_size": [float(lr) for lr in lrs] if sgd else [None] * len(params)}
+    return params, table, host
 
 
-def optimizer_step(optimizer, scheduler, log, names: dict, *, stats: bool, step: int, epoch: int) -> float:
-    """The end of a training step, the same in both loops: step, layers.csv rows for step
-    ``step`` of epoch ``epoch`` (1-based) when ``stats``, clear the gradients, move the
-    schedule. Returns the lr the step used (the schedule has moved it since)."""
-    lr = float(optimizer.param_groups[0]["lr"])
+_TABLE_COLUMNS = ("weight_norm", "grad_norm", "trust_ratio", "step_size")
+
+
+class LayerStatsLog:
+    """layers.csv rows of the steps that record statistics, written without a host wait.
+
+    ``capture`` starts a non-blocking copy of the step's statistics into pinned host memory
+    and marks it with a CUDA event; ``flush`` writes, in step order, the steps whose copy
+    has arrived (``event.query()``, which never waits) and, with ``wait=True``, all the
+    rest. A synchronous read here would stall rank 0 and, through the next collective,
+    every other rank. On the CPU the rows are ready at once. The rows are those a direct
+    read would give, value for value.
+    """
+
+    def __init__(self, log, names: dict):
+        self.log = log
+        self.names = names
+        self._pending = []  # (step, epoch, layer names, host table, event or None, host columns)
+
+    def capture(self, optimizer, *, step: int, epoch: int) -> None:
+        import torch
+
+        got = _stats_table(optimizer)
+        if got is None:
+            return
+        params, table, host = got
+        event = None
+        if table.device.type == "cuda":
+            copy = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            copy.copy_(table, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            table = copy
+        elif table.device.type != "cpu":
+            table = table.cpu()
+        self._pending.append((step, epoch, [self.names.get(id(p), "?") for p in params], table, event, host))
+
+    def flush(self, wait: bool = False) -> None:
+        while self._pending:
+            step, epoch, layers, table, event, host = self._pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._pending.pop(0)
+            columns = dict(zip(_TABLE_COLUMNS, table.tolist()))
+            columns.update(host)
+            self.log.log_layers([{"step": step, "epoch": epoch, "layer": layer,
+                                  **{k: columns[k][n] for k in _TABLE_COLUMNS}}
+                                 for n, layer in enumerate(layers)])
+
+
+def optimizer_step(optimizer, scheduler, stats_log: LayerStatsLog, *, stats: bool, step: int, epoch: int):
+    """Step with the accumulated gradients; when ``stats`` (see enable_stats) capture the
+    per-layer statistics for ``stats_log`` as rows of optimizer step ``step`` in epoch
+    ``epoch`` (both 1-based); clear the gradients; step the schedule. Returns the learning
+    rate of the step (the first group's, before the schedule moved it): a float, or a
+    device copy of a tensor lr, so that no step reads the device."""
+    import torch
+
+    lr = optimizer.param_groups[0]["lr"]
+    lr = lr.detach().clone() if torch.is_tensor(lr) else float(lr)
     optimizer.step()
     if stats:
-        columns = layer_stats(optimizer, names)
-        if columns is not None:
-            log.log_layers([{"step": step, "epoch": epoch, **{k: v[n] for k, v in columns.items()}}
-                            for n in range(len(columns["layer"]))])
+        stats_log.capture(optimizer, step=step, epoch=epoch)
+    stats_log.flush()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()

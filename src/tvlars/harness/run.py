@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import sys
 import time
@@ -57,7 +58,9 @@ def open_run(args: argparse.Namespace, runtime, kind: type[TrainConfig]) -> Open
             say(runtime, f"tvlars: run in {out} already completed ({summary.get('epochs_done')} epochs); nothing to do")
             return None
         if summary.get("status") == runfolder.DIVERGED:
-            raise UserError(f"run in {out} diverged at epoch {summary.get('epochs_done', 0) + 1}; nothing to resume")
+            done = summary.get("epochs_done")
+            at = f" at epoch {done + 1}" if type(done) is int else ""
+            raise UserError(f"run in {out} diverged{at}; nothing to resume")
         if (out / runfolder.CHECKPOINT).exists():
             state = ckpt.load_checkpoint(out / runfolder.CHECKPOINT)
     return OpenedRun(kind.from_flags(args, out=str(out)), out, saved, state)
@@ -91,41 +94,157 @@ def build_classifier(cfg: TrainConfig, data):
         raise UserError(str(err).splitlines()[0]) from None
 
 
-def micro_batch_size(cfg: TrainConfig, cost_model, data, runtime, per_rank: int) -> int:
-    """Rows per forward/backward pass. ``auto`` on CUDA: the largest power-of-two fraction of
-    the per-rank batch whose forward and backward through ``cost_model`` fit, halved again
-    for the optimizer state; elsewhere the per-rank batch up to 1024. Every rank takes the
-    smallest, so that the ranks accumulate the same number of micro-batches."""
+def data_on_device(cfg: TrainConfig, runtime, *tensors) -> bool:
+    """--data-on-device: yes, no, or auto = whether ``tensors`` fit comfortably in the device
+    memory (tvlars.harness.data.loader.fits_on_device). Free memory differs between GPUs, so
+    the ranks agree on the answer (keep on the device only if every rank can): a rank that
+    disagreed would shard, normalise and count its batches differently."""
+    from tvlars.harness.data.loader import fits_on_device
+
+    if cfg.data_on_device != "auto":
+        return cfg.data_on_device == "yes"
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return bool(runtime.all_reduce_min_int(int(fits_on_device(size, runtime.device))))
+
+
+def micro_batch_size(cfg: TrainConfig, cost_model, data, runtime, per_rank: int, *, make_optimizer=None,
+                     inputs_per_row: int = 1) -> int:
+    """Rows per forward/backward pass: --micro-batch-size capped at the per-rank batch, or
+    ``auto``: on CUDA the largest power-of-two fraction of the per-rank batch whose training
+    step through ``cost_model`` fits (probe_micro_batch; call it once the data set is on the
+    device), elsewhere the per-rank batch up to 1024. Every rank takes the smallest, so that
+    the ranks accumulate the same number of micro-batches."""
     if cfg.micro_batch_size != "auto":
         return max(1, min(int(cfg.micro_batch_size), per_rank))
     if runtime.device.type != "cuda":
         return runtime.all_reduce_min_int(min(per_rank, 1024))
+    local = probe_micro_batch(cost_model, runtime, input_shape=(data.in_channels, data.image_size, data.image_size),
+                              per_rank=per_rank, amp=cfg.amp, channels_last=cfg.channels_last,
+                              make_optimizer=make_optimizer, inputs_per_row=inputs_per_row)
+    return runtime.all_reduce_min_int(local)
+
+
+def probe_micro_batch(module, runtime, *, input_shape, per_rank: int, amp: str = "none", channels_last: bool = False,
+                      make_optimizer=None, inputs_per_row: int = 1) -> int:
+    """The largest of per_rank, per_rank / 2, ..., 1 rows whose forward and backward through a
+    copy of ``module`` run twice without an allocation failure (is_allocation_failure), while
+    what training holds at the same time is allocated too: the loader's batch
+    (``inputs_per_row`` float32 tensors of per_rank rows), the gradients and, when
+    ``make_optimizer(copy)`` is given, the optimizer state (one step on zero gradients).
+
+    No collective runs in the probe, so ranks that fail at different sizes cannot hang:
+    SyncBatchNorm layers are plain batch norm in the copy (plain_batch_norm). The random
+    number generators (CPU and ``runtime.device``) are as they were before the probe."""
     import torch
 
     from tvlars.harness.runtime import autocast
 
-    probe = copy.deepcopy(cost_model)  # batch-norm statistics of the real model stay untouched
-    shape = (data.in_channels, data.image_size, data.image_size)
-    micro = per_rank
-    while True:
-        try:
-            x = torch.randn(micro, *shape, device=runtime.device)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(runtime, cfg.amp):
-                probe(x).float().sum().backward()
-            probe.zero_grad(set_to_none=True)
-            break
-        except torch.cuda.OutOfMemoryError:
-            probe.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+    device = runtime.device
+    fork = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork, device_type=device.type if fork else "cuda"):
+        probe = plain_batch_norm(copy.deepcopy(module)).train()
+        optimizer = None
+        if make_optimizer is not None:
+            optimizer = make_optimizer(probe)
+            for p in probe.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            optimizer.step()  # the state exists from the first step on
+        held = torch.empty((per_rank * inputs_per_row, *input_shape), device=device)
+
+        def fits(rows: int) -> bool:
+            try:
+                for _ in range(2):  # the second pass meets the first one's leftovers, as training does
+                    x = torch.randn((rows, *input_shape), device=device)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast(runtime, amp):
+                        out = probe(x)
+                    out.float().sum().backward()
+                    del x, out
+                return True
+            except Exception as err:  # noqa: BLE001 -- anything but an allocation failure is re-raised
+                if not is_allocation_failure(err):
+                    raise
+                return False
+            finally:
+                probe.zero_grad(set_to_none=optimizer is None)
+
+        micro = per_rank
+        while not fits(micro):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             if micro == 1:
-                raise UserError("one image per micro-batch does not fit in GPU memory") from None
+                raise UserError("one image per micro-batch does not fit in GPU memory")
             micro = max(1, micro // 2)
-    del probe
-    torch.cuda.empty_cache()
-    micro = micro if micro == per_rank else max(1, micro // 2)
-    return runtime.all_reduce_min_int(micro)
+        del probe, optimizer, held
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return micro
+
+
+#: Messages of allocation failures that reach Python as a plain RuntimeError (cuBLAS,
+#: cuDNN and CUDA runtime errors) rather than torch.OutOfMemoryError.
+ALLOCATION_FAILURES = ("out of memory", "ALLOC_FAILED")
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    """Whether ``err`` says the device ran out of memory: torch's OutOfMemoryError, or a
+    RuntimeError such as "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED" or
+    "CUDNN_STATUS_ALLOC_FAILED"."""
+    import torch
+
+    if isinstance(err, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+
+
+def plain_batch_norm(module):
+    """``module`` with every SyncBatchNorm replaced by a plain batch norm holding the same
+    parameters and statistics (in place; returns the module). SyncBatchNorm runs a
+    collective in every training forward."""
+    from torch import nn
+
+    if isinstance(module, nn.SyncBatchNorm):
+        plain = _any_rank_batch_norm()(module.num_features, module.eps, module.momentum, module.affine,
+                                       module.track_running_stats)
+        state = module.state_dict()
+        if state:
+            plain = plain.to(next(iter(state.values())).device)
+            plain.load_state_dict(state)
+        for name, p in module.named_parameters(recurse=False):
+            getattr(plain, name).requires_grad_(p.requires_grad)
+        return plain.train(module.training)
+    for name, child in module.named_children():
+        replaced = plain_batch_norm(child)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
+
+
+@functools.cache
+def _any_rank_batch_norm():
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    class AnyRankBatchNorm(_BatchNorm):
+        """Batch norm over dimension 1 of an input of any rank, as SyncBatchNorm accepts."""
+
+        def _check_input_dim(self, input):
+            if input.dim() < 2:
+                raise ValueError(f"expected at least 2-D input (got {input.dim()}-D input)")
+
+    return AnyRankBatchNorm
+
+
+def micro_batches(x, y, micro: int, most_rows: int) -> list:
+    """The micro-batches of one step: rows [j * micro, (j + 1) * micro) of ``x`` and ``y`` for
+    j < ceil(most_rows / micro), at least one. ``most_rows`` is the largest share of the
+    global batch on any rank, so every rank gets the same number of micro-batches (the last
+    ones of a rank with fewer rows may be short or empty): SyncBatchNorm and FSDP run
+    collectives in each forward, which must pair up across ranks."""
+    count = max(1, math.ceil(most_rows / micro))
+    return [(x[j * micro:(j + 1) * micro], y[j * micro:(j + 1) * micro]) for j in range(count)]
 
 
 def run_record(cfg: TrainConfig, runtime, *, micro: int, per_rank: int, steps_per_epoch: int, total_steps: int, data,
@@ -136,8 +255,8 @@ def run_record(cfg: TrainConfig, runtime, *, micro: int, per_rank: int, steps_pe
     return cfg.record(micro_batch_size=micro, accumulation_steps=math.ceil(per_rank / micro),
                       world_size=runtime.world_size, torch_version=torch.__version__, tvlars_version=package_version(),
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                      delay_steps_resolved=cfg.delay_in_steps(steps_per_epoch), train_size=len(data.train_labels),
-                      test_size=len(data.test_labels), **extra)
+                      delay_steps_resolved=cfg.delay_in_steps(steps_per_epoch), peak_lr=cfg.peak_lr,
+                      train_size=len(data.train_labels), test_size=len(data.test_labels), **extra)
 
 
 def package_version() -> str:

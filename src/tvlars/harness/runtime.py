@@ -2,8 +2,9 @@
 ``if distributed`` branches: the collectives are no-ops on one process, and only rank 0
 writes or speaks (:func:`say`, ``Runtime.is_main``).
 
-Under torchrun (WORLD_SIZE > 1) the process group comes from the environment: nccl on
-CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU (what the tests use).
+Under torchrun (even with one process: a 1-GPU torchrun runs the DDP code path) or with
+WORLD_SIZE > 1, the process group comes from the environment: nccl on CUDA, each rank on
+cuda:LOCAL_RANK; gloo on the CPU (what the tests use).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def setup_runtime(device: str = "auto") -> Runtime:
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun for its workers
+    if world <= 1 and not under_torchrun:
         return Runtime(0, 1, 0, _pick_device(device), False)
     import torch.distributed as dist
 

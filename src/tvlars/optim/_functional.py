@@ -218,6 +218,7 @@ def _lamb_param(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, ok: Tensor, lr: Scalar,
     bc1: Optional[Tensor], bc2_sqrt: Optional[Tensor],
     *, beta1: float, beta2: float, eps: float, weight_decay: float, trust_clip: bool, adapt: bool,
+    max_weight_norm: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ndt = norm_dtype(p.dtype)
     okf = ok.to(ndt)
@@ -227,11 +228,19 @@ def _lamb_param(
     u = _lamb_direction(p, m, v, bc1, bc2_sqrt, eps=eps, weight_decay=weight_decay)
     w_norm = torch.linalg.vector_norm(p, dtype=ndt)
     u_norm = torch.linalg.vector_norm(u, dtype=ndt)
-    trust = trust_ratio(w_norm, u_norm, 1.0, clip_lr=1.0 if trust_clip else None) if adapt else torch.ones_like(w_norm)
+    trust = (trust_ratio(_clamped(w_norm, max_weight_norm), u_norm, 1.0, clip_lr=1.0 if trust_clip else None)
+             if adapt else torch.ones_like(w_norm))
     step_size = lr * trust
     p.sub_(u.mul_(step_size * okf))
     step.add_(okf)
     return w_norm, u_norm, trust, step_size
+
+
+def _clamped(w_norm, max_weight_norm: Optional[float]):
+    """LAMB's optional ceiling on ||w|| in the trust ratio (the authors' LAMB: 10)."""
+    if max_weight_norm is None:
+        return w_norm
+    return min(w_norm, max_weight_norm) if isinstance(w_norm, float) else w_norm.clamp(max=max_weight_norm)
 
 
 def bias_corrections(step: Tensor, ndt: torch.dtype, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
@@ -261,6 +270,7 @@ def _multi_tensor_lamb(
     params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
     ok: Tensor, lr: Scalar, *, beta1: float, beta2: float, eps: float, weight_decay: float,
     bias_correction: bool, trust_clip: bool, adapt: bool, want_stats: bool,
+    max_weight_norm: Optional[float] = None,
 ) -> list[tuple[list[Tensor], Tensor]]:
     records = []
     buckets = _group_tensors_by_device_and_dtype([params, grads, ms, vs, steps])
@@ -285,7 +295,7 @@ def _multi_tensor_lamb(
             torch._foreach_add_(u, ps, alpha=weight_decay)
         w_norms = torch.stack(torch._foreach_norm(ps, dtype=ndt))
         u_norms = torch.stack(torch._foreach_norm(u, dtype=ndt))
-        trust = (trust_ratio(w_norms, u_norms, 1.0, clip_lr=1.0 if trust_clip else None)
+        trust = (trust_ratio(_clamped(w_norms, max_weight_norm), u_norms, 1.0, clip_lr=1.0 if trust_clip else None)
                  if adapt else torch.ones_like(w_norms))
         step_size = lr * trust
         torch._foreach_mul_(u, list((step_size * okf).unbind()))
@@ -470,10 +480,10 @@ def _lamb_reduction():
 def _host_lamb(
     params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
     lr: Scalar, *, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-    trust_clip: bool, adapt: bool, want_stats: bool,
+    trust_clip: bool, adapt: bool, want_stats: bool, max_weight_norm: Optional[float] = None,
 ) -> list[tuple[list[Tensor], Tensor]]:
     options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                   trust_clip=trust_clip, adapt=adapt)
+                   trust_clip=trust_clip, adapt=adapt, max_weight_norm=max_weight_norm)
     lr_f = lr.item() if torch.is_tensor(lr) else float(lr)
     need_norms = adapt or want_stats
     no_bc = None
@@ -497,7 +507,8 @@ def _host_lamb(
             u_norm, w_norm = math.sqrt(uu), math.sqrt(ww)
         else:
             u_norm = w_norm = 0.0
-        trust = _host_trust(w_norm, u_norm, 1.0, clip_lr=1.0 if trust_clip else None) if adapt else 1.0
+        trust = (_host_trust(_clamped(w_norm, max_weight_norm), u_norm, 1.0, clip_lr=1.0 if trust_clip else None)
+                 if adapt else 1.0)
         step_size = lr_f * trust
         step.add_(1.0)
         if bias_correction:
@@ -617,12 +628,12 @@ def lamb(
     params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
     ok: Tensor, *, lr: Scalar, beta1: float, beta2: float, eps: float, weight_decay: float,
     bias_correction: bool, trust_clip: bool, adapt: bool, foreach: bool = False, fused: bool = False,
-    want_stats: bool = False, grad_norms: Optional[list[float]] = None,
+    want_stats: bool = False, grad_norms: Optional[list[float]] = None, max_weight_norm: Optional[float] = None,
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LAMB update of ``params`` in place; ``steps`` are per-parameter step counters.
     ``grad_norms`` selects the host-scalar path, as in :func:`lars`."""
     options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                   trust_clip=trust_clip, adapt=adapt)
+                   trust_clip=trust_clip, adapt=adapt, max_weight_norm=max_weight_norm)
     if grad_norms is not None:
         return _host_lamb(params, grads, ms, vs, steps, lr, bias_correction=bias_correction,
                           want_stats=want_stats, **options)

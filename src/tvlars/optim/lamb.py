@@ -18,7 +18,10 @@ class LAMB(LayerwiseOptimizer):
         m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g^2
         u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps) + wd * w
         trust = ||w|| / ||u||        (1 where either is 0, or for adapt=False groups;
-                                      min(trust, 1) with trust_clip)
+                                      min(trust, 1) with trust_clip; ||w|| capped at
+                                      max_weight_norm when given, as in the
+                                      cybertronai / pytorch-optimizer LAMB the TVLARS
+                                      authors ran, which caps it at 10)
         w -= lr * trust * u
 
     The first step moves each adapted layer by exactly lr * ||w||. Without bias correction
@@ -30,15 +33,17 @@ class LAMB(LayerwiseOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  bias_correction=True, trust_clip=False, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, *, stats: bool = False):
+                 fused: Optional[bool] = None, *, stats: bool = False, max_weight_norm: Optional[float] = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, trust_clip=trust_clip)
+                        bias_correction=bias_correction, trust_clip=trust_clip, max_weight_norm=max_weight_norm)
         super().__init__(params, defaults, foreach, fused, stats)
 
     def _validate(self, group: dict) -> None:
         super()._validate(group)
         b1, b2 = group["betas"]
         check("betas", group["betas"], 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0, "each must be in [0, 1)")
+        cap = group.setdefault("max_weight_norm", None)  # groups saved before the option existed
+        check("max_weight_norm", cap, cap is None or cap > 0, "must be positive or None")
 
     def _update(self, group, params, ok, counters, want_stats, grad_norms=None):
         ms, vs, steps = [], [], []
@@ -59,4 +64,5 @@ class LAMB(LayerwiseOptimizer):
                       beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
                       bias_correction=group["bias_correction"], trust_clip=group["trust_clip"],
                       adapt=group["adapt"], want_stats=want_stats, grad_norms=grad_norms,
+                      max_weight_norm=group.get("max_weight_norm"),  # absent in 0.1.0 state dicts
                       **self._paths(group))

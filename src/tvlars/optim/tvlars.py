@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from ._base import check
 from .factor import check_factor_args, tv_factor_tensor
 from .lars import LARS
@@ -35,7 +37,10 @@ class TVLARS(LARS):
     moving by momentum when lr drops to 0 mid-run (lr = 0 from the start leaves w unchanged).
 
     ``variant="official"`` reproduces the authors' code: alpha = 0.1, t counted from 1, no
-    delay and no floor (leave ``alpha``, ``delay``, ``min_factor`` at their defaults),
+    floor (leave ``alpha`` and ``min_factor`` at their defaults), and ``delay`` as their
+    classification script applies it: phi = 1 (plain LARS) for the first ``delay`` steps,
+    then ``1 / (0.1 + exp(lam * t))`` with t NOT shifted by the delay, so phi drops from 1
+    to below 0.91 at the switch;
     heavy-ball momentum, both norms clamped to 10, phi_t inside the trust ratio (so
     adapt=False and zero-norm layers step at the plain lr); ``trust_ratio`` in
     :meth:`last_stats` then includes phi_t. Unlike that code, the step counter is saved in
@@ -49,9 +54,8 @@ class TVLARS(LARS):
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, *, stats: bool = False):
         check("variant", variant, variant in VARIANTS, f"must be one of {VARIANTS}")
         if variant == "official":
-            check("delay/alpha/min_factor", (delay, alpha, min_factor),
-                  (delay, alpha, min_factor) == (0, 1.0, 0.0),
-                  "variant='official' fixes alpha=0.1, delay=0, min_factor=0")
+            check("alpha/min_factor", (alpha, min_factor), (alpha, min_factor) == (1.0, 0.0),
+                  "variant='official' fixes alpha=0.1 and min_factor=0")
             alpha = OFFICIAL_ALPHA
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          trust_coefficient=trust_coefficient, foreach=foreach, fused=fused, stats=stats)
@@ -68,9 +72,11 @@ class TVLARS(LARS):
             check_factor_args(group["lam"], group["delay"], group["alpha"], group["min_factor"])
 
     def _momentum_form(self, group: dict, counters: dict) -> dict:
-        official = group["variant"] == "official"
-        t = counters["step"] + 1.0 if official else counters["step"]
-        factor = tv_factor_tensor(t, group["lam"], group["delay"], group["alpha"], group["min_factor"])
-        if official:
+        if group["variant"] == "official":
+            step = counters["step"]
+            factor = tv_factor_tensor(step + 1.0, group["lam"], 0, group["alpha"], 0.0)
+            if group["delay"] > 0:  # the authors' gate: plain LARS until the delay has passed
+                factor = torch.where(step >= group["delay"], factor, torch.ones_like(factor))
             return dict(factor=factor, factor_in_ratio=True, max_norm=OFFICIAL_MAX_NORM, nesterov=False)
+        factor = tv_factor_tensor(counters["step"], group["lam"], group["delay"], group["alpha"], group["min_factor"])
         return dict(factor=factor, nesterov=True, lr_in_buffer=True)

@@ -100,8 +100,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
     import yaml
 
     file = find_grid(path)
-    text = file.read_text()
     try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        why = getattr(err, "strerror", None) or "not UTF-8 text"
+        raise UserError(f"cannot read grid file {path}: {why}") from None
+    try:  # safe_load: plain data only (a python/object tag is a YAMLError, never a call)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"grid file {path} is not valid YAML: {str(err).splitlines()[0]}") from None

@@ -121,20 +121,20 @@ def _slug(text: str) -> str:
 def read_layers(path: Path) -> dict[str, dict[str, list[float]]]:
     """layers.csv -> {layer: {"step": [...], "weight_norm": [...], "grad_norm": [...], ...}} in file order."""
     try:
-        text = Path(path).read_text()
-    except OSError:
+        rows = list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))
+    except (OSError, UnicodeDecodeError, csv.Error):
         return {}
     layers: dict[str, dict[str, list[float]]] = {}
-    for row in csv.DictReader(io.StringIO(text)):
+    for row in rows:
         name = row.get("layer")
-        if not name:
+        if not name or not isinstance(name, str):
             continue
         series = layers.setdefault(name, {"step": [], "weight_norm": [], "grad_norm": [], "trust_ratio": [],
                                           "step_size": []})
         for key in series:
             try:
                 series[key].append(float(row.get(key) or "nan"))
-            except ValueError:
+            except (TypeError, ValueError):
                 series[key].append(float("nan"))
     return layers
 

@@ -38,6 +38,7 @@ from typing import Sequence
 from tvlars import runfolder
 from tvlars.cli import parse_formats
 from tvlars.errors import UserError
+from tvlars.runfolder import number
 from tvlars.study.grid import format_value
 from tvlars.study.runs import (RunData, best_per_batch, epochs_to_accuracy, group_by_setting, label_order,
                                load_runs, mean_std, run_accuracy, variant)
@@ -73,6 +74,7 @@ class Cell:
     diverged: int = 0
     runs: int = 0
     reached: int = 0   # runs that reached the epochs-to-target goal
+    peak_lr: float | None = None   # the schedule's peak (config.yaml's peak_lr: lr after --lr-scaling)
 
 
 @dataclass
@@ -121,6 +123,7 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
             diverged=sum(r.status == "diverged" for r in members),
             runs=len(members),
             reached=sum(e is not None for e in epochs),
+            peak_lr=number(members[0].get("peak_lr")),
         )
     datasets = {str(r.get("dataset", "?")).lower() for r in runs}
     tasks = {str(r.get("command", "train")).lower() for r in runs}
@@ -194,12 +197,22 @@ def _markdown_lr_table(table: Table, cell_text, paper_row=None) -> str:
                 continue
             cells = [cell_text(table.cells.get((label, batch, lr))) for lr in lrs]
             cells += [""] * (table.width - len(lrs))
-            row = [label, f"{batch} ({'/'.join(format_value(lr) for lr in lrs)})"] + cells
+            lr_texts = "/".join(format_value(lr) for lr in lrs)
+            row = [label, f"{batch} ({lr_texts}){_peak_text(table, label, batch)}"] + cells
             if paper_row is not None:
                 values = paper_row(label, batch) or []
                 row += [f"{v:.2f}" if v is not None else "—" for v in values] + [""] * (table.width - len(values))
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _peak_text(table: Table, label: str, batch: int) -> str:
+    """", peak x16" where --lr-scaling made the schedule's peak differ from the lr column."""
+    for lr in table.lrs[batch]:
+        cell = table.cells.get((label, batch, lr))
+        if cell is not None and cell.peak_lr is not None and not math.isclose(cell.peak_lr, lr):
+            return f", peak ×{cell.peak_lr / lr:.4g}"
+    return ""
 
 
 def markdown_accuracy(table: Table, metric: str, with_paper: bool) -> str:
@@ -288,7 +301,7 @@ def render_csv(table: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["dataset", "task", "row", "optimizer", "batch_size", "lr", "lr_index", "n", "n_diverged",
                      "best_mean", "best_std", "final_mean", "final_std", "epochs_to_target_mean",
-                     "epochs_to_target_std", "n_reached_target", "paper_acc"])
+                     "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr"])
 
     def num(x):
         return "" if x is None else f"{x:.6g}"
@@ -306,7 +319,7 @@ def render_csv(table: Table) -> str:
                                  num(lr), _letters(i + 1)[-1], cell.best[2], cell.diverged,
                                  num(cell.best[0]), num(cell.best[1]), num(cell.final[0]), num(cell.final[1]),
                                  num(cell.epochs[0]), num(cell.epochs[1]), cell.reached,
-                                 num(papers[i] if i < len(papers) else None)])
+                                 num(papers[i] if i < len(papers) else None), num(cell.peak_lr)])
     return buf.getvalue()
 
 

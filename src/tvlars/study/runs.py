@@ -26,7 +26,7 @@ IGNORED = {
     "eval_every", "eval_batch_size", "layer_stats_every", "seed", "data_on_device", "compile",
     "channels_last", "micro_batch_size", "stop_after_epochs", "command", "batch_size", "lr",
     "optimizer", "warmup_epochs", "schedule", "delay_steps", "world_size", "tb", "tensorboard",
-    "cache_dir", "log_every", "name",
+    "cache_dir", "log_every", "name", "peak_lr",
 }
 
 #: A setting of Table 1: (row label, batch size, learning rate).

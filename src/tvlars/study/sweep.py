@@ -157,6 +157,41 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: What a sweep.json record may hold, by field: the JSON types admitted.
+_RECORD_FIELDS = {"status": (str,), "attempts": (int,), "returncode": (int, type(None)),
+                  "wall_time_s": (int, float, type(None)), "device": (str, type(None)),
+                  "started": (str, type(None)), "finished": (str, type(None)), "error": (str, type(None)),
+                  "flags": (dict,), "in_grid": (bool,)}
+
+
+def read_index(path: Path) -> dict[str, dict]:
+    """The records of an earlier sweep.json by run name; {} when it is missing or unreadable.
+
+    The index is only a record of earlier attempts (run folders are the truth), so anything
+    unexpected is dropped rather than reported: records without a plain folder name (no
+    separators, no ``..``), and fields of the wrong JSON type.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
+        return {}
+    runs = data.get("runs") if isinstance(data, dict) else None
+    records = {}
+    for record in runs if isinstance(runs, list) else []:
+        if not isinstance(record, dict):
+            continue
+        name = record.get("name")
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            continue
+        kept = {"name": name}
+        for key, types in _RECORD_FIELDS.items():
+            value = record.get(key)
+            if key in record and type(value) in types and not (key == "attempts" and value < 0):
+                kept[key] = value
+        records[name] = kept
+    return records
+
+
 class SweepIndex:
     """sweep.json and sweep.csv: one record per run, rewritten after every change.
 
@@ -169,10 +204,7 @@ class SweepIndex:
         self.lock = threading.Lock()
         self.grid = grid
         self.grid_path = str(grid_path) if grid_path else None
-        try:
-            earlier = {r["name"]: r for r in json.loads((out / "sweep.json").read_text()).get("runs", [])}
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            earlier = {}
+        earlier = read_index(out / "sweep.json")
         self.records: dict[str, dict] = {}
         self.flag_columns: list[str] = []
         for r in runs:
@@ -287,8 +319,8 @@ def _check_existing(runs: list[Run], out: Path) -> None:
         if not file.is_file():
             continue
         try:
-            old = yaml.safe_load(file.read_text())
-        except (OSError, yaml.YAMLError):
+            old = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue
         if isinstance(old, dict) and canonical(old) != canonical(r.flags):
             changed = sorted(k for k in set(old) | set(r.flags) if old.get(k) != r.flags.get(k))
@@ -321,6 +353,8 @@ class _Lock:
                 try:
                     pid = int(self.path.read_text().strip() or 0)
                 except (OSError, ValueError):
+                    pid = 0
+                if not 0 < pid < 2 ** 31:  # kill(-1, 0) would probe every process; huge ints overflow
                     pid = 0
                 if pid and pid != os.getpid() and _alive(pid):
                     raise UserError(f"another sweep (pid {pid}) is running in {self.path.parent}") from None

@@ -4,7 +4,8 @@ horizontal flip, for a whole batch at once with no per-image Python work.
 Randomness comes from a caller-supplied ``torch.Generator``. The random draws are made on
 the generator's device (normally the CPU) and the few integers per image are then moved
 to the images' device, so the same generator state gives the same augmentation on every
-device type.
+device type. The move is one non-blocking copy from pinned memory
+(:func:`tvlars.harness.data.transfer.to_device`): the host never waits for the device in a step.
 
 An augmentation, as :class:`tvlars.harness.data.loader.DeviceLoader` uses it, is a callable
 ``(x, generator) -> x`` on float images in [0, 1] units (before normalisation, so zero
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from tvlars.harness.data.transfer import to_device
 
 
 def sample_crop_flip(
@@ -31,7 +34,8 @@ def sample_crop_flip(
     top = torch.randint(0, 2 * padding + 1, (batch_size,), generator=generator, device=draw_device)
     left = torch.randint(0, 2 * padding + 1, (batch_size,), generator=generator, device=draw_device)
     flip = torch.rand(batch_size, generator=generator, device=draw_device) < 0.5
-    return top.to(device), left.to(device), flip.to(device)
+    top, left, flip = to_device([top, left, flip], device)
+    return top, left, flip
 
 
 def apply_crop_flip(

@@ -16,11 +16,17 @@ Data sets:
 ``synthetic``
     class templates plus noise, of any size; see :func:`make_synthetic`.
 ``cifar10``
-    the ``cifar-10-batches-py`` folder as distributed (and as torchvision reads it).
+    the ``cifar-10-batches-py`` folder as distributed (Python 2 pickles), read by a
+    restricted unpickler that admits only what the batches hold, so a file that would run
+    code is refused (:func:`tvlars.harness.safeload.unpickle_arrays`).
 ``tinyimagenet``
     the ``tiny-imagenet-200`` folder as distributed; ``val`` is the test split (the ``test``
     folder has no labels). Decoding 110,000 JPEGs takes a while, so the decoded arrays
-    are cached; see :func:`load_tinyimagenet`.
+    are cached (``allow_pickle=False``, checked against the folder); see :func:`load_tinyimagenet`.
+``fashion-mnist``, ``mnist``
+    the four IDX files as distributed (gzipped or not). Fashion-MNIST is the one real
+    benchmark of CIFAR-10's size that a package manager installs offline (Debian's
+    ``dataset-fashion-mnist``), so it is the default folder when none is given.
 
 Anything wrong with the user's files raises :class:`tvlars.errors.UserError` with one
 line naming the problem and the path.
@@ -28,10 +34,10 @@ line naming the problem and the path.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import math
 import os
-import pickle
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +49,7 @@ import torch
 
 from tvlars.errors import UserError
 
-DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet")
+DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet", "fashion-mnist", "mnist")
 
 #: Seed of the digits train/test split; fixed so the split is the same for every run.
 DIGITS_SPLIT_SEED = 0
@@ -58,6 +64,32 @@ TINYIMAGENET_FOLDER = "tiny-imagenet-200"
 TINYIMAGENET_SIZE = 64
 # Bump when the cache file layout changes, so old caches are not read.
 TINYIMAGENET_CACHE_VERSION = 1
+
+#: The IDX data sets: where a package manager puts them, the folder names other tools use,
+#: and the class names.
+IDX_DATASETS = {
+    "fashion-mnist": {
+        "title": "Fashion-MNIST",
+        "system_dir": "/usr/share/datasets/fashion-mnist",
+        "install": "apt-get install dataset-fashion-mnist",
+        "folders": ("fashion-mnist", "FashionMNIST/raw"),
+        "classes": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                    "Bag", "Ankle boot"),
+    },
+    "mnist": {
+        "title": "MNIST",
+        "system_dir": "/usr/share/datasets/mnist",
+        "install": None,
+        "folders": ("mnist", "MNIST/raw"),
+        "classes": tuple(str(d) for d in range(10)),
+    },
+}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
 
 #: The options of the synthetic data set and their defaults.
 SYNTHETIC_DEFAULTS = {
@@ -126,6 +158,10 @@ def load_data(
                 f"choose from {', '.join(SYNTHETIC_DEFAULTS)}"
             )
         return make_synthetic(**options)
+    if name in IDX_DATASETS:
+        if download:
+            raise UserError(f"{IDX_DATASETS[name]['title']} cannot be downloaded by tvlars; {_idx_hint(name)}")
+        return load_idx_dataset(name, data_dir)
     root = Path(data_dir) if data_dir is not None else Path("data")
     if name == "cifar10":
         return load_cifar10(root, download=download)
@@ -279,13 +315,14 @@ def _find_dataset_folder(root: Path, folder_name: str, marker: str, dataset: str
 
 
 def _read_pickle(path: Path) -> dict:
+    """A CIFAR-10 file's dict, read by :func:`tvlars.harness.safeload.unpickle_arrays`: only
+    what the format holds (dicts, lists, strings, numbers, numpy arrays) is admitted, so a
+    file that asks for anything else is refused before any of it runs."""
+    from tvlars.harness.safeload import unpickle_arrays
+
     if not path.is_file():
         raise UserError(f"CIFAR-10 file missing: {path}")
-    try:
-        with path.open("rb") as file:
-            content = pickle.load(file, encoding="bytes")
-    except Exception as err:  # a truncated or foreign file can raise almost anything
-        raise UserError(f"CIFAR-10 file is not a readable pickle: {path} ({type(err).__name__})") from None
+    content = unpickle_arrays(path, what="CIFAR-10 file", encoding="bytes")
     if not isinstance(content, dict):
         raise UserError(f"CIFAR-10 file does not hold a dict: {path}")
     # The distributed files were pickled by Python 2 and load with bytes keys; files
@@ -314,6 +351,21 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def _download_cifar10(root: Path) -> None:
+    """torchvision's verified download (md5 of the archive, then of every batch), without
+    its CIFAR10 class: that would also unpickle the batches with ``pickle.load``."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+    folder = root / CIFAR10.base_folder
+    if all(check_integrity(str(folder / name), md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list):
+        return
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    except Exception as err:  # network failures come in many types
+        raise UserError(f"could not download CIFAR-10 into {root}: {str(err).strip().splitlines()[0]}") from None
+
+
 def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
     """The ``cifar-10-batches-py`` folder at ``root`` or inside it.
 
@@ -321,12 +373,7 @@ def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
     first (skipped when it is already there).
     """
     if download:
-        from torchvision.datasets import CIFAR10
-
-        try:
-            CIFAR10(str(root), train=True, download=True)
-        except Exception as err:  # network failures come in many types
-            raise UserError(f"could not download CIFAR-10 into {root}: {err}") from None
+        _download_cifar10(Path(root))
     folder = _find_dataset_folder(root, CIFAR10_FOLDER, CIFAR10_TEST_FILE, "CIFAR-10")
     train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_FILES]
     test_images, test_labels = _read_cifar_batch(folder / CIFAR10_TEST_FILE)
@@ -344,6 +391,97 @@ def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
         num_classes=10,
         class_names=class_names,
     )
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST, MNIST
+
+_IDX_UBYTE = 0x08
+_IDX_MAX_BYTES = 1 << 32  # 4 GiB: far above any IDX data set
+
+
+def _idx_hint(name: str) -> str:
+    spec = IDX_DATASETS[name]
+    where = f"put the four IDX files ({', '.join(IDX_FILES.values())}, .gz or not) in --data-dir"
+    return f"{spec['install']}, or {where}" if spec["install"] else where
+
+
+def _idx_folder(name: str, data_dir: str | os.PathLike | None) -> Path:
+    """The folder holding the IDX files: ``data_dir`` itself or one of the usual subfolders;
+    without ``data_dir``, ``./data/<name>`` and then where the system package puts it."""
+    spec = IDX_DATASETS[name]
+    marker = IDX_FILES["test_labels"]
+
+    def holds(folder: Path) -> bool:
+        return (folder / marker).is_file() or (folder / f"{marker}.gz").is_file()
+
+    roots = [Path(data_dir)] if data_dir is not None else [Path("data"), Path(spec["system_dir"])]
+    for root in roots:
+        for folder in (root, *(root / sub for sub in spec["folders"])):
+            if holds(folder):
+                return folder
+    if data_dir is not None:
+        if not Path(data_dir).exists():
+            raise UserError(f"{spec['title']} data folder not found: {data_dir}")
+        raise UserError(f"{spec['title']} IDX files not found in {data_dir}; {_idx_hint(name)}")
+    raise UserError(f"{spec['title']} not found in ./data or {spec['system_dir']}; {_idx_hint(name)}")
+
+
+def _read_idx(folder: Path, stem: str, ndim: int) -> np.ndarray:
+    """One IDX file of unsigned bytes with ``ndim`` dimensions (3 for images, 1 for labels)."""
+    path = folder / stem
+    if not path.is_file():
+        path = folder / f"{stem}.gz"
+    if not path.is_file():
+        raise UserError(f"IDX file missing: {folder / stem} (or .gz)")
+    header = 4 + 4 * ndim
+    try:
+        # Read only what the header promises (plus one byte to detect a longer file), so a
+        # gzip bomb or a wrong header cannot fill the memory.
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as file:
+            head = file.read(header)
+            if len(head) < header or head[0] != 0 or head[1] != 0:
+                raise UserError(f"not an IDX file (bad magic number): {path}")
+            if head[2] != _IDX_UBYTE or head[3] != ndim:
+                raise UserError(f"IDX file must hold unsigned bytes in {ndim} dimension(s), "
+                                f"got type 0x{head[2]:02x} in {head[3]}: {path}")
+            dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+            count = math.prod(dims)
+            if count > _IDX_MAX_BYTES:
+                raise UserError(f"IDX header claims {count} bytes of data, more than tvlars reads: {path}")
+            body = file.read(count + 1)
+    except (OSError, EOFError) as err:  # gzip raises BadGzipFile (an OSError) or EOFError
+        raise UserError(f"IDX file is not readable: {path} ({type(err).__name__})") from None
+    if len(body) != count:
+        state = "truncated" if len(body) < count else "longer than its header says"
+        shown = f"{len(body)} bytes of data" if len(body) < count else "more data"
+        raise UserError(f"IDX file is {state} ({shown}, header says {count}): {path}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _read_idx_split(folder: Path, images_stem: str, labels_stem: str, num_classes: int):
+    images = _read_idx(folder, images_stem, 3)
+    labels = _read_idx(folder, labels_stem, 1)
+    if images.shape[0] == 0:
+        raise UserError(f"IDX file holds no images: {folder / images_stem}")
+    if labels.shape[0] != images.shape[0]:
+        raise UserError(f"{images.shape[0]} images but {labels.shape[0]} labels: {folder / labels_stem}")
+    if labels.max() >= num_classes:
+        raise UserError(f"labels must be 0..{num_classes - 1}, found {labels.max()}: {folder / labels_stem}")
+    return torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64))
+
+
+def load_idx_dataset(name: str, data_dir: str | os.PathLike | None = None) -> ImageData:
+    """Fashion-MNIST or MNIST from its four IDX files; see :func:`_idx_folder` for where."""
+    spec = IDX_DATASETS[name]
+    folder = _idx_folder(name, data_dir)
+    classes = len(spec["classes"])
+    train_images, train_labels = _read_idx_split(folder, IDX_FILES["train_images"], IDX_FILES["train_labels"], classes)
+    test_images, test_labels = _read_idx_split(folder, IDX_FILES["test_images"], IDX_FILES["test_labels"], classes)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise UserError(f"{spec['title']} train and test images differ in size "
+                        f"({tuple(train_images.shape[2:])} vs {tuple(test_images.shape[2:])}): {folder}")
+    return _image_data(name, train_images, train_labels, test_images, test_labels,
+                       num_classes=classes, class_names=spec["classes"])
 
 
 # --------------------------------------------------------------------------- Tiny ImageNet
@@ -472,6 +610,27 @@ def _write_cache_atomically(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
+def _read_cache(path: Path, train_labels: list[int], test_labels: list[int]) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None (the cache is then rebuilt, not reported) unless the file
+    holds exactly what :func:`load_tinyimagenet` writes for this folder: no pickles
+    (``allow_pickle=False``), uint8 images [N, 3, 64, 64], the listing's int64 labels."""
+    size = TINYIMAGENET_SIZE
+    labels = {"train_y": np.asarray(train_labels, dtype=np.int64), "test_y": np.asarray(test_labels, dtype=np.int64)}
+    images = {"train_x": (len(train_labels), 3, size, size), "test_x": (len(test_labels), 3, size, size)}
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if not isinstance(cached, np.lib.npyio.NpzFile) or set(cached.files) != {*labels, *images}:
+                return None
+            arrays = {key: cached[key] for key in (*images, *labels)}
+    except Exception:  # truncated zip, a pickle refused by allow_pickle=False, a bad header ...
+        return None
+    if any(arrays[key].dtype != np.uint8 or arrays[key].shape != shape for key, shape in images.items()):
+        return None
+    if any(arrays[key].dtype != np.int64 or not np.array_equal(arrays[key], value) for key, value in labels.items()):
+        return None
+    return arrays
+
+
 def load_tinyimagenet(root: Path, *, cache_dir: str | os.PathLike | None = None) -> ImageData:
     """The ``tiny-imagenet-200`` folder at ``root`` or inside it; ``val`` is the test split.
 
@@ -488,13 +647,7 @@ def load_tinyimagenet(root: Path, *, cache_dir: str | os.PathLike | None = None)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir(folder)
     cache_file = cache_root / f"tinyimagenet-{folder_key}-{_fingerprint(folder, listed)}.npz"
 
-    arrays = None
-    if cache_file.is_file():
-        try:
-            with np.load(cache_file, allow_pickle=False) as cached:
-                arrays = {key: cached[key] for key in ("train_x", "train_y", "test_x", "test_y")}
-        except (OSError, ValueError, KeyError):
-            arrays = None  # a damaged cache is rebuilt, not reported
+    arrays = _read_cache(cache_file, train_labels, val_labels) if cache_file.is_file() else None
     if arrays is None:
         arrays = {
             "train_x": _decode_all(train_paths),

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from tvlars.errors import UserError
+from tvlars.harness.data.transfer import to_device
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -171,7 +172,7 @@ class DeviceLoader:
         if not self.shuffle:
             return torch.arange(count, device=self.device)
         generator = derived_generator(self.seed, self.epoch, _PERMUTATION_STREAM)
-        return torch.randperm(count, generator=generator).to(self.device)
+        return to_device([torch.randperm(count, generator=generator)], self.device)[0]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order()

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tvlars.errors import UserError
+from tvlars.harness.data.transfer import to_device
 
 __all__ = [
     "ViewConfig",
@@ -280,6 +281,8 @@ class OneViewAugment:
         self.blur_radius = max(1, math.ceil(3.0 * view.blur_sigma[1]))
         #: None: select rows by indexing on the CPU, by masks elsewhere (True/False force it)
         self.sync_free: Optional[bool] = None
+        self._host_mean_std = tuple(torch.tensor(v, dtype=torch.float64) for v in (self.mean, self.std))
+        self._stats_cache: dict = {}
 
     # -- parameters
     def draw(self, n: int, generator: Optional[torch.Generator] = None) -> dict:
@@ -307,13 +310,15 @@ class OneViewAugment:
 
     @staticmethod
     def slice_params(params: dict, start: int, stop: int, device) -> dict:
-        return {k: t[start:stop].to(device, non_blocking=True) for k, t in params.items()}
+        """Rows ``start:stop`` of every parameter, on ``device`` in one non-blocking copy."""
+        keys = list(params)
+        return dict(zip(keys, to_device([params[k][start:stop] for k in keys], device)))
 
     # -- the DeviceLoader's augmentation protocol: sample(n, generator, device) -> tuple of
     #    per-row tensors (sliced by the loader for this rank), apply(x01, params) -> x01
     def sample(self, n: int, generator: Optional[torch.Generator], device) -> tuple:
         p = self.draw(n, generator)
-        return tuple(p[k].to(device, non_blocking=True) for k in sorted(p))
+        return tuple(to_device([p[k] for k in sorted(p)], device))
 
     # -- application
     def to_unit(self, x: Tensor) -> Tensor:
@@ -322,15 +327,23 @@ class OneViewAugment:
             return x.float().div_(255.0)
         x = x.float()
         if self.input_range == "normalized":
-            m = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-            s = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            m, s = self._mean_std(x.device, x.dtype)
             x = x * s + m
         return x.clamp(0.0, 1.0)
 
     def normalize(self, x: Tensor) -> Tensor:
-        m = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        m, s = self._mean_std(x.device, x.dtype)
         return (x - m) / s
+
+    def _mean_std(self, device, dtype) -> tuple[Tensor, Tensor]:
+        """mean and std as [1, C, 1, 1] tensors, built once per device and dtype: building
+        them in every call would be a host-to-device copy in every training step."""
+        key = (torch.device(device), dtype)
+        cached = self._stats_cache.get(key)
+        if cached is None:
+            host = [t.to(dtype).view(1, -1, 1, 1) for t in self._host_mean_std]
+            cached = self._stats_cache[key] = tuple(to_device(host, device))
+        return cached
 
     @torch.no_grad()
     def apply(self, x: Tensor, p: dict) -> Tensor:

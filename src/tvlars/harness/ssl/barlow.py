@@ -125,13 +125,11 @@ def barlow_twins_loss(
     with torch.autocast(device_type=z1.device.type, enabled=False):
         z1 = z1.float()
         z2 = z2.float()
-        n_local = z1.shape[0]
+        # the row count, filled on the device: torch.tensor(..., device=) would be a blocking
+        # host-to-device copy in every step
+        n = z1.new_full((1,), float(z1.shape[0]))
         if use_dist:
-            count = torch.tensor([float(n_local)], device=z1.device)
-            dist.all_reduce(count)  # no gradient needed for the row count
-            n = count
-        else:
-            n = torch.tensor([float(n_local)], device=z1.device)
+            dist.all_reduce(n)  # no gradient needed for the row count
         d = z1.shape[1]
         # batch means (both views in one reduction)
         mean = _sum_all(torch.cat([z1.sum(0), z2.sum(0)]), use_dist) / n

@@ -84,8 +84,8 @@ def pretrain(opened, runtime, started: float) -> int:
     from tvlars.harness import checkpoint as ckpt
     from tvlars.harness import optimizers
     from tvlars.harness.data import loader
-    from tvlars.harness.run import (all_finite, build_classifier, load_run_data, micro_batch_size, run_record,
-                                    start_session)
+    from tvlars.harness.run import (all_finite, build_classifier, data_on_device, load_run_data, micro_batch_size,
+                                    run_record, start_session)
     from tvlars.harness.runtime import prepare_model, say, seed_everything
     from tvlars.harness.ssl import barlow, evaluate
     from tvlars.harness.ssl.augment import OneViewAugment, TwoViewAugment, probe_view, unit_loader_stats
@@ -111,12 +111,11 @@ def pretrain(opened, runtime, started: float) -> int:
                              cfg.lambd)
     wrapped, model = prepare_model(net, runtime, sync_bn=cfg.sync_bn, channels_last=cfg.channels_last,
                                    compile=cfg.compile)
-    micro = micro_batch_size(cfg, barlow.TwoViewCost(model), data, runtime, per_rank)
     names = {id(p): n for n, p in model.named_parameters()}
 
     unit_mean, unit_std = unit_loader_stats(channels)  # the loader yields [0, 1]; the views normalise
-    train_loader = loader.make_loader(data.train_images, data.train_labels,
-                                      data_on_device=cfg.keep_data_on_device,
+    on_device = data_on_device(cfg, runtime, data.train_images, data.train_labels)  # the same on every rank
+    train_loader = loader.make_loader(data.train_images, data.train_labels, data_on_device=on_device,
                                       num_workers=cfg.num_workers, batch_size=cfg.batch_size, shuffle=True,
                                       drop_last=True, augment=None, mean=unit_mean, std=unit_std, device=runtime.device,
                                       rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed)
@@ -127,6 +126,11 @@ def pretrain(opened, runtime, started: float) -> int:
     scheduler = optimizers.build_scheduler(optimizer, **optimizers.scheduler_kwargs(cfg, steps_per_epoch, total_steps))
     probe = (evaluate.OnlineProbe(model.feature_dim, data.num_classes, device=runtime.device)
              if cfg.online_probe else None)
+    # probed with the data on the device and an optimizer state like training's; a step holds
+    # the loader's batch and its two views
+    micro = micro_batch_size(cfg, barlow.TwoViewCost(model), data, runtime, per_rank, inputs_per_row=3,
+                             make_optimizer=lambda m: optimizers.build_optimizer(
+                                 m, **optimizers.optimizer_kwargs(cfg, steps_per_epoch)))
 
     start_epoch, step, last_eval, pending = 0, 0, {}, None
     if state is not None:
@@ -147,12 +151,13 @@ def pretrain(opened, runtime, started: float) -> int:
 
     # ---- pre-training -----------------------------------------------------------------------
     params = list(model.parameters())
+    stats_log = optimizers.LayerStatsLog(session.log, names)
     for epoch in range(start_epoch, cfg.epochs):
         wrapped.train()
         train_loader.set_epoch(epoch)
         views = loader.derived_generator(cfg.seed, epoch, 2)  # the same on every rank
         loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
-        lr_used = float(optimizer.param_groups[0]["lr"])
+        lr_used = optimizer.param_groups[0]["lr"]
         bar = session.progress_bar(epoch, steps_per_epoch)
         t0 = time.time()
         for i, (x, y) in enumerate(train_loader):
@@ -162,8 +167,8 @@ def pretrain(opened, runtime, started: float) -> int:
             if cfg.channels_last:
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             loss, h1 = barlow.forward_backward(wrapped, model, v1, v2, micro, runtime, cfg.amp)
-            lr_used = optimizers.optimizer_step(optimizer, scheduler, session.log, names, stats=stats_now,
-                                                step=step + 1, epoch=epoch + 1)
+            lr_used = optimizers.optimizer_step(optimizer, scheduler, stats_log, stats=stats_now, step=step + 1,
+                                                epoch=epoch + 1)
             if probe is not None:
                 probe.step(h1, y)
             step += 1
@@ -172,11 +177,12 @@ def pretrain(opened, runtime, started: float) -> int:
                 bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}")
             bar.update(1)
         bar.close()
+        stats_log.flush(wait=True)
         epoch_time = time.time() - t0
         train_loss = loss_sum.item() / steps_per_epoch  # the loss is global: the same on every rank
         train_rows = steps_per_epoch * cfg.batch_size
         finite = all_finite(train_loss, params)
-        row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "train_loss": train_loss,
+        row = {"epoch": epoch + 1, "step": step, "lr": float(lr_used), "train_loss": train_loss,
                "epoch_time": round(epoch_time, 4), "images_per_sec": round(train_rows / max(epoch_time, 1e-9), 2)}
         if probe is not None:
             acc = probe.epoch_metrics()["acc"]

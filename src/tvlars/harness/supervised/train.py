@@ -67,8 +67,8 @@ def train(opened, runtime, started: float) -> int:
     from tvlars.harness import checkpoint as ckpt
     from tvlars.harness import optimizers
     from tvlars.harness.data import loader
-    from tvlars.harness.run import (all_finite, build_classifier, load_run_data, micro_batch_size, run_record,
-                                    start_session)
+    from tvlars.harness.run import (all_finite, build_classifier, data_on_device, load_run_data, micro_batch_size,
+                                    micro_batches, run_record, start_session)
     from tvlars.harness.runtime import autocast, maybe_no_sync, prepare_model, say, seed_everything
 
     cfg, out, state = opened.config, opened.out, opened.state
@@ -79,7 +79,6 @@ def train(opened, runtime, started: float) -> int:
     seed_everything(cfg.seed)
     wrapped, model = prepare_model(build_classifier(cfg, data), runtime, sync_bn=cfg.sync_bn,
                                    channels_last=cfg.channels_last, compile=cfg.compile)
-    micro = micro_batch_size(cfg, model, data, runtime, per_rank)
     names = {id(p): n for n, p in model.named_parameters()}
 
     common = dict(mean=data.mean, std=data.std, device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
@@ -89,7 +88,10 @@ def train(opened, runtime, started: float) -> int:
         from tvlars.harness.data.augment import RandomCropFlip
 
         augment = RandomCropFlip(4)
-    train_loader = loader.make_loader(data.train_images, data.train_labels, data_on_device=cfg.keep_data_on_device,
+    # every rank takes the same decision (the test set joins the training set on the device)
+    on_device = data_on_device(cfg, runtime, data.train_images, data.train_labels, data.test_images,
+                               data.test_labels)
+    train_loader = loader.make_loader(data.train_images, data.train_labels, data_on_device=on_device,
                                       num_workers=cfg.num_workers, batch_size=cfg.batch_size, shuffle=True,
                                       drop_last=cfg.drop_last, augment=augment, **common)
     # DeviceLoader slices global batches, so the rows of each global batch are known without comms;
@@ -103,6 +105,9 @@ def train(opened, runtime, started: float) -> int:
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = optimizers.build_optimizer(model, **optimizers.optimizer_kwargs(cfg, steps_per_epoch))
     scheduler = optimizers.build_scheduler(optimizer, **optimizers.scheduler_kwargs(cfg, steps_per_epoch, total_steps))
+    # probed with the data on the device and an optimizer state like training's
+    micro = micro_batch_size(cfg, model, data, runtime, per_rank, make_optimizer=lambda m: optimizers.build_optimizer(
+        m, **optimizers.optimizer_kwargs(cfg, steps_per_epoch)))
 
     start_epoch, step, best_acc, best_epoch = 0, 0, None, None
     if state is not None:
@@ -125,6 +130,7 @@ def train(opened, runtime, started: float) -> int:
     # ---- the loop ---------------------------------------------------------------------------
     dev = runtime.device
     params = list(model.parameters())
+    stats_log = optimizers.LayerStatsLog(session.log, names)
     last_acc = None
     for epoch in range(start_epoch, cfg.epochs):
         wrapped.train()
@@ -132,7 +138,7 @@ def train(opened, runtime, started: float) -> int:
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         correct = torch.zeros((), device=dev, dtype=torch.int64)
         rows_seen = 0
-        lr_used = float(optimizer.param_groups[0]["lr"])
+        lr_used = optimizer.param_groups[0]["lr"]
         bar = session.progress_bar(epoch, steps_per_epoch)
         t0 = time.time()
         for i, (x, y) in enumerate(train_loader):
@@ -140,7 +146,10 @@ def train(opened, runtime, started: float) -> int:
                            else len(y) * runtime.world_size)
             stats_now = runtime.is_main and cfg.layer_stats_every > 0 and (step + 1) % cfg.layer_stats_every == 0
             optimizers.enable_stats(optimizer, stats_now)
-            chunks = list(zip(x.split(micro), y.split(micro))) or [(x, y)]
+            # as many micro-batches on every rank, sized for the rank with the most rows of a short
+            # last batch, so that collectives in the forward (SyncBatchNorm, FSDP) pair up
+            most_rows = math.ceil(global_rows / runtime.world_size) if exact_rows else len(y)
+            chunks = micro_batches(x, y, micro, most_rows)
             for j, (xm, ym) in enumerate(chunks):
                 with maybe_no_sync(wrapped, j < len(chunks) - 1), autocast(runtime, cfg.amp):
                     logits = wrapped(xm)
@@ -148,8 +157,8 @@ def train(opened, runtime, started: float) -> int:
                 (loss * (runtime.world_size / global_rows)).backward()
                 loss_sum += loss.detach()
                 correct += (logits.detach().argmax(1) == ym).sum()
-            lr_used = optimizers.optimizer_step(optimizer, scheduler, session.log, names, stats=stats_now,
-                                                step=step + 1, epoch=epoch + 1)
+            lr_used = optimizers.optimizer_step(optimizer, scheduler, stats_log, stats=stats_now, step=step + 1,
+                                                epoch=epoch + 1)
             step += 1
             rows_seen += len(y)
             if not bar.disable and (i % 10 == 0 or i == steps_per_epoch - 1):  # host sync: rank 0 only
@@ -158,12 +167,13 @@ def train(opened, runtime, started: float) -> int:
                                 img_s=f"{rows_seen * runtime.world_size / max(time.time() - t0, 1e-9):.0f}")
             bar.update(1)
         bar.close()
+        stats_log.flush(wait=True)
         totals = runtime.all_reduce_sum(torch.stack([loss_sum, correct.to(torch.float64),
                                                 torch.tensor(float(rows_seen), device=dev, dtype=torch.float64)]))
         train_loss, train_correct, train_rows = totals.tolist()
         epoch_time = time.time() - t0
         finite = all_finite(train_loss, params)
-        row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "train_loss": train_loss / max(train_rows, 1),
+        row = {"epoch": epoch + 1, "step": step, "lr": float(lr_used), "train_loss": train_loss / max(train_rows, 1),
                "train_acc": 100.0 * train_correct / max(train_rows, 1), "epoch_time": round(epoch_time, 4),
                "images_per_sec": round(train_rows / max(epoch_time, 1e-9), 2)}
         if finite and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
