@@ -121,10 +121,11 @@ def _stats_table(optimizer):
         # same gathering here (same float64 values), the copy is LayerStatsLog's
         records = getattr(optimizer, "_records", None)
         if records is None:  # an optimizer without the records: its own (blocking) copy
-            st = optimizer.last_stats()
-            if st is None:
+            stats = optimizer.last_stats()
+            if stats is None:
                 return None
-            return st.params, torch.stack([st.weight_norm, st.grad_norm, st.trust_ratio, st.step_size]), {}
+            return stats.params, torch.stack([stats.weight_norm, stats.grad_norm, stats.trust_ratio,
+                                              stats.step_size]), {}
         if not records:
             return None
         params = [p for ps, _ in records for p in ps]

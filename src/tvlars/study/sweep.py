@@ -297,7 +297,7 @@ def print_plan(runs: list[Run], out: Path, command: str) -> None:
         counts[state] = counts.get(state, 0) + 1
         print(f"{state:9s} {r.name}")
     todo = counts.get("pending", 0) + counts.get("partial", 0)
-    finished = counts.get("completed", 0) + counts.get("diverged", 0)
+    finished = sum(counts.get(status, 0) for status in FINISHED)
     print(f"sweep {out}: {len(runs)} runs of tvlars {command}: {finished} finished, {todo} to run "
           f"({counts.get('partial', 0)} to resume)")
     if runs:
@@ -503,7 +503,7 @@ def run_sweep(grid: Grid, runs: list[Run], out: Path, *, workers: int = 1, devic
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
                     status = future.result()
-                    if status in ("completed", "diverged", "failed"):
+                    if status in (*FINISHED, "failed"):
                         getattr(result, status).append(futures[future])
         except BaseException:
             runner.stopping.set()

@@ -38,7 +38,6 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,15 +598,10 @@ def default_cache_dir(dataset_folder: Path) -> Path:
 
 
 def _write_cache_atomically(path: Path, **arrays: np.ndarray) -> None:
+    from tvlars.runfolder import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    atomic_write(path, lambda file: np.savez(file, **arrays))
 
 
 def _read_cache(path: Path, train_labels: list[int], test_labels: list[int]) -> dict[str, np.ndarray] | None:
