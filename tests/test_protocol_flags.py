@@ -158,3 +158,13 @@ def test_fashion_mnist_paper_grid_runs_seed_0_first():
     lam = _expand("fashion-mnist-lam")
     assert sorted({r.flags["lam"] for r in lam}) == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
     assert {r.flags["batch_size"] for r in lam} == {16384}
+
+
+def test_report_rows_sort_flag_values_by_number():
+    from tvlars.study.runs import label_order
+
+    labels = ["TVLARS [lam=0.0001]", "TVLARS [lam=0.01]", "TVLARS [lam=1e-05]", "LARS (no warm-up)",
+              "TVLARS [lam=1e-06]", "LARS (warm-up)", "TVLARS [lam=0.001]"]
+    assert sorted(labels, key=label_order) == [
+        "LARS (warm-up)", "LARS (no warm-up)", "TVLARS [lam=1e-06]", "TVLARS [lam=1e-05]",
+        "TVLARS [lam=0.0001]", "TVLARS [lam=0.001]", "TVLARS [lam=0.01]"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -181,10 +182,18 @@ def row_labels(runs: Sequence[RunData]) -> dict[str, str]:
 
 
 def label_order(label: str) -> tuple:
-    """Sort key of row labels: the paper's optimizer order, warm-up before no warm-up."""
+    """Sort key of row labels: the paper's optimizer order, warm-up before no warm-up, then
+    flag values by number ("lam=1e-05" before "lam=0.0001"), not by their spelling."""
     base = label.split(" ")[0].lower()
     idx = ORDER.index(base) if base in ORDER else len(ORDER)
-    return (idx, "no warm-up" in label, label)
+    return (idx, "no warm-up" in label, [_natural(part) for part in re.split(r"([-+]?\d[\d.]*(?:e[-+]?\d+)?)", label)])
+
+
+def _natural(part: str) -> tuple:
+    try:
+        return (0, float(part), "")
+    except ValueError:
+        return (1, 0.0, part)
 
 
 def group_by_setting(runs: Sequence[RunData]) -> dict[Setting, list[RunData]]:
