@@ -50,9 +50,10 @@ under ``grid:`` (in order of first appearance; constants in ``base:`` stay out o
 name), e.g. ``optimizer-lars_batch_size-512_lr-1_seed-0``. Names are stable: adding
 values to an axis never renames existing runs (adding a new flag to ``grid:`` does).
 
-GRID.yaml may also name a shipped grid (``tvlars sweep quickstart``): grids/quickstart.yaml,
-grids/digits.yaml, grids/paper-cifar10.yaml, grids/paper-tinyimagenet.yaml and
-grids/paper-barlowtwins-cifar10.yaml.
+GRID.yaml may also name a shipped grid (``tvlars sweep quickstart``): any file of grids/ by
+its stem, e.g. quickstart, digits, the paper's grids as its text describes them
+(paper-cifar10, paper-tinyimagenet, paper-barlowtwins-cifar10) and as its authors' code ran
+them (official-*), and the Fashion-MNIST study (fashion-mnist-paper, -official, -lam).
 """
 
 from __future__ import annotations

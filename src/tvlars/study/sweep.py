@@ -71,7 +71,9 @@ STOP_GRACE_S = 15
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("grid", metavar="GRID.yaml",
                         help="grid file (format: `pydoc tvlars.study.grid`), or the name of a shipped grid: "
-                             "quickstart, digits, paper-cifar10, paper-tinyimagenet, paper-barlowtwins-cifar10")
+                             "quickstart, digits, paper-cifar10, paper-tinyimagenet, paper-barlowtwins-cifar10, "
+                             "official-cifar10, official-tinyimagenet, official-barlowtwins-cifar10, "
+                             "fashion-mnist-paper, fashion-mnist-official, fashion-mnist-lam")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="sweep folder (default: the grid's out:, else runs/<grid name>)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
