@@ -55,6 +55,9 @@ def train(model, opt, data):
 
 
 class Ref:
+    """Hyper-parameters per group: the group's own value, else the constructor's (``hp``),
+    with the optimizers' names (``trust_coefficient``, ``betas``, ...)."""
+
     def __init__(self, groups, **hp):
         self.groups, self.hp, self.state, self.t = groups, hp, {}, 0
 
@@ -66,8 +69,9 @@ class Ref:
     @torch.no_grad()
     def step(self):
         for group in self.groups:
+            h = {**self.hp, **{k: v for k, v in group.items() if k != "params"}}
             for p in group["params"]:
-                self.update(p, p.grad, group["weight_decay"], group["adapt"], self.state.setdefault(p, {}))
+                self.update(p, p.grad, h, self.state.setdefault(p, {}))
         self.t += 1
 
 
@@ -76,18 +80,17 @@ def ratio(wn, un, coeff, denominator):
 
 
 class RefLARS(Ref):
-    def update(self, p, g, wd, adapt, st):
-        h = self.hp
-        lr, mu = h["lr"], h.get("momentum", 0.9)
+    def update(self, p, g, h, st):
+        lr, mu, wd, eta = h["lr"], h.get("momentum", 0.9), h["weight_decay"], h.get("trust_coefficient", 1e-3)
         d = g + wd * p
         wn = p.norm().item()
         if h.get("trust_form", "coupled") == "separate":
             gn = g.norm().item()
-            trust = ratio(wn, gn, h["eta"], gn + wd * wn + h.get("eps", 0.0))
+            trust = ratio(wn, gn, eta, gn + wd * wn + h.get("eps", 0.0))
         else:
             dn = d.norm().item()
-            trust = ratio(wn, dn, h["eta"], dn + h.get("eps", 0.0))
-        if not adapt:
+            trust = ratio(wn, dn, eta, dn + h.get("eps", 0.0))
+        if not h.get("adapt", True):
             trust = 1.0
         if h.get("trust_clip"):
             trust = min(trust / lr, 1.0)
@@ -97,41 +100,45 @@ class RefLARS(Ref):
 
 
 class RefTVLARS(Ref):
-    """Algorithm 1 literally: keeps m, starts it at w_0."""
+    """Algorithm 1 literally (keeps m, starts it at w_0); a group with variant="official"
+    follows the authors' opt/tvlars.py as SPEC.md lists it."""
 
-    def update(self, p, g, wd, adapt, st):
-        h = self.hp
+    def update(self, p, g, h, st):
+        if h.get("variant", "paper") == "official":
+            return self.official(p, g, h, st)
         phi = tv_factor(self.t, h["lam"], h.get("delay", 0), h.get("alpha", 1.0), h.get("min_factor", 0.0))
+        wd, eta = h["weight_decay"], h.get("trust_coefficient", 1e-3)
         d = g + wd * p
         wn, dn = p.norm().item(), d.norm().item()
-        trust = ratio(wn, dn, h["eta"], dn) if adapt else 1.0
+        trust = ratio(wn, dn, eta, dn) if h.get("adapt", True) else 1.0
         gamma = h["lr"] * phi * trust
         m = st.get("m", p.clone())
         m_new = p - gamma * d
-        p.copy_(m_new + h["momentum"] * (m_new - m))
+        p.copy_(m_new + h.get("momentum", 0.9) * (m_new - m))
         st["m"] = m_new
 
-
-class RefTVLARSOfficial(Ref):
-    """The authors' opt/tvlars.py as SPEC.md lists it."""
-
-    def update(self, p, g, wd, adapt, st):
-        h = self.hp
+    def official(self, p, g, h, st):
         # their classification script's gate: plain LARS for the first `delay` steps, then
         # phi of the global step count (not shifted by the delay)
         phi = 1.0 / (0.1 + math.exp(h["lam"] * (self.t + 1))) if self.t >= h.get("delay", 0) else 1.0
+        wd, eta = h["weight_decay"], h.get("trust_coefficient", 1e-3)
         d = g + wd * p
         wn, dn = min(p.norm().item(), 10.0), min(d.norm().item(), 10.0)
-        q = h["eta"] * phi * wn / dn if adapt and wn > 0 and dn > 0 else 1.0
-        buf = st.get("buf", torch.zeros_like(p)) * h["momentum"] + q * d
+        q = eta * phi * wn / dn if h.get("adapt", True) and wn > 0 and dn > 0 else 1.0
+        buf = st.get("buf", torch.zeros_like(p)) * h.get("momentum", 0.9) + q * d
         st["buf"] = buf
         p -= h["lr"] * buf
 
 
+class RefTVLARSOfficial(RefTVLARS):
+    def update(self, p, g, h, st):
+        return self.official(p, g, h, st)
+
+
 class RefLAMB(Ref):
-    def update(self, p, g, wd, adapt, st):
-        h = self.hp
+    def update(self, p, g, h, st):
         b1, b2 = h.get("betas", (0.9, 0.999))
+        wd = h["weight_decay"]
         t = st["t"] = st.get("t", 0) + 1
         m = st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
         v = st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
@@ -140,7 +147,7 @@ class RefLAMB(Ref):
         wn, un = p.norm().item(), u.norm().item()
         if h.get("max_weight_norm") is not None:
             wn = min(wn, h["max_weight_norm"])
-        trust = ratio(wn, un, 1.0, un) if adapt else 1.0
+        trust = ratio(wn, un, 1.0, un) if h.get("adapt", True) else 1.0
         if h.get("trust_clip"):
             trust = min(trust, 1.0)
         p -= h["lr"] * trust * u
@@ -148,28 +155,28 @@ class RefLAMB(Ref):
 
 # (ours, reference, optimizer kwargs, reference kwargs, param_groups kwargs)
 CASES = {
-    "lars": (LARS, RefLARS, dict(lr=0.1), dict(lr=0.1, eta=1e-3), {}),
+    "lars": (LARS, RefLARS, dict(lr=0.1), dict(lr=0.1, trust_coefficient=1e-3), {}),
     "lars-separate-eps": (LARS, RefLARS, dict(lr=0.1, trust_form="separate", eps=1e-3),
-                          dict(lr=0.1, eta=1e-3, trust_form="separate", eps=1e-3), {}),
-    "lars-nesterov": (LARS, RefLARS, dict(lr=0.1, nesterov=True), dict(lr=0.1, eta=1e-3, nesterov=True), {}),
+                          dict(lr=0.1, trust_coefficient=1e-3, trust_form="separate", eps=1e-3), {}),
+    "lars-nesterov": (LARS, RefLARS, dict(lr=0.1, nesterov=True), dict(lr=0.1, trust_coefficient=1e-3, nesterov=True), {}),
     "lars-clip": (LARS, RefLARS, dict(lr=0.1, trust_clip=True, trust_coefficient=0.05),
-                  dict(lr=0.1, eta=0.05, trust_clip=True), {}),
-    "lars-no-momentum": (LARS, RefLARS, dict(lr=0.1, momentum=0.0), dict(lr=0.1, eta=1e-3, momentum=0.0), {}),
-    "lars-adapt-all": (LARS, RefLARS, dict(lr=0.5), dict(lr=0.5, eta=1e-3),
+                  dict(lr=0.1, trust_coefficient=0.05, trust_clip=True), {}),
+    "lars-no-momentum": (LARS, RefLARS, dict(lr=0.1, momentum=0.0), dict(lr=0.1, trust_coefficient=1e-3, momentum=0.0), {}),
+    "lars-adapt-all": (LARS, RefLARS, dict(lr=0.5), dict(lr=0.5, trust_coefficient=1e-3),
                        dict(exclude_from_decay=False, exclude_from_adaptation=False)),
-    "lars-decay-only-excluded": (LARS, RefLARS, dict(lr=0.5), dict(lr=0.5, eta=1e-3),
+    "lars-decay-only-excluded": (LARS, RefLARS, dict(lr=0.5), dict(lr=0.5, trust_coefficient=1e-3),
                                  dict(exclude_from_adaptation=False)),
-    "tvlars": (TVLARS, RefTVLARS, dict(lr=0.1, lam=0.05), dict(lr=0.1, eta=1e-3, lam=0.05, momentum=0.9), {}),
+    "tvlars": (TVLARS, RefTVLARS, dict(lr=0.1, lam=0.05), dict(lr=0.1, trust_coefficient=1e-3, lam=0.05, momentum=0.9), {}),
     "tvlars-delay-alpha-floor": (
         TVLARS, RefTVLARS, dict(lr=0.1, lam=0.2, delay=5, alpha=0.5, min_factor=0.1),
-        dict(lr=0.1, eta=1e-3, lam=0.2, delay=5, alpha=0.5, min_factor=0.1, momentum=0.9), {}),
+        dict(lr=0.1, trust_coefficient=1e-3, lam=0.2, delay=5, alpha=0.5, min_factor=0.1, momentum=0.9), {}),
     "tvlars-adapt-all": (TVLARS, RefTVLARS, dict(lr=1.0, lam=0.05, momentum=0.5),
-                         dict(lr=1.0, eta=1e-3, lam=0.05, momentum=0.5),
+                         dict(lr=1.0, trust_coefficient=1e-3, lam=0.05, momentum=0.5),
                          dict(exclude_from_decay=False, exclude_from_adaptation=False)),
     "tvlars-official": (TVLARS, RefTVLARSOfficial, dict(lr=0.1, lam=0.05, variant="official"),
-                        dict(lr=0.1, eta=1e-3, lam=0.05, momentum=0.9), {}),
+                        dict(lr=0.1, trust_coefficient=1e-3, lam=0.05, momentum=0.9), {}),
     "tvlars-official-delay": (TVLARS, RefTVLARSOfficial, dict(lr=0.1, lam=0.05, delay=7, variant="official"),
-                              dict(lr=0.1, eta=1e-3, lam=0.05, delay=7, momentum=0.9), {}),
+                              dict(lr=0.1, trust_coefficient=1e-3, lam=0.05, delay=7, momentum=0.9), {}),
     "lamb": (LAMB, RefLAMB, dict(lr=1e-2), dict(lr=1e-2), {}),
     # the authors' LAMB: ||w|| capped (low enough here that the cap binds), no bias
     # correction, every parameter adapted and decayed

@@ -555,7 +555,12 @@ def _fused(fn, options: dict):
             return fn(*args, **options)
 
         bound = types.FunctionType(bound.__code__.replace(), bound.__globals__, fn.__name__, None, bound.__closure__)
-        _compiled[key] = torch.compile(bound, dynamic=True, fullgraph=True)
+        # The hyper-parameters must be constants of the graph. By default (specialize_float=False)
+        # dynamo lifts Python floats to graph inputs, inductor still bakes the traced value into
+        # the generated kernel, and its on-disk cache then serves that kernel to a configuration
+        # that differs only in that float (a momentum of 0.9 used for 0.5, issue 8).
+        _compiled[key] = torch._dynamo.config.patch(specialize_float=True)(
+            torch.compile(bound, dynamic=True, fullgraph=True))
     return _compiled[key]
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ._base import check
+from ._base import LayerwiseOptimizer, check
 from .factor import check_factor_args, tv_factor_tensor
 from .lars import LARS
 
@@ -57,19 +57,21 @@ class TVLARS(LARS):
             check("alpha/min_factor", (alpha, min_factor), (alpha, min_factor) == (1.0, 0.0),
                   "variant='official' fixes alpha=0.1 and min_factor=0")
             alpha = OFFICIAL_ALPHA
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         trust_coefficient=trust_coefficient, foreach=foreach, fused=fused, stats=stats)
-        for group in self.param_groups:
-            for key, value in dict(lam=lam, delay=delay, alpha=alpha, min_factor=min_factor, variant=variant).items():
-                group.setdefault(key, value)
-            self._validate(group)
-        self.defaults.update(lam=lam, delay=delay, alpha=alpha, min_factor=min_factor, variant=variant)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=0.0, nesterov=False, trust_clip=False,
+                        trust_form="coupled", lam=lam, delay=delay, alpha=alpha, min_factor=min_factor,
+                        variant=variant)
+        # LARS's own constructor would validate groups before the TVLARS keys are in the defaults.
+        LayerwiseOptimizer.__init__(self, params, defaults, foreach, fused, stats)
 
     def _validate(self, group: dict) -> None:
         super()._validate(group)
-        if "variant" in group:  # LARS.__init__ validates before the TVLARS keys exist
-            check("variant", group["variant"], group["variant"] in VARIANTS, f"must be one of {VARIANTS}")
-            check_factor_args(group["lam"], group["delay"], group["alpha"], group["min_factor"])
+        check("variant", group["variant"], group["variant"] in VARIANTS, f"must be one of {VARIANTS}")
+        check_factor_args(group["lam"], group["delay"], group["alpha"], group["min_factor"])
+        if group["variant"] == "official":
+            check("alpha/min_factor", (group["alpha"], group["min_factor"]),
+                  (group["alpha"], group["min_factor"]) == (OFFICIAL_ALPHA, 0.0),
+                  f"variant='official' fixes alpha={OFFICIAL_ALPHA} and min_factor=0")
 
     def _momentum_form(self, group: dict, counters: dict) -> dict:
         if group["variant"] == "official":
