@@ -1,11 +1,12 @@
 """What LARS, TVLARS and LAMB share as torch optimizers: gathering the parameters to step,
-the non-finite-gradient policy, optimizer-level counters, telemetry and path selection.
+the non-finite-gradient policy, the per-parameter counters, telemetry and path selection.
 The maths is in ``_functional``.
 """
 
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -15,9 +16,13 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import _functional as F
 
-# Key of the optimizer-level counters in ``optimizer.state``. torch's state_dict keeps
-# non-tensor keys as they are, so the counters resume with everything else.
-COUNTERS = "counters"
+# Per-parameter counters, as torch keeps "step": the steps taken (TVLARS's t, LAMB's bias
+# correction) and the steps skipped for non-finite gradients. float32 0-d tensors on the
+# parameter's device, so that a skipped step changes them without a host read.
+STEP, SKIPPED = "step", "skipped_steps"
+COUNTER_KEYS = (STEP, SKIPPED)
+# tvlars 0.1.0 kept both counters once per optimizer, under this key of ``optimizer.state``.
+LEGACY_COUNTERS = "counters"
 
 
 class LayerStats(NamedTuple):
@@ -48,7 +53,7 @@ class LayerwiseOptimizer(Optimizer):
     """Base of the layer-wise optimizers (not public).
 
     Non-finite gradients: if any gradient of the optimizer holds inf or NaN, the whole step
-    is skipped: weights, state and the step counter stay as they were, and
+    is skipped: weights, state and the step counters stay as they were, and
     ``skipped_steps`` counts it. On an accelerator the decision is taken on the device, so
     ``step()`` never waits for it; nothing is printed (that would need a host read). Under
     ``torch.amp.GradScaler`` the scaler skips such steps before they reach the optimizer.
@@ -110,22 +115,57 @@ class LayerwiseOptimizer(Optimizer):
         super().__setstate__(state)
         self.stats = stats
         self._records = []
+        legacy = self.state.pop(LEGACY_COUNTERS, None)  # an optimizer pickled by tvlars 0.1.0
+        if legacy is not None:
+            self._spread_legacy_counters(legacy)
 
     # -- counters ------------------------------------------------------------------------
-    def _counters(self, device: torch.device) -> dict:
-        counters = self.state.get(COUNTERS)
-        if counters is None:
-            zero = torch.zeros((), dtype=torch.float32, device=device)
-            counters = self.state[COUNTERS] = {"step": zero, "skipped_steps": zero.clone()}
-        elif counters["step"].device != device:
-            counters = self.state[COUNTERS] = {k: v.to(device) for k, v in counters.items()}
-        return counters
+    def _counters(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """``p``'s (step, skipped_steps), created at 0 on its first step."""
+        state = self.state[p]
+        if STEP not in state:
+            state[STEP] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if SKIPPED not in state:
+            state[SKIPPED] = torch.zeros((), dtype=torch.float32, device=p.device)
+        return state[STEP], state[SKIPPED]
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients (reads the device)."""
-        counters = self.state.get(COUNTERS)
-        return 0 if counters is None else int(counters["skipped_steps"].item())
+        """Steps skipped for non-finite gradients (one host read). A parameter counts the
+        steps it took part in; this is the most any parameter counted."""
+        counts = [s[SKIPPED] for s in self.state.values() if SKIPPED in s]
+        if not counts:
+            return 0
+        return int(torch.stack([c.to(counts[0].device) for c in counts]).max().item())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader, plus: the counters keep float32 and move to their parameter's device
+        (torch casts every other tensor to the parameter's dtype, and leaves "step" where it
+        was saved), and a state_dict saved by tvlars 0.1.0 (counters under
+        ``state["counters"]``) loads with its counters given to every parameter."""
+        saved = state_dict["state"]
+        legacy = saved.get(LEGACY_COUNTERS)
+        counters = {k: {c: v[c] for c in COUNTER_KEYS if c in v} for k, v in saved.items() if k != LEGACY_COUNTERS}
+        if legacy is not None:
+            state_dict = dict(state_dict, state={k: v for k, v in saved.items() if k != LEGACY_COUNTERS})
+        super().load_state_dict(state_dict)
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params):
+            for key, value in counters.get(pid, {}).items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+        if legacy is not None:
+            self._spread_legacy_counters(legacy)
+
+    def _spread_legacy_counters(self, legacy: dict) -> None:
+        """0.1.0 counted steps once per optimizer; every parameter took every step then, so
+        each parameter gets that count (LAMB's parameters kept their own "step" already)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                for key in COUNTER_KEYS:
+                    if key not in state:
+                        state[key] = legacy[key].to(device=p.device, dtype=torch.float32).clone()
 
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,30 +185,32 @@ class LayerwiseOptimizer(Optimizer):
         if not work:
             return loss
         device = work[0][1][0].device
+        skipped = [self._counters(p)[1] for _, params in work for p in params]
         plans = [None] * len(work)
         if all(_host_path(group, params) for group, params in work):
             # CPU: read the per-layer norms on the host (free there) and decide the step now.
             plans = [F.host_grad_norms([p.grad for p in params]) for _, params in work]
-            finite = all(math.isfinite(n) for plan in plans for n in plan)
-            ok = torch.tensor(finite)
-            if not finite:
-                plans = [None] * len(work)  # the single-tensor path makes the skip an exact no-op
+            if not all(math.isfinite(n) for plan in plans for n in plan):
+                torch._foreach_add_(skipped, 1.0)
+                self._records = []
+                return loss
+            ok = torch.tensor(True)
         else:
             ok = _all_finite([p.grad for _, params in work for p in params], device)
-        counters = self._counters(device)
         want = self.stats
         records = []
         for (group, params), plan in zip(work, plans):
-            records += self._update(group, params, ok, counters, want, plan)
-        okf = ok.to(counters["step"].dtype)
-        counters["step"].add_(okf)
-        counters["skipped_steps"].add_(1.0 - okf)
+            records += self._update(group, params, ok, want, plan)
+        if plans[0] is None:
+            for (dev, _), ((counts,), _) in _group_tensors_by_device_and_dtype([skipped]).items():
+                bad = (~ok).to(device=dev, dtype=torch.float32)
+                torch._foreach_add_(counts, [bad] * len(counts))
         self._records = records
         return loss
 
-    def _update(self, group: dict, params: list, ok: Tensor, counters: dict, want_stats: bool,
-                grad_norms: Optional[list]) -> list:
-        """Update ``params``; ``grad_norms`` (host floats, CPU only) selects the host-scalar path."""
+    def _update(self, group: dict, params: list, ok: Tensor, want_stats: bool, grad_norms: Optional[list]) -> list:
+        """Update ``params`` and their step counters; ``grad_norms`` (host floats, CPU only)
+        selects the host-scalar path."""
         raise NotImplementedError
 
     # -- telemetry -----------------------------------------------------------------------

@@ -133,7 +133,7 @@ def lars_scale(
 
 
 def _lars_param(
-    p: Tensor, g: Tensor, buf: Optional[Tensor], ok: Tensor, lr: Scalar, factor: Optional[Tensor],
+    p: Tensor, g: Tensor, buf: Optional[Tensor], step: Tensor, ok: Tensor, lr: Scalar, factor: Optional[Tensor],
     *, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
     trust_form: str, trust_clip: bool, adapt: bool, max_norm: Optional[float],
     factor_in_ratio: bool, nesterov: bool, lr_in_buffer: bool,
@@ -159,21 +159,22 @@ def _lars_param(
         buf.mul_(okf * momentum + (1.0 - okf)).add_(d)
         update = d.add_(buf, alpha=momentum).mul_(outer) if nesterov else buf.mul(outer)
         p.sub_(update)
+    step.add_(okf)
     return w_norm, u_norm, trust, step_size
 
 
 def _multi_tensor_lars(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], ok: Tensor, lr: Scalar,
-    factor: Optional[Tensor], *, momentum: float, weight_decay: float, trust_coefficient: float,
+    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], steps: list[Tensor], ok: Tensor,
+    lr: Scalar, factors: Optional[list[Tensor]], *, momentum: float, weight_decay: float, trust_coefficient: float,
     eps: float, trust_form: str, trust_clip: bool, adapt: bool, max_norm: Optional[float],
     factor_in_ratio: bool, nesterov: bool, lr_in_buffer: bool, want_stats: bool,
 ) -> list[tuple[list[Tensor], Tensor]]:
     records = []
-    buckets = _group_tensors_by_device_and_dtype([params, grads, bufs])
-    for (device, dtype), ((ps, gs, bs), _) in buckets.items():
+    buckets = _group_tensors_by_device_and_dtype([params, grads, bufs, steps, factors or [None] * len(params)])
+    for (device, dtype), ((ps, gs, bs, st, fs), _) in buckets.items():
         ndt = norm_dtype(dtype)
         okf = ok.to(device=device, dtype=ndt)
-        fac = factor.to(device=device, dtype=ndt) if factor is not None else None
+        fac = torch.stack(fs).to(ndt) if factors is not None else None
         d = [_zero_if_skipped(g, okf) for g in gs]
         g_norms = torch.stack(torch._foreach_norm(d, dtype=ndt)) if trust_form == "separate" else None
         if weight_decay:
@@ -201,6 +202,7 @@ def _multi_tensor_lars(
         if outer is not None:
             torch._foreach_mul_(update, outer)
         torch._foreach_sub_(ps, update)
+        torch._foreach_add_(st, [okf.to(st[0].dtype)] * len(st))
         if want_stats:
             records.append((ps, torch.stack([w_norms, u_norms, trust, step_size])))
     return records
@@ -300,7 +302,7 @@ def _multi_tensor_lamb(
         step_size = lr * trust
         torch._foreach_mul_(u, list((step_size * okf).unbind()))
         torch._foreach_sub_(ps, u)
-        torch._foreach_add_(st, okf)
+        torch._foreach_add_(st, [okf.to(st[0].dtype)] * len(st))
         if want_stats:
             records.append((ps, torch.stack([w_norms, u_norms, trust, step_size])))
     return records
@@ -390,8 +392,8 @@ def _coupled_norm(p: Tensor, g: Tensor, g_norm: float, w_norm: float, gw: float,
 
 
 def _host_lars(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], grad_norms: list[float],
-    lr: Scalar, factor: Optional[Tensor], *, momentum: float, weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], steps: list[Tensor],
+    grad_norms: list[float], lr: Scalar, factors: Optional[list[Tensor]], *, momentum: float, weight_decay: float,
     trust_coefficient: float, eps: float, trust_form: str, trust_clip: bool, adapt: bool,
     max_norm: Optional[float], factor_in_ratio: bool, nesterov: bool, lr_in_buffer: bool,
     want_stats: bool,
@@ -401,18 +403,17 @@ def _host_lars(
                    max_norm=max_norm, factor_in_ratio=factor_in_ratio, nesterov=nesterov,
                    lr_in_buffer=lr_in_buffer)
     lr_f = lr.item() if torch.is_tensor(lr) else float(lr)
-    fac = factor.item() if factor is not None else None
-    coefficient = trust_coefficient * fac if fac is not None and factor_in_ratio else trust_coefficient
+    facs = torch.stack(factors).tolist() if factors is not None else [None] * len(params)
     separate = trust_form == "separate"
     clip_lr = lr_f if trust_clip else None
     need_norms = adapt or want_stats
     mu, wd = momentum, weight_decay
     ok = torch.ones((), dtype=torch.bool)  # the caller checked every gradient finite
     rows = []
-    for p, g, buf, g_norm in zip(params, grads, bufs, grad_norms):
+    for p, g, buf, g_norm, fac, fac_t, step in zip(params, grads, bufs, grad_norms, facs, factors or facs, steps):
         if not _host_ok(p, g, buf):
-            fac_t = factor.to(norm_dtype(p.dtype)) if factor is not None else None
-            row = _lars_param(p, g, buf, ok, lr, fac_t, **options)
+            fac_t = fac_t.to(norm_dtype(p.dtype)) if fac_t is not None else None
+            row = _lars_param(p, g, buf, step, ok, lr, fac_t, **options)
             if want_stats:
                 rows.append([t.item() for t in row])
             continue
@@ -423,6 +424,7 @@ def _host_lars(
             u_norm = g_norm if separate or not wd else _coupled_norm(p, g, g_norm, w_norm, gw, wd)
         else:
             w_norm = u_norm = 0.0
+        coefficient = trust_coefficient * fac if fac is not None and factor_in_ratio else trust_coefficient
         if adapt:
             trust = _host_trust(w_norm, u_norm, coefficient, eps=eps,
                                 extra=wd * w_norm if separate and wd else None,
@@ -441,6 +443,7 @@ def _host_lars(
                               dampening=1.0 - k, nesterov=nesterov, maximize=False, is_first_step=False)
             if nesterov and k != 1.0:
                 p.add_(buf, alpha=-outer * mu * (1.0 - k))
+        step.add_(1.0)
         if want_stats:
             rows.append([w_norm, u_norm, trust, step_size])
     return _host_records(params, rows, want_stats)
@@ -595,8 +598,8 @@ def _stack_records(params, rows, want_stats):
 
 
 def lars(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], ok: Tensor, *,
-    lr: Scalar, factor: Optional[Tensor] = None, momentum: float, weight_decay: float,
+    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], steps: list[Tensor], ok: Tensor, *,
+    lr: Scalar, factors: Optional[list[Tensor]] = None, momentum: float, weight_decay: float,
     trust_coefficient: float, eps: float, trust_form: str, trust_clip: bool, adapt: bool,
     max_norm: Optional[float] = None, factor_in_ratio: bool = False, nesterov: bool = False,
     lr_in_buffer: bool = False, foreach: bool = False, fused: bool = False, want_stats: bool = False,
@@ -604,7 +607,9 @@ def lars(
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS-type update of ``params`` in place (functional form of LARS and TVLARS).
 
-    ``bufs`` holds momentum buffers (all None when momentum is 0). Returns telemetry
+    ``bufs`` holds momentum buffers (all None when momentum is 0), ``steps`` the per-parameter
+    step counters (incremented unless the step is skipped), ``factors`` phi_t per parameter
+    (TVLARS). Returns telemetry
     records ``(params, [4, n] tensor)`` when ``want_stats``. ``grad_norms`` (CPU only: the
     :func:`host_grad_norms` of these gradients, already checked finite by the caller)
     selects the host-scalar path; ``ok`` must then be True.
@@ -614,18 +619,18 @@ def lars(
                    max_norm=max_norm, factor_in_ratio=factor_in_ratio, nesterov=nesterov,
                    lr_in_buffer=lr_in_buffer)
     if grad_norms is not None:
-        return _host_lars(params, grads, bufs, grad_norms, lr, factor, want_stats=want_stats, **options)
+        return _host_lars(params, grads, bufs, steps, grad_norms, lr, factors, want_stats=want_stats, **options)
     if foreach and not fused:
-        return _multi_tensor_lars(params, grads, bufs, ok, lr, factor, want_stats=want_stats, **options)
+        return _multi_tensor_lars(params, grads, bufs, steps, ok, lr, factors, want_stats=want_stats, **options)
     eager, fn, lr = _per_param(_lars_param, fused, lr, params[0], options)
-    rows, scalars = [], {}
-    for p, g, buf in zip(params, grads, bufs):
-        if (p.device, p.dtype) not in scalars:
-            fac = factor.to(device=p.device, dtype=norm_dtype(p.dtype)) if factor is not None else None
-            scalars[p.device, p.dtype] = (ok.to(p.device), lr, fac)
+    rows, oks = [], {}
+    for p, g, buf, step, fac in zip(params, grads, bufs, steps, factors or [None] * len(params)):
+        if p.device not in oks:
+            oks[p.device] = ok.to(p.device)
+        fac = fac.to(norm_dtype(p.dtype)) if fac is not None else None
         tensors = _flat(fused, p, g, buf)
         update = fn if tensors[0] is not p else eager  # not flattened: the eager code
-        rows.append(update(*tensors, *scalars[p.device, p.dtype]))
+        rows.append(update(*tensors, step, oks[p.device], lr, fac))
     return _stack_records(params, rows, want_stats)
 
 

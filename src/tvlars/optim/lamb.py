@@ -45,20 +45,16 @@ class LAMB(LayerwiseOptimizer):
         cap = group.setdefault("max_weight_norm", None)  # groups saved before the option existed
         check("max_weight_norm", cap, cap is None or cap > 0, "must be positive or None")
 
-    def _update(self, group, params, ok, counters, want_stats, grad_norms=None):
+    def _update(self, group, params, ok, want_stats, grad_norms=None):
         ms, vs, steps = [], [], []
         for p in params:
+            steps.append(self._counters(p)[0])
             state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif state["step"].device != p.device:
-                # torch's load_state_dict leaves "step" where it was saved (e.g. on the CPU).
-                state["step"] = state["step"].to(p.device)
             ms.append(state["exp_avg"])
             vs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
         b1, b2 = group["betas"]
         return F.lamb(params, [p.grad for p in params], ms, vs, steps, ok, lr=group["lr"], beta1=b1,
                       beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],

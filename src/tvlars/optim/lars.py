@@ -67,15 +67,16 @@ class LARS(LayerwiseOptimizer):
             bufs.append(state["momentum_buffer"])
         return bufs
 
-    def _momentum_form(self, group: dict, counters: dict) -> dict:
+    def _momentum_form(self, group: dict, steps: list) -> dict:
         """How the trust-scaled direction becomes a step; TVLARS overrides this."""
         return dict(nesterov=group["nesterov"])
 
-    def _update(self, group, params, ok, counters, want_stats, grad_norms=None):
+    def _update(self, group, params, ok, want_stats, grad_norms=None):
         options = dict(
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
             trust_coefficient=group["trust_coefficient"], eps=group["eps"],
             trust_form=group["trust_form"], trust_clip=group["trust_clip"], adapt=group["adapt"])
-        options.update(self._momentum_form(group, counters))
-        return F.lars(params, [p.grad for p in params], self._buffers(group, params), ok,
+        steps = [self._counters(p)[0] for p in params]
+        options.update(self._momentum_form(group, steps))
+        return F.lars(params, [p.grad for p in params], self._buffers(group, params), steps, ok,
                       want_stats=want_stats, grad_norms=grad_norms, **options, **self._paths(group))

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ._base import LayerwiseOptimizer, check
-from .factor import check_factor_args, tv_factor_tensor
+from .factor import check_factor_args, tv_factor_tensors
 from .lars import LARS
 
 VARIANTS = ("paper", "official")
@@ -23,7 +23,9 @@ class TVLARS(LARS):
     r"""LARS plus a time-varying factor phi_t (paper Eq. 4) and a momentum form.
 
     ``phi_t = 1 / (alpha + exp(lam * (t - delay))) + min_factor``, t = optimizer steps taken
-    so far (the first step is t = 0; skipped steps do not count), ``delay`` in steps.
+    so far (the first step is t = 0; skipped steps do not count), ``delay`` in steps. As
+    torch's Adam counts its bias-correction step, t is counted per parameter
+    (``state[p]["step"]``): a parameter that had no gradient for a while is behind.
 
     ``variant="paper"`` is Algorithm 1::
 
@@ -73,12 +75,11 @@ class TVLARS(LARS):
                   (group["alpha"], group["min_factor"]) == (OFFICIAL_ALPHA, 0.0),
                   f"variant='official' fixes alpha={OFFICIAL_ALPHA} and min_factor=0")
 
-    def _momentum_form(self, group: dict, counters: dict) -> dict:
+    def _momentum_form(self, group: dict, steps: list) -> dict:
         if group["variant"] == "official":
-            step = counters["step"]
-            factor = tv_factor_tensor(step + 1.0, group["lam"], 0, group["alpha"], 0.0)
+            factors = tv_factor_tensors(steps, 1.0, group["lam"], 0, group["alpha"], 0.0)
             if group["delay"] > 0:  # the authors' gate: plain LARS until the delay has passed
-                factor = torch.where(step >= group["delay"], factor, torch.ones_like(factor))
-            return dict(factor=factor, factor_in_ratio=True, max_norm=OFFICIAL_MAX_NORM, nesterov=False)
-        factor = tv_factor_tensor(counters["step"], group["lam"], group["delay"], group["alpha"], group["min_factor"])
-        return dict(factor=factor, nesterov=True, lr_in_buffer=True)
+                factors = [torch.where(s >= group["delay"], f, torch.ones_like(f)) for s, f in zip(steps, factors)]
+            return dict(factors=factors, factor_in_ratio=True, max_norm=OFFICIAL_MAX_NORM, nesterov=False)
+        factors = tv_factor_tensors(steps, 0.0, group["lam"], group["delay"], group["alpha"], group["min_factor"])
+        return dict(factors=factors, nesterov=True, lr_in_buffer=True)
