@@ -145,7 +145,7 @@ class RefLAMB(Ref):
         bc1, bc2 = (1 - b1**t, 1 - b2**t) if h.get("bias_correction", True) else (1.0, 1.0)
         u = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + h.get("eps", 1e-6)) + wd * p
         wn, un = p.norm().item(), u.norm().item()
-        if h.get("max_weight_norm") is not None:
+        if h.get("max_weight_norm") is not None:  # the LAMB authors' cap on ||w||
             wn = min(wn, h["max_weight_norm"])
         trust = ratio(wn, un, 1.0, un) if h.get("adapt", True) else 1.0
         if h.get("trust_clip"):
@@ -190,8 +190,12 @@ CASES = {
                         dict(exclude_from_adaptation=False)),
     "lamb-adapt-all": (LAMB, RefLAMB, dict(lr=1e-2), dict(lr=1e-2),
                        dict(exclude_from_decay=False, exclude_from_adaptation=False)),
+    # the cap (0.5) binds on the conv and fc weights (norms about 1 and 2) and not on the rest
+    "lamb-max-weight-norm": (LAMB, RefLAMB, dict(lr=1e-2, max_weight_norm=0.5), dict(lr=1e-2, max_weight_norm=0.5),
+                             dict(exclude_from_adaptation=False)),
 }
-FUSED_CASES = ["lars-nesterov", "tvlars", "tvlars-official", "tvlars-official-delay", "lamb", "lamb-authors"]
+FUSED_CASES = ["lars-nesterov", "tvlars", "tvlars-official", "tvlars-official-delay", "lamb", "lamb-authors",
+               "lamb-max-weight-norm"]
 WEIGHT_DECAY = 5e-3
 
 
@@ -225,6 +229,22 @@ def test_lamb_first_step_moves_adapted_layers_by_lr_times_weight_norm():
             for p in group["params"]:
                 if group["adapt"]:
                     assert (p - start[p]).norm().item() == pytest.approx(0.03 * start[p].norm().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_lamb_max_weight_norm_caps_the_first_step_at_lr_times_the_cap(path):
+    model = make_model()
+    start = {p: p.detach().clone() for p in model.parameters()}
+    cap = 0.5
+    opt = LAMB(param_groups(model, 0.1, exclude_from_adaptation=False), lr=0.03, max_weight_norm=cap, **PATHS[path])
+    train(model, opt, make_data(1))
+    capped = 0
+    for p, w in start.items():
+        expected = 0.03 * min(w.norm().item(), cap) if w.norm() > 0 else None
+        if expected is not None:
+            assert (p - w).norm().item() == pytest.approx(expected, rel=1e-12)
+            capped += w.norm().item() > cap
+    assert capped >= 2  # the cap binds (conv and fc weights), so the test can fail
 
 
 def test_tvlars_first_step_is_one_plus_mu_times_gamma_grad():

@@ -172,6 +172,7 @@ def test_sparse_gradients_raise(cls, kw):
     (LARS, dict(momentum=0.0, nesterov=True), "nesterov"), (LARS, dict(foreach=True, fused=True), "fused"),
     (LAMB, dict(lr=-1e-3), "lr"), (LAMB, dict(betas=(1.0, 0.999)), "betas"), (LAMB, dict(betas=(0.9, -0.1)), "betas"),
     (LAMB, dict(eps=-1e-6), "eps"), (LAMB, dict(weight_decay=-0.1), "weight_decay"),
+    (LAMB, dict(max_weight_norm=0.0), "max_weight_norm"), (LAMB, dict(max_weight_norm=-1.0), "max_weight_norm"),
     (TVLARS, dict(lam=-1e-4), "lam"), (TVLARS, dict(variant="authors"), "variant"),
     (TVLARS, dict(delay=-1), "delay"), (TVLARS, dict(alpha=0.0), "alpha"), (TVLARS, dict(min_factor=-0.1), "min_factor"),
     (TVLARS, dict(variant="official", alpha=0.5), "alpha"),

@@ -27,7 +27,7 @@ GROUP_CASES = {
         ("variant", dict(variant="official", alpha=0.1))]),
     "lamb": (LAMB, RefLAMB, dict(lr=1e-2), [
         ("lr", 3e-2), ("betas", (0.8, 0.99)), ("eps", 1e-3), ("weight_decay", 0.1),
-        ("bias_correction", False), ("trust_clip", True), ("adapt", False)]),
+        ("bias_correction", False), ("trust_clip", True), ("adapt", False), ("max_weight_norm", 0.3)]),
 }
 
 

@@ -70,6 +70,9 @@ class LayerwiseOptimizer(Optimizer):
       every parameter is on CUDA, else ``foreach=False``. No accelerator path reads the host.
     """
 
+    # Group keys that a state_dict or pickle from tvlars 0.1.0 lacks.
+    _keys_since_0_1_0: tuple = ()
+
     def __init__(self, params, defaults: dict, foreach: Optional[bool], fused: Optional[bool], stats: bool):
         if foreach and fused:
             raise ValueError("invalid foreach/fused: at most one of them can be True")
@@ -111,10 +114,15 @@ class LayerwiseOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state):
-        stats = state.pop("stats", False)
+        # Also called by torch's load_state_dict with only "state" and "param_groups".
+        stats = state.pop("stats", None)
         super().__setstate__(state)
-        self.stats = stats
+        if stats is not None or not hasattr(self, "stats"):
+            self.stats = bool(stats)
         self._records = []
+        for group in self.param_groups:  # a key added since the state was saved: the constructor's value
+            for key in self._keys_since_0_1_0:
+                group.setdefault(key, self.defaults[key])
         legacy = self.state.pop(LEGACY_COUNTERS, None)  # an optimizer pickled by tvlars 0.1.0
         if legacy is not None:
             self._spread_legacy_counters(legacy)

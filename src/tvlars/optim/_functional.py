@@ -52,6 +52,7 @@ def trust_ratio(
     extra: Optional[Tensor] = None,
     clip_lr: Optional[Scalar] = None,
     max_norm: Optional[float] = None,
+    max_weight_norm: Optional[float] = None,
 ) -> Tensor:
     """``coefficient * ||w|| / (||u|| [+ extra] + eps)``, elementwise over norm tensors.
 
@@ -60,10 +61,13 @@ def trust_ratio(
     fresh zero-initialised layer or a layer with no gradient still moves at the plain lr
     and nothing is ever inf or NaN. ``clip_lr`` is LARC / LAMBC clipping:
     ``min(ratio / clip_lr, 1)``. ``max_norm`` clamps both norms first (the TVLARS
-    authors' code clamps them to 10).
+    authors' code clamps them to 10), ``max_weight_norm`` only ||w|| (the LAMB authors'
+    ``min(||w||, max)``, applied before the zero test, so a clamp to 0 gives 1).
     """
     if max_norm is not None:
         w_norm, u_norm = w_norm.clamp(max=max_norm), u_norm.clamp(max=max_norm)
+    if max_weight_norm is not None:
+        w_norm = w_norm.clamp(max=max_weight_norm)
     denominator = u_norm if extra is None else u_norm + extra
     if eps:
         denominator = denominator + eps
@@ -230,19 +234,12 @@ def _lamb_param(
     u = _lamb_direction(p, m, v, bc1, bc2_sqrt, eps=eps, weight_decay=weight_decay)
     w_norm = torch.linalg.vector_norm(p, dtype=ndt)
     u_norm = torch.linalg.vector_norm(u, dtype=ndt)
-    trust = (trust_ratio(_clamped(w_norm, max_weight_norm), u_norm, 1.0, clip_lr=1.0 if trust_clip else None)
+    trust = (trust_ratio(w_norm, u_norm, 1.0, clip_lr=1.0 if trust_clip else None, max_weight_norm=max_weight_norm)
              if adapt else torch.ones_like(w_norm))
     step_size = lr * trust
     p.sub_(u.mul_(step_size * okf))
     step.add_(okf)
     return w_norm, u_norm, trust, step_size
-
-
-def _clamped(w_norm, max_weight_norm: Optional[float]):
-    """LAMB's optional ceiling on ||w|| in the trust ratio (the authors' LAMB: 10)."""
-    if max_weight_norm is None:
-        return w_norm
-    return min(w_norm, max_weight_norm) if isinstance(w_norm, float) else w_norm.clamp(max=max_weight_norm)
 
 
 def bias_corrections(step: Tensor, ndt: torch.dtype, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
@@ -271,8 +268,7 @@ def _lamb_direction(p, m, v, bc1, bc2_sqrt, *, eps, weight_decay):
 def _multi_tensor_lamb(
     params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
     ok: Tensor, lr: Scalar, *, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, trust_clip: bool, adapt: bool, want_stats: bool,
-    max_weight_norm: Optional[float] = None,
+    bias_correction: bool, trust_clip: bool, adapt: bool, want_stats: bool, max_weight_norm: Optional[float] = None,
 ) -> list[tuple[list[Tensor], Tensor]]:
     records = []
     buckets = _group_tensors_by_device_and_dtype([params, grads, ms, vs, steps])
@@ -297,7 +293,8 @@ def _multi_tensor_lamb(
             torch._foreach_add_(u, ps, alpha=weight_decay)
         w_norms = torch.stack(torch._foreach_norm(ps, dtype=ndt))
         u_norms = torch.stack(torch._foreach_norm(u, dtype=ndt))
-        trust = (trust_ratio(_clamped(w_norms, max_weight_norm), u_norms, 1.0, clip_lr=1.0 if trust_clip else None)
+        trust = (trust_ratio(w_norms, u_norms, 1.0, clip_lr=1.0 if trust_clip else None,
+                             max_weight_norm=max_weight_norm)
                  if adapt else torch.ones_like(w_norms))
         step_size = lr * trust
         torch._foreach_mul_(u, list((step_size * okf).unbind()))
@@ -353,10 +350,12 @@ def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) ->
 
 def _host_trust(w_norm: float, u_norm: float, coefficient: float, *, eps: float = 0.0,
                 extra: Optional[float] = None, clip_lr: Optional[float] = None,
-                max_norm: Optional[float] = None) -> float:
+                max_norm: Optional[float] = None, max_weight_norm: Optional[float] = None) -> float:
     """``trust_ratio`` on Python floats (same branches, same order of operations)."""
     if max_norm is not None:
         w_norm, u_norm = min(w_norm, max_norm), min(u_norm, max_norm)
+    if max_weight_norm is not None:
+        w_norm = min(w_norm, max_weight_norm)
     denominator = u_norm if extra is None else u_norm + extra
     if eps:
         denominator = denominator + eps
@@ -510,8 +509,8 @@ def _host_lamb(
             u_norm, w_norm = math.sqrt(uu), math.sqrt(ww)
         else:
             u_norm = w_norm = 0.0
-        trust = (_host_trust(_clamped(w_norm, max_weight_norm), u_norm, 1.0, clip_lr=1.0 if trust_clip else None)
-                 if adapt else 1.0)
+        trust = (_host_trust(w_norm, u_norm, 1.0, clip_lr=1.0 if trust_clip else None,
+                             max_weight_norm=max_weight_norm) if adapt else 1.0)
         step_size = lr_f * trust
         step.add_(1.0)
         if bias_correction:
@@ -637,8 +636,8 @@ def lars(
 def lamb(
     params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
     ok: Tensor, *, lr: Scalar, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, trust_clip: bool, adapt: bool, foreach: bool = False, fused: bool = False,
-    want_stats: bool = False, grad_norms: Optional[list[float]] = None, max_weight_norm: Optional[float] = None,
+    bias_correction: bool, trust_clip: bool, adapt: bool, max_weight_norm: Optional[float] = None,
+    foreach: bool = False, fused: bool = False, want_stats: bool = False, grad_norms: Optional[list[float]] = None,
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LAMB update of ``params`` in place; ``steps`` are per-parameter step counters.
     ``grad_norms`` selects the host-scalar path, as in :func:`lars`."""

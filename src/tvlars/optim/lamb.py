@@ -11,17 +11,17 @@ from ._base import LayerwiseOptimizer, check
 
 
 class LAMB(LayerwiseOptimizer):
-    r"""LAMB with optional bias correction and LAMBC trust clipping.
+    r"""LAMB with optional bias correction, LAMBC trust clipping and the authors' weight-norm cap.
 
     Per parameter tensor w with gradient g (t = this parameter's step, from 1)::
 
         m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g^2
         u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps) + wd * w
         trust = ||w|| / ||u||        (1 where either is 0, or for adapt=False groups;
-                                      min(trust, 1) with trust_clip; ||w|| capped at
-                                      max_weight_norm when given, as in the
-                                      cybertronai / pytorch-optimizer LAMB the TVLARS
-                                      authors ran, which caps it at 10)
+                                      min(trust, 1) with trust_clip)
+                min(||w||, max_weight_norm) / ||u||   with max_weight_norm (the cybertronai /
+                                      pytorch-optimizer LAMB the TVLARS authors ran caps
+                                      ||w|| at 10; None: no cap)
         w -= lr * trust * u
 
     The first step moves each adapted layer by exactly lr * ||w||. Without bias correction
@@ -30,6 +30,8 @@ class LAMB(LayerwiseOptimizer):
     compiled read-only reduction (compiled once per process, eager without a C++ compiler)
     and updates each layer with torch's fused AdamW kernel.
     """
+
+    _keys_since_0_1_0 = ("max_weight_norm",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  bias_correction=True, trust_clip=False, foreach: Optional[bool] = None,
@@ -42,8 +44,8 @@ class LAMB(LayerwiseOptimizer):
         super()._validate(group)
         b1, b2 = group["betas"]
         check("betas", group["betas"], 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0, "each must be in [0, 1)")
-        cap = group.setdefault("max_weight_norm", None)  # groups saved before the option existed
-        check("max_weight_norm", cap, cap is None or cap > 0, "must be positive or None")
+        cap = group["max_weight_norm"]
+        check("max_weight_norm", cap, cap is None or cap > 0, "must be None or > 0")
 
     def _update(self, group, params, ok, want_stats, grad_norms=None):
         ms, vs, steps = [], [], []
@@ -59,6 +61,6 @@ class LAMB(LayerwiseOptimizer):
         return F.lamb(params, [p.grad for p in params], ms, vs, steps, ok, lr=group["lr"], beta1=b1,
                       beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
                       bias_correction=group["bias_correction"], trust_clip=group["trust_clip"],
-                      adapt=group["adapt"], want_stats=want_stats, grad_norms=grad_norms,
-                      max_weight_norm=group.get("max_weight_norm"),  # absent in 0.1.0 state dicts
+                      adapt=group["adapt"], max_weight_norm=group["max_weight_norm"],
+                      want_stats=want_stats, grad_norms=grad_norms,
                       **self._paths(group))
