@@ -5,16 +5,15 @@ The maths is in ``_functional``.
 
 from __future__ import annotations
 
-import math
 from itertools import chain
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import _functional as F
+from . import _sharding
 
 # Per-parameter counters, as torch keeps "step": the steps taken (TVLARS's t, LAMB's bias
 # correction) and the steps skipped for non-finite gradients. float32 0-d tensors on the
@@ -58,16 +57,21 @@ class LayerwiseOptimizer(Optimizer):
     ``step()`` never waits for it; nothing is printed (that would need a host read). Under
     ``torch.amp.GradScaler`` the scaler skips such steps before they reach the optimizer.
 
-    Paths (per group; all compute the same update, see ``_functional``):
+    Paths (per group; all compute the same update, see ``_functional``; chosen in ``_path``):
 
-    * ``fused=True``: the per-layer update compiled by ``torch.compile`` (first step compiles);
-    * ``foreach=True``: multi-tensor ``torch._foreach_*`` kernels;
+    * ``fused=True``: the single-tensor code compiled by ``torch.compile`` (first step
+      compiles; generated kernels, not a hand-written one as in torch);
+    * ``foreach=True``: multi-tensor ``torch._foreach_*`` kernels, a bounded number of
+      launches per step;
     * ``foreach=False``: one parameter at a time, all scalars kept on the device;
-    * default (``foreach=None, fused=None``): when every parameter of every group is on the
-      CPU, the host-scalar path: per-layer norms and trust ratios are read as Python floats
-      (free on the CPU) and torch's fused SGD / AdamW kernels update each layer in one pass,
-      the fastest exact path on the CPU (BENCHMARKS.md). Otherwise the multi-tensor path when
+    * default (``foreach=None, fused=None``): when every parameter of the step is on the
+      CPU, the host path: per-layer norms and trust ratios are read as Python floats (free
+      on the CPU) and torch's fused SGD / AdamW kernels update each layer in one pass, the
+      fastest exact path on the CPU (BENCHMARKS.md). Otherwise the multi-tensor path when
       every parameter is on CUDA, else ``foreach=False``. No accelerator path reads the host.
+
+    Sharded parameters (DTensors, e.g. FSDP2's ``fully_shard``) take any path: each rank
+    measures its shards and one all-reduce per step makes every norm a whole layer's.
     """
 
     # Group keys that a state_dict or pickle from tvlars 0.1.0 lacks.
@@ -97,15 +101,16 @@ class LayerwiseOptimizer(Optimizer):
             check("params", p.dtype, p.is_floating_point(), "parameters must be floating point")
 
     @staticmethod
-    def _paths(group: dict) -> dict:
-        """fused=True: the compiled per-parameter kernel. foreach=None: as torch.optim, the
-        multi-tensor path when every parameter is on CUDA (on the CPU, ``step`` takes the
-        host-scalar path first, see ``_host_path``), else the single-tensor loop."""
-        fused = bool(group["fused"])
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = not fused and all(p.is_cuda for p in group["params"])
-        return dict(foreach=bool(foreach), fused=fused)
+    def _path(group: dict, params: list, on_host: bool) -> str:
+        """The one place a path is chosen. ``on_host``: every parameter of the step is on the
+        CPU, where reading the skip decision costs nothing."""
+        if group["fused"]:
+            return F.FUSED
+        if group["foreach"] is None:
+            if on_host:
+                return F.HOST
+            return F.MULTI if all(p.is_cuda for p in params) else F.SINGLE
+        return F.MULTI if group["foreach"] else F.SINGLE
 
     # -- pickling keeps the telemetry switch ---------------------------------------------
     def __getstate__(self):
@@ -189,36 +194,45 @@ class LayerwiseOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if params:
+                # Layers in (device, dtype) buckets, the order every path and telemetry use.
+                order = {}
+                params = sorted(params, key=lambda p: order.setdefault((p.device, p.dtype), len(order)))
                 work.append((group, params))
         if not work:
             return loss
-        device = work[0][1][0].device
-        skipped = [self._counters(p)[1] for _, params in work for p in params]
-        plans = [None] * len(work)
-        if all(_host_path(group, params) for group, params in work):
-            # CPU: read the per-layer norms on the host (free there) and decide the step now.
-            plans = [F.host_grad_norms([p.grad for p in params]) for _, params in work]
-            if not all(math.isfinite(n) for plan in plans for n in plan):
-                torch._foreach_add_(skipped, 1.0)
-                self._records = []
-                return loss
-            ok = torch.tensor(True)
-        else:
-            ok = _all_finite([p.grad for _, params in work for p in params], device)
-        want = self.stats
+        on_host = all(p.device.type == "cpu" for _, params in work for p in params)
+        # 1. measure every layer (reads only); sharded layers become whole
+        paths = [self._path(group, params, on_host) for group, params in work]
+        plans = [self._plan(group, params, path) for (group, params), path in zip(work, paths)]
+        measured = [measure() for measure, _ in plans]
+        norms = _sharding.combine([n for n, _ in measured],
+                                  [[_sharding.shard_key(p) for p in params] for _, params in work])
+        # 2. decide: any non-finite norm skips the whole step (on the device, never read)
+        flags = [n.isfinite().all() for n in norms]
+        ok = flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+        oks = F.PerDevice(ok)
+        # 3. scalars and update, group by group
         records = []
-        for (group, params), plan in zip(work, plans):
-            records += self._update(group, params, ok, want, plan)
-        if plans[0] is None:
-            for (dev, _), ((counts,), _) in _group_tensors_by_device_and_dtype([skipped]).items():
-                bad = (~ok).to(device=dev, dtype=torch.float32)
-                torch._foreach_add_(counts, [bad] * len(counts))
+        for (_, apply), (_, ws), n, (_, params) in zip(plans, measured, norms, work):
+            s = apply(oks.on(n.device), n, ws)
+            if self.stats:
+                records.append((params, torch.stack([n[0], n[1], s.trust, s.step_size])))
         self._records = records
+        if all(path == F.HOST for path in paths) and bool(ok):
+            return loss  # the host path has read the decision already: nothing to count
+        skipped = {}
+        for _, params in work:
+            for p in params:
+                count = self._counters(p)[1]
+                skipped.setdefault(count.device, []).append(count)
+        for device, counts in skipped.items():
+            F._add_scalar_(counts, (~oks.on(device)).to(torch.float32))
         return loss
 
-    def _update(self, group: dict, params: list, ok: Tensor, want_stats: bool, grad_norms: Optional[list]) -> list:
-        """Update ``params`` and their step counters; ``grad_norms`` (host floats, CPU only)
-        selects the host-scalar path."""
+    def _plan(self, group: dict, params: list, path: str) -> tuple:
+        """(measure, apply) for one group's layers on ``path``: ``measure()`` returns
+        ([||w||; ||u||] local norms, workspace); ``apply(ok, norms, workspace)`` updates
+        with the whole-layer norms and returns the ``F.Scalars`` it used."""
         raise NotImplementedError
 
     # -- telemetry -----------------------------------------------------------------------
@@ -235,22 +249,3 @@ class LayerwiseOptimizer(Optimizer):
         table = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in self._records], dim=1)
         table = table.cpu()
         return LayerStats(params, *table.unbind(0))
-
-
-def _host_path(group: dict, params: list) -> bool:
-    """The default path (foreach=None, fused=None) on the CPU reads per-layer scalars on the
-    host; never on an accelerator, where that read would wait for the device."""
-    return group["foreach"] is None and not group["fused"] and all(p.device.type == "cpu" for p in params)
-
-
-def _all_finite(grads: list[Tensor], device: torch.device) -> Tensor:
-    """0-d bool on ``device``: every gradient is finite (a norm that overflows counts as not).
-
-    Norms are accumulated in ``norm_dtype`` as the update does: a float16 norm would overflow
-    (> 65504) on finite gradients and skip every step.
-    """
-    flags = []
-    for (_, dtype), ((gs,), _) in _group_tensors_by_device_and_dtype([grads]).items():
-        norms = torch._foreach_norm(gs, dtype=F.norm_dtype(dtype))
-        flags.append(torch.stack(norms).isfinite().all().to(device))
-    return flags[0] if len(flags) == 1 else torch.stack(flags).all()

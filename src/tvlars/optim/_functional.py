@@ -1,27 +1,52 @@
-"""The maths of LARS, TVLARS and LAMB, one idea per piece.
+"""The maths of LARS, TVLARS and LAMB, and the four paths that compute it.
 
-Every layer-wise update here is the composition of four pieces:
+Per parameter tensor ("layer") w with gradient g, as in the papers:
 
-    weight decay    d = g + wd * w                       (LARS, TVLARS; LAMB adds wd*w to u)
-    trust ratio     trust_ratio(||w||, ||d||, ...)       (written once, shared by all three)
-    learning rate   scale = lr * trust [* phi_t]         (phi_t: the TVLARS factor)
-    momentum        heavy-ball, Nesterov, or Algorithm 1's look-ahead
+    LARS    d     = g + wd * w
+            trust = eta * ||w|| / (||d|| + eps)                   trust_form="coupled"
+                    eta * ||w|| / (||g|| + wd * ||w|| + eps)      trust_form="separate"
+            gamma = lr * trust                                    (the layer's step size)
+            buf   = mu * buf + trust * d;  w -= lr * buf          heavy-ball
+                                           w -= lr * (trust * d + mu * buf)   nesterov
+    TVLARS  LARS times phi_t:  gamma = lr * trust * phi_t  (paper Eq. 4), with Algorithm 1's
+            look-ahead momentum  m' = w - gamma * d;  w = m' + mu * (m' - m),  which with
+            buf = m - m' is   buf = mu * buf + gamma * d;  w -= gamma * d + mu * buf
+            (variant="official": phi_t inside the trust ratio, both norms clamped to 10,
+            heavy-ball momentum)
+    LAMB    m, v  = Adam's moments;  u = m_hat / (sqrt(v_hat) + eps) + wd * w
+            trust = min(||w||, max_weight_norm) / ||u||
+            w    -= lr * trust * u
 
-Four paths compute the same update:
-  * single tensor: one parameter at a time (``_lars_param`` / ``_lamb_param``);
-  * ``_multi_tensor_*``: ``torch._foreach_*`` ops per (device, dtype) bucket;
-  * fused: ``_lars_param`` / ``_lamb_param`` compiled by ``torch.compile`` with dynamic
-    shapes, so one generated kernel (norms and update together) serves every parameter;
-  * host-scalar (``_host_*``, CPU only, the CPU default): per-layer scalars as Python floats,
-    the update by torch's fused SGD / AdamW kernels (see the section below).
+``trust_ratio`` (written once, below) is 1 where a norm is 0, and for adapt=False groups.
 
-Non-finite gradients: each device-side function takes ``ok``, a 0-d bool tensor on the device that is
-False when any gradient of the optimizer is inf/NaN. The update is then an exact no-op
-(gradients replaced by 0, momentum decay 1, step size 0), chosen with arithmetic instead of
-an ``if`` so that no step ever waits for the device.
+Every path takes a step in three stages, so that the step is decided before anything is
+written, and so that a sharded layer (FSDP2) is measured whole:
 
-Every function returns per-parameter statistics ``[weight_norm, grad_norm, trust, step_size]``
-as tensors on the device; the optimizer stacks them only when telemetry is on.
+  1. measure  each layer's ||w|| and ||u|| (u: d, or g for the separate form, or LAMB's u),
+              reading only. The optimizer then combines the shards of sharded layers (one
+              all-reduce for all of them) and decides the step: any non-finite norm skips it.
+              A norm is non-finite exactly when an entry is: device paths measure in float64,
+              so no finite float32 or half-precision layer overflows, and the CPU host path
+              re-measures a non-finite float32 norm in float64.
+  2. scalars  ``lars_scalars`` / ``lamb_scalars``: trust ratio and step size of every layer
+              at once, on vectors; zero on a skipped step.
+  3. apply    the update: on a skipped step an exact no-op (weights, state and counters
+              unchanged), selected on the device, so that no path waits for the decision.
+
+Paths (chosen in one place, ``LayerwiseOptimizer._path``):
+  single  ``_single_tensor_*``: one layer at a time, scalars on the device.
+  multi   ``_multi_tensor_*``: ``torch._foreach_*`` ops on each (device, dtype) bucket, with a
+          flat workspace so that per-layer scalars and the skip cost a bounded number of
+          kernel launches, however many layers there are.
+  fused   ``fused=True``: the single-tensor code compiled by ``torch.compile`` (generated
+          kernels, not a hand-written one as torch's ``fused=True``).
+  host    ``_host_*``, the CPU default: per-layer scalars as Python floats (free to read on
+          the CPU) and torch's own fused SGD / AdamW kernels for the update.
+
+Constants (momentum, betas, weight decay, eps) enter eager kernels as Python numbers, which
+kernels use at full precision (a 0-d tensor would be rounded to a bfloat16 layer's dtype);
+only per-layer scalars and 0/1 masks are tensors. Compiled code receives every value as a
+tensor, so that a kernel compiled for one configuration serves all (issue 8).
 """
 
 from __future__ import annotations
@@ -29,40 +54,93 @@ from __future__ import annotations
 import functools
 import math
 import types
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 Scalar = Union[float, Tensor]
 
-
-def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Norms of half-precision tensors are accumulated in float32; float64 stays float64."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+HEAVY_BALL, NESTEROV, LOOK_AHEAD = "heavy-ball", "nesterov", "look-ahead"
 
 
-def trust_ratio(
-    w_norm: Tensor,
-    u_norm: Tensor,
-    coefficient: Scalar,
-    *,
-    eps: float = 0.0,
-    extra: Optional[Tensor] = None,
-    clip_lr: Optional[Scalar] = None,
-    max_norm: Optional[float] = None,
-    max_weight_norm: Optional[float] = None,
-) -> Tensor:
-    """``coefficient * ||w|| / (||u|| [+ extra] + eps)``, elementwise over norm tensors.
+# =======================================================================================
+# Options: one object per parameter group and step
+# =======================================================================================
 
-    ``u`` is the direction whose size is measured (LARS: g + wd*w, or g with
-    ``extra = wd*||w||``; LAMB: the Adam update). The ratio is 1 where either norm is 0, so a
-    fresh zero-initialised layer or a layer with no gradient still moves at the plain lr
-    and nothing is ever inf or NaN. ``clip_lr`` is LARC / LAMBC clipping:
-    ``min(ratio / clip_lr, 1)``. ``max_norm`` clamps both norms first (the TVLARS
-    authors' code clamps them to 10), ``max_weight_norm`` only ||w|| (the LAMB authors'
-    ``min(||w||, max)``, applied before the zero test, so a clamp to 0 gives 1).
+
+@dataclass(frozen=True)
+class LARSOptions:
+    """A LARS-family group's hyper-parameters. ``momentum_form``: heavy-ball, nesterov, or
+    Algorithm 1's look-ahead (the step size lr * trust * phi inside the buffer).
+    ``phi_in_ratio`` and ``max_norm``: the TVLARS authors' code (phi_t multiplies the trust
+    coefficient only; both norms clamped)."""
+
+    lr: Any  # a number, a tensor, or a PerDevice of either
+    momentum: float
+    weight_decay: float
+    trust_coefficient: float
+    eps: float
+    trust_form: str
+    trust_clip: bool
+    adapt: bool
+    momentum_form: str = HEAVY_BALL
+    phi_in_ratio: bool = False
+    max_norm: Optional[float] = None
+
+    @property
+    def decay(self) -> bool:
+        return self.weight_decay != 0
+
+    @property
+    def buffered(self) -> bool:
+        return self.momentum != 0
+
+    @property
+    def coupled(self) -> bool:
+        """The trust ratio measures d = g + wd*w (else g, with wd*||w|| added)."""
+        return self.trust_form == "coupled"
+
+
+@dataclass(frozen=True)
+class LAMBOptions:
+    lr: Any
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    bias_correction: bool
+    trust_clip: bool
+    adapt: bool
+    max_weight_norm: Optional[float] = None
+
+    @property
+    def decay(self) -> bool:
+        return self.weight_decay != 0
+
+
+def norm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Norms are measured in float64 (exact for the non-finite decision, and free on
+    accelerators, where a reduction is bound by memory), except on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+# =======================================================================================
+# Stage 2: the scalars, on vectors of layers (every path)
+# =======================================================================================
+
+
+def trust_ratio(w_norm: Tensor, u_norm: Tensor, coefficient: Scalar, *, eps: float = 0.0,
+                extra: Optional[Tensor] = None, clip_lr: Optional[Scalar] = None,
+                max_norm: Optional[float] = None, max_weight_norm: Optional[float] = None) -> Tensor:
+    """``coefficient * ||w|| / (||u|| [+ extra] + eps)``, elementwise; 1 where a norm is 0.
+
+    ``u`` is the direction measured (LARS: d, or g with ``extra = wd*||w||``; LAMB: u), so a
+    zero-initialised layer or a layer with no gradient moves at the plain lr and nothing is
+    ever inf or NaN. ``clip_lr``: LARC / LAMBC clipping ``min(ratio / clip_lr, 1)``.
+    ``max_norm`` clamps both norms (the TVLARS authors' code, 10); ``max_weight_norm`` only
+    ||w|| (the LAMB authors' ``min(||w||, 10)``), both before the zero test.
     """
     if max_norm is not None:
         w_norm, u_norm = w_norm.clamp(max=max_norm), u_norm.clamp(max=max_norm)
@@ -77,240 +155,484 @@ def trust_ratio(
     return ratio
 
 
-def _zero_if_skipped(g: Tensor, okf: Tensor) -> Tensor:
-    """A fresh copy of g, or zeros on a skipped step (okf = 0); exact when okf = 1.
+@dataclass
+class Scalars:
+    """Stage 2's result for one group, vectors over its layers (bucket order) on one device.
 
-    Eager CPU ``torch.where`` with a 0-d condition is unvectorised (about 5x a multiply), so
-    eager code multiplies and clears the NaN that 0 * inf makes; compiled code, where the
-    NaN test is the unvectorised part, selects instead.
+    ``trust`` and ``step_size`` (the scalar that multiplies the layer's direction: lr*trust,
+    lr*trust*phi for TVLARS) are telemetry. ``scale`` multiplies the direction on its way into
+    the update (LARS: into the buffer), zero on a skipped step; ``ok`` is the step decision.
     """
-    if torch.compiler.is_compiling():
-        return torch.where(okf > 0, g, 0.0)
-    return torch.nan_to_num_(g * okf, nan=0.0, posinf=0.0, neginf=0.0)
+
+    ok: Tensor
+    trust: Tensor
+    step_size: Tensor
+    scale: Tensor
 
 
-def lars_scale(
-    w_norm: Tensor,
-    u_norm: Tensor,
-    *,
-    lr: Scalar,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    trust_form: str,
-    trust_clip: bool,
-    adapt: bool,
-    max_norm: Optional[float],
-    factor: Optional[Tensor],
-    factor_in_ratio: bool,
-) -> tuple[Tensor, Tensor]:
-    """The multiplier of the direction d for LARS-type updates, and the trust ratio.
-
-    Returns ``(scale, trust)`` where the layer moves by ``lr * scale * d`` (before momentum).
-    ``factor`` (phi_t) multiplies every layer's step (TVLARS, Algorithm 1) or, with
-    ``factor_in_ratio``, only the ratio branch (the authors' code, which leaves excluded and
-    zero-norm layers at the plain lr).
-    """
-    if adapt:
-        coefficient = trust_coefficient * factor if factor is not None and factor_in_ratio else trust_coefficient
-        extra = weight_decay * w_norm if trust_form == "separate" and weight_decay else None
-        trust = trust_ratio(w_norm, u_norm, coefficient, eps=eps, extra=extra,
-                            clip_lr=lr if trust_clip else None, max_norm=max_norm)
+def lars_scalars(w_norm: Tensor, u_norm: Tensor, o: LARSOptions, ok: Tensor, phi: Optional[Tensor] = None) -> Scalars:
+    """LARS, and TVLARS as LARS times phi_t (``phi``, per layer)."""
+    lr = _on(o.lr, w_norm.device)
+    if o.adapt:
+        coefficient = o.trust_coefficient * phi if o.phi_in_ratio else o.trust_coefficient
+        extra = o.weight_decay * w_norm if not o.coupled and o.decay else None
+        trust = trust_ratio(w_norm, u_norm, coefficient, eps=o.eps, extra=extra,
+                            clip_lr=lr if o.trust_clip else None, max_norm=o.max_norm)
     else:
         trust = torch.ones_like(w_norm)
-    scale = trust * factor if factor is not None and not factor_in_ratio else trust
-    return scale, trust
-
-
-# ---------------------------------------------------------------------------------------
-# LARS family (LARS and TVLARS)
-#
-# momentum forms (buf starts at 0):
-#   heavy-ball    buf = mu*buf + s*d;          w -= lr*buf
-#   nesterov      buf = mu*buf + s*d;          w -= lr*(s*d + mu*buf)
-#   look-ahead    Algorithm 1: m' = w - lr*s*d; w' = m' + mu*(m' - m), m_0 = w_0.
-#                 With buf = m - m' this is exactly Nesterov with lr inside the buffer:
-#                 buf = mu*buf + lr*s*d;  w -= lr*s*d + mu*buf  ("lr_in_buffer").
-#                 So TVLARS keeps no copy of the weights, and a mid-run lr change
-#                 does not rescale the momentum already accumulated (nor stop it).
-# ---------------------------------------------------------------------------------------
-
-
-def _lars_param(
-    p: Tensor, g: Tensor, buf: Optional[Tensor], step: Tensor, ok: Tensor, lr: Scalar, factor: Optional[Tensor],
-    *, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
-    trust_form: str, trust_clip: bool, adapt: bool, max_norm: Optional[float],
-    factor_in_ratio: bool, nesterov: bool, lr_in_buffer: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    ndt = norm_dtype(p.dtype)
-    okf = ok.to(ndt)
-    d = _zero_if_skipped(g, okf)  # a fresh tensor: p.grad is never written
-    g_norm = torch.linalg.vector_norm(d, dtype=ndt) if trust_form == "separate" else None
-    if weight_decay:
-        d.add_(p, alpha=weight_decay)
-    u_norm = g_norm if g_norm is not None else torch.linalg.vector_norm(d, dtype=ndt)
-    w_norm = torch.linalg.vector_norm(p, dtype=ndt)
-    scale, trust = lars_scale(
-        w_norm, u_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-        eps=eps, trust_form=trust_form, trust_clip=trust_clip, adapt=adapt, max_norm=max_norm,
-        factor=factor, factor_in_ratio=factor_in_ratio)
+    scale = trust * phi if phi is not None and not o.phi_in_ratio else trust
     step_size = lr * scale
-    inner, outer = (step_size, okf) if lr_in_buffer else (scale, lr * okf)
-    d.mul_(inner * okf)
-    if buf is None:
-        p.sub_(d.mul_(outer))
+    # Look-ahead keeps the step size, lr included, in the buffer; the other forms keep lr out.
+    into_buffer = step_size if o.momentum_form == LOOK_AHEAD else scale
+    return Scalars(ok, trust, step_size, torch.where(ok, into_buffer, 0.0))
+
+
+def lamb_scalars(w_norm: Tensor, u_norm: Tensor, o: LAMBOptions, ok: Tensor) -> Scalars:
+    lr = _on(o.lr, w_norm.device)
+    if o.adapt:
+        trust = trust_ratio(w_norm, u_norm, 1.0, clip_lr=1.0 if o.trust_clip else None,
+                            max_weight_norm=o.max_weight_norm)
     else:
-        buf.mul_(okf * momentum + (1.0 - okf)).add_(d)
-        update = d.add_(buf, alpha=momentum).mul_(outer) if nesterov else buf.mul(outer)
-        p.sub_(update)
-    step.add_(okf)
-    return w_norm, u_norm, trust, step_size
-
-
-def _multi_tensor_lars(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], steps: list[Tensor], ok: Tensor,
-    lr: Scalar, factors: Optional[list[Tensor]], *, momentum: float, weight_decay: float, trust_coefficient: float,
-    eps: float, trust_form: str, trust_clip: bool, adapt: bool, max_norm: Optional[float],
-    factor_in_ratio: bool, nesterov: bool, lr_in_buffer: bool, want_stats: bool,
-) -> list[tuple[list[Tensor], Tensor]]:
-    records = []
-    buckets = _group_tensors_by_device_and_dtype([params, grads, bufs, steps, factors or [None] * len(params)])
-    for (device, dtype), ((ps, gs, bs, st, fs), _) in buckets.items():
-        ndt = norm_dtype(dtype)
-        okf = ok.to(device=device, dtype=ndt)
-        fac = torch.stack(fs).to(ndt) if factors is not None else None
-        d = [_zero_if_skipped(g, okf) for g in gs]
-        g_norms = torch.stack(torch._foreach_norm(d, dtype=ndt)) if trust_form == "separate" else None
-        if weight_decay:
-            torch._foreach_add_(d, ps, alpha=weight_decay)
-        u_norms = g_norms if g_norms is not None else torch.stack(torch._foreach_norm(d, dtype=ndt))
-        w_norms = torch.stack(torch._foreach_norm(ps, dtype=ndt))
-        scale, trust = lars_scale(
-            w_norms, u_norms, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-            eps=eps, trust_form=trust_form, trust_clip=trust_clip, adapt=adapt, max_norm=max_norm,
-            factor=fac, factor_in_ratio=factor_in_ratio)
-        step_size = lr * scale
-        inner, outer = (step_size, okf) if lr_in_buffer else (scale, lr * okf)
-        torch._foreach_mul_(d, list((inner * okf).unbind()))
-        if bs[0] is None:
-            update = d
-        else:
-            torch._foreach_mul_(bs, okf * momentum + (1.0 - okf))
-            torch._foreach_add_(bs, d)
-            if nesterov:
-                torch._foreach_add_(d, bs, alpha=momentum)
-                update = d
-            else:
-                update = torch._foreach_mul(bs, outer)
-                outer = None
-        if outer is not None:
-            torch._foreach_mul_(update, outer)
-        torch._foreach_sub_(ps, update)
-        torch._foreach_add_(st, [okf.to(st[0].dtype)] * len(st))
-        if want_stats:
-            records.append((ps, torch.stack([w_norms, u_norms, trust, step_size])))
-    return records
-
-
-# ---------------------------------------------------------------------------------------
-# LAMB
-#   m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
-#   u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + wd*w
-#   w -= lr * trust_ratio(||w||, ||u||, 1) * u
-# ---------------------------------------------------------------------------------------
-
-
-def _lamb_param(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, ok: Tensor, lr: Scalar,
-    bc1: Optional[Tensor], bc2_sqrt: Optional[Tensor],
-    *, beta1: float, beta2: float, eps: float, weight_decay: float, trust_clip: bool, adapt: bool,
-    max_weight_norm: Optional[float] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    ndt = norm_dtype(p.dtype)
-    okf = ok.to(ndt)
-    gs = _zero_if_skipped(g, okf)
-    m.mul_(okf * beta1 + (1.0 - okf)).add_(gs, alpha=1.0 - beta1)
-    v.mul_(okf * beta2 + (1.0 - okf)).addcmul_(gs, gs, value=1.0 - beta2)
-    u = _lamb_direction(p, m, v, bc1, bc2_sqrt, eps=eps, weight_decay=weight_decay)
-    w_norm = torch.linalg.vector_norm(p, dtype=ndt)
-    u_norm = torch.linalg.vector_norm(u, dtype=ndt)
-    trust = (trust_ratio(w_norm, u_norm, 1.0, clip_lr=1.0 if trust_clip else None, max_weight_norm=max_weight_norm)
-             if adapt else torch.ones_like(w_norm))
+        trust = torch.ones_like(w_norm)
     step_size = lr * trust
-    p.sub_(u.mul_(step_size * okf))
-    step.add_(okf)
-    return w_norm, u_norm, trust, step_size
+    return Scalars(ok, trust, step_size, torch.where(ok, step_size, 0.0))
 
 
-def bias_corrections(step: Tensor, ndt: torch.dtype, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
-    """``1 - b1^t`` and ``sqrt(1 - b2^t)`` for the step t = step + 1 being taken.
-
-    Also on a skipped step, so that they are > 0 and u stays finite. Computed outside the
-    compiled kernel, which would otherwise evaluate the powers once per element.
-    """
-    t = step.to(ndt) + 1.0
-    return 1.0 - beta1 ** t, torch.sqrt(1.0 - beta2 ** t)
-
-
-def _lamb_direction(p, m, v, bc1, bc2_sqrt, *, eps, weight_decay):
-    if bc1 is not None:
-        u = m / bc1
-        denominator = v.sqrt().div_(bc2_sqrt).add_(eps)
-    else:
-        u = m.clone()
-        denominator = v.sqrt().add_(eps)
-    u.div_(denominator)
-    if weight_decay:
-        u.add_(p, alpha=weight_decay)
-    return u
+def lamb_bias_corrections(steps: Tensor, o: LAMBOptions) -> tuple[Tensor, Tensor]:
+    """``1 - b1^t`` and ``sqrt(1 - b2^t)`` per layer for the step t = step + 1 being taken
+    (also when it is skipped, so that both stay > 0 and u finite)."""
+    t = steps.to(torch.float64 if steps.device.type != "mps" else torch.float32) + 1.0
+    if not o.bias_correction:
+        return torch.ones_like(t), torch.ones_like(t)
+    return 1.0 - torch.pow(o.beta1, t), torch.sqrt(1.0 - torch.pow(o.beta2, t))
 
 
-def _multi_tensor_lamb(
-    params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
-    ok: Tensor, lr: Scalar, *, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, trust_clip: bool, adapt: bool, want_stats: bool, max_weight_norm: Optional[float] = None,
-) -> list[tuple[list[Tensor], Tensor]]:
-    records = []
-    buckets = _group_tensors_by_device_and_dtype([params, grads, ms, vs, steps])
-    for (device, dtype), ((ps, gs, m_, v_, st), _) in buckets.items():
-        ndt = norm_dtype(dtype)
-        okf = ok.to(device=device, dtype=ndt)
-        g0 = [_zero_if_skipped(g, okf) for g in gs]
-        torch._foreach_mul_(m_, okf * beta1 + (1.0 - okf))
-        torch._foreach_add_(m_, g0, alpha=1.0 - beta1)
-        torch._foreach_mul_(v_, okf * beta2 + (1.0 - okf))
-        torch._foreach_addcmul_(v_, g0, g0, value=1.0 - beta2)
-        denominator = torch._foreach_sqrt(v_)
-        if bias_correction:
-            bc1, bc2_sqrt = bias_corrections(torch.stack(st), ndt, beta1, beta2)
-            u = torch._foreach_div(m_, list(bc1.unbind()))
-            torch._foreach_div_(denominator, list(bc2_sqrt.unbind()))
-        else:
-            u = torch._foreach_mul(m_, 1.0)
-        torch._foreach_add_(denominator, eps)
-        torch._foreach_div_(u, denominator)
-        if weight_decay:
-            torch._foreach_add_(u, ps, alpha=weight_decay)
-        w_norms = torch.stack(torch._foreach_norm(ps, dtype=ndt))
-        u_norms = torch.stack(torch._foreach_norm(u, dtype=ndt))
-        trust = (trust_ratio(w_norms, u_norms, 1.0, clip_lr=1.0 if trust_clip else None,
-                             max_weight_norm=max_weight_norm)
-                 if adapt else torch.ones_like(w_norms))
-        step_size = lr * trust
-        torch._foreach_mul_(u, list((step_size * okf).unbind()))
-        torch._foreach_sub_(ps, u)
-        torch._foreach_add_(st, [okf.to(st[0].dtype)] * len(st))
-        if want_stats:
-            records.append((ps, torch.stack([w_norms, u_norms, trust, step_size])))
-    return records
+class PerDevice:
+    """A tensor with one copy per device, made on first use: a tensor lr given on one GPU
+    serves parameters on every GPU, and the skip decision every device. Numbers pass as they
+    are. The optimizer makes one per group and step."""
+
+    def __init__(self, value: Scalar):
+        self.value, self._copies = value, {}
+
+    def on(self, device: torch.device) -> Scalar:
+        value = self.value
+        if not torch.is_tensor(value) or value.device == device:
+            return value
+        if device not in self._copies:
+            self._copies[device] = to_device(value, device) if value.device.type == "cpu" else value.to(device)
+        return self._copies[device]
 
 
-# ---------------------------------------------------------------------------------------
-# Host-scalar path (CPU only)
+def _on(value, device: torch.device) -> Scalar:
+    """A hyper-parameter (number, tensor or ``PerDevice``) for use on ``device``."""
+    if not isinstance(value, PerDevice):
+        value = PerDevice(value)
+    return value.on(device)
+
+
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor copied to ``device`` without blocking: from pinned memory on CUDA (a
+    copy from pageable memory waits for the device)."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+# =======================================================================================
+# The single-tensor path: one layer at a time (its code is also what fused=True compiles)
+# =======================================================================================
 #
-# On the CPU a 0-d tensor is read for free (there is no device to wait for), so the
-# per-layer scalars (norms, trust ratio, step size) are computed as Python floats and
-# torch's own fused SGD / AdamW kernels do the one memory pass of the update:
+# Each function takes its constants ``h`` as a tuple of Python floats when eager, a 1-D tensor
+# when compiled; flags that change the code (decay, coupled, momentum form, ...) are keywords.
+
+
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in the precision the arithmetic runs in: float32 for half-precision layers (each
+    result is rounded once, when written), the tensor itself otherwise."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _lars_layer_norms(p: Tensor, g: Tensor, h, *, ndt: torch.dtype, decay: bool, coupled: bool) -> Tensor:
+    """[||w||, ||u||] of one layer (u = g + wd*w, or g); ``h`` = (wd,)."""
+    u = _acc(g) + h[0] * _acc(p) if decay and coupled else g
+    return torch.stack([torch.linalg.vector_norm(p, dtype=ndt), torch.linalg.vector_norm(u, dtype=ndt)])
+
+
+def _lars_layer_update(p: Tensor, g: Tensor, buf: Optional[Tensor], step: Tensor, ok: Tensor, scale: Tensor, h,
+                       *, decay: bool, form: str) -> None:
+    """buf = mu*buf + scale*d and w -= outer*buf (heavy-ball) or outer*(scale*d + mu*buf)
+    (nesterov; look-ahead with outer = 1 and lr in ``scale``); a no-op unless ``ok``.
+    ``h`` = (wd, mu, outer)."""
+    wd, mu, outer = h[0], h[1], h[2]
+    d = torch.where(ok, _acc(g), 0.0)  # finite, so that scale = 0 clears it; p.grad is never written
+    if decay:
+        d = d + wd * _acc(p)
+    d = d * scale
+    if buf is None:
+        update = d
+    else:
+        new = mu * _acc(buf) + d
+        buf.copy_(torch.where(ok, new, buf))
+        update = torch.where(ok, new if form == HEAVY_BALL else d + mu * new, 0.0)
+    p.sub_(outer * update)
+    step.add_(ok[0].to(step.dtype))
+
+
+def _lamb_layer_direction(p: Tensor, g: Tensor, m: Tensor, v: Tensor, bc: Tensor, h, *, decay: bool) -> tuple:
+    """(m', v', u): the moments this step writes and LAMB's direction; writes nothing.
+    ``bc`` = [1 - b1^t, sqrt(1 - b2^t)], ``h`` = (b1, b2, eps, wd)."""
+    b1, b2, eps, wd = h[0], h[1], h[2], h[3]
+    g = _acc(g)
+    m_new = b1 * _acc(m) + (1.0 - b1) * g
+    v_new = b2 * _acc(v) + (1.0 - b2) * g * g
+    u = (m_new / bc[0]) / (v_new.sqrt() / bc[1] + eps)
+    if decay:
+        u = u + wd * _acc(p)
+    return m_new, v_new, u
+
+
+def _lamb_layer_norms(p, g, m, v, bc, h, *, ndt: torch.dtype, decay: bool) -> Tensor:
+    _, _, u = _lamb_layer_direction(p, g, m, v, bc, h, decay=decay)
+    return torch.stack([torch.linalg.vector_norm(p, dtype=ndt), torch.linalg.vector_norm(u, dtype=ndt)])
+
+
+def _lamb_layer_update(p, g, m, v, step, ok, scale, bc, h, *, decay: bool) -> None:
+    g = torch.where(ok, g, 0.0)
+    m_new, v_new, u = _lamb_layer_direction(p, g, m, v, bc, h, decay=decay)
+    m.copy_(torch.where(ok, m_new, m))
+    v.copy_(torch.where(ok, v_new, v))
+    p.sub_(u * scale)
+    step.add_(ok[0].to(step.dtype))
+
+
+# The per-layer scalars (scale, ok, bias corrections) and the constants ``h`` reach these
+# functions as 1-D tensors (views): dynamo treats a 0-d CPU tensor input as a Python number
+# and would read it in its guards.
+
+
+def _kernel(fn, compiled: bool, flags: dict, *tensors: Optional[Tensor]) -> tuple:
+    """(callable, tensors): ``fn`` compiled for ``flags`` with 1-D views of ``tensors``, or
+    ``fn`` itself (eager) with them as they are; a layer that cannot be viewed flat (e.g.
+    channels_last) runs eagerly under fused=True too, the same maths."""
+    if compiled and all(t is None or t.is_contiguous() for t in tensors):
+        return _compile(fn, flags), tuple(None if t is None else t.view(-1) for t in tensors)
+    return functools.partial(fn, **flags), tensors
+
+
+def _single_tensor_lars_measure(params, grads, o: LARSOptions, compiled: bool = False):
+    flags = dict(decay=o.decay, coupled=o.coupled)
+    consts = _numbers(compiled, params, o.weight_decay)
+    norms = []
+    for p, g in zip(params, grads):
+        fn, tensors = _kernel(_lars_layer_norms, compiled, flags, p, g)
+        norms.append(fn(*tensors, consts[p.device], ndt=norm_dtype(p.dtype, p.device)))
+    return _stack_columns(norms), None
+
+
+def _single_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None,
+                              compiled: bool = False) -> None:
+    flags = dict(decay=o.decay, form=o.momentum_form)
+    outer = 1.0 if o.momentum_form == LOOK_AHEAD else o.lr
+    consts = _numbers(compiled, params, o.weight_decay, o.momentum, outer)
+    for (p, g, buf, step), scale, ok in _per_layer(s, params, grads, bufs, steps):
+        fn, tensors = _kernel(_lars_layer_update, compiled, flags, p, g, buf)
+        fn(*tensors, step, ok, scale, consts[p.device])
+
+
+def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, compiled: bool = False):
+    flags = dict(decay=o.decay)
+    consts = _numbers(compiled, params, o.beta1, o.beta2, o.eps, o.weight_decay)
+    bcs = _bias_corrections_per_layer(steps, o)
+    norms = []
+    for p, g, m, v, bc in zip(params, grads, ms, vs, bcs):
+        fn, tensors = _kernel(_lamb_layer_norms, compiled, flags, p, g, m, v)
+        norms.append(fn(*tensors, bc, consts[p.device], ndt=norm_dtype(p.dtype, p.device)))
+    return _stack_columns(norms), bcs
+
+
+def _single_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work,
+                              compiled: bool = False) -> None:
+    flags = dict(decay=o.decay)
+    consts = _numbers(compiled, params, o.beta1, o.beta2, o.eps, o.weight_decay)
+    for ((p, g, m, v, step), scale, ok), bc in zip(_per_layer(s, params, grads, ms, vs, steps), work):
+        fn, tensors = _kernel(_lamb_layer_update, compiled, flags, p, g, m, v)
+        fn(*tensors, step, ok, scale, bc, consts[p.device])
+
+
+def _bias_corrections_per_layer(steps, o: LAMBOptions) -> list:
+    """Each layer's [1 - b1^t, sqrt(1 - b2^t)] (a 1-D view), computed once per device."""
+    out = [None] * len(steps)
+    for indices in _by_device(steps).values():
+        bc = torch.stack(lamb_bias_corrections(torch.stack([steps[i] for i in indices]), o), dim=1)
+        for i, row in zip(indices, bc.unbind()):
+            out[i] = row
+    return out
+
+
+def _per_layer(s: Scalars, *lists):
+    """Each layer's tensors with its ``scale`` and the decision, as 1-D views on its device."""
+    scales, oks = PerDevice(s.scale), PerDevice(s.ok)
+    cache: dict = {}
+    for i, row in enumerate(zip(*lists)):
+        device = row[0].device
+        if device not in cache:
+            cache[device] = (scales.on(device), oks.on(device).reshape(1))
+        yield row, cache[device][0][i:i + 1], cache[device][1]
+
+
+def _stack_columns(norms: list[Tensor]) -> Tensor:
+    """[2, n] from n per-layer [w, u] pairs (on the first layer's device)."""
+    if not norms:
+        return torch.zeros(2, 0, dtype=torch.float64)
+    device = norms[0].device
+    return torch.stack([n.to(device) for n in norms], dim=1)
+
+
+# -- fused=True: the same functions, compiled ----------------------------------------------
+
+_compiled: dict[tuple, Any] = {}
+
+
+def _compile(fn, flags: dict):
+    """``fn`` compiled once per process and set of ``flags``.
+
+    Dynamic shapes let one generated kernel serve every layer (1-D views, see ``_kernel``).
+    Every value arrives as a tensor, so nothing but the flags is specialised: inductor would
+    otherwise bake a Python float into the kernel, and its on-disk cache hand that kernel to a
+    configuration differing only in that value (issue 8). Each set of flags compiles a fresh
+    copy of ``fn``'s code: torch.compile caps the graphs kept per code object.
+    """
+    key = (fn.__name__, tuple(sorted(flags.items())))
+    if key not in _compiled:
+        def bound(*args, **kwargs):
+            return fn(*args, **kwargs, **flags)
+
+        bound = types.FunctionType(bound.__code__.replace(), bound.__globals__, fn.__name__, None, bound.__closure__)
+        _compiled[key] = torch.compile(bound, dynamic=True, fullgraph=True)
+    return _compiled[key]
+
+
+_constants: dict[tuple, Tensor] = {}
+
+
+def _numbers(compiled: bool, params, *values) -> dict:
+    """The constants ``h`` for each device of ``params``: a tuple of Python floats (a tensor
+    value, e.g. a tensor lr, on that device), or for compiled code one 1-D tensor (made once
+    per device and set of values, not every step)."""
+    out = {}
+    for p in params:
+        if p.device in out:
+            continue
+        here = tuple(_on(v, p.device) for v in values)
+        if not compiled:
+            out[p.device] = here
+            continue
+        dt = torch.float32 if p.device.type == "mps" else torch.float64
+        if any(torch.is_tensor(v) for v in here):  # a tensor lr: assembled on the device each step
+            out[p.device] = torch.stack([v.to(dt).reshape(()) if torch.is_tensor(v)
+                                         else torch.full((), v, dtype=dt, device=p.device) for v in here])
+            continue
+        key = (p.device, dt, here)
+        if key not in _constants:
+            _constants[key] = to_device(torch.tensor(here, dtype=dt), p.device)
+        out[p.device] = _constants[key]
+    return out
+
+
+# =======================================================================================
+# The multi-tensor path: torch._foreach_* over a flat workspace per (device, dtype) bucket
+# =======================================================================================
+#
+# torch has no multi-tensor kernel that takes a list of device scalars (lists of 0-d tensors
+# fall back to one launch per tensor), nor a multi-tensor select. So each bucket's direction
+# is built in one flat buffer, viewed layer by layer with each parameter's strides: the
+# per-layer scalars become one elementwise multiply by a per-element expansion, and the skip
+# one masked fill, whatever the number of layers.
+
+
+@dataclass
+class _Flat:
+    """A flat buffer for a bucket and its per-layer views (each with its parameter's strides)."""
+
+    data: Tensor
+    views: list[Tensor]
+    counts: Tensor  # elements per layer, on the device, for ``expand``
+
+    @staticmethod
+    def like(params: list[Tensor], dtype: Optional[torch.dtype] = None) -> "_Flat":
+        sizes = [p.numel() for p in params]
+        device = params[0].device
+        data = torch.empty(sum(sizes), dtype=dtype or params[0].dtype, device=device)
+        views, offset = [], 0
+        for p, n in zip(params, sizes):
+            stride = p.stride() if _dense(p) else _contiguous_strides(p.shape)
+            views.append(data.as_strided(p.shape, stride, offset))
+            offset += n
+        return _Flat(data, views, _counts(tuple(sizes), device))
+
+    def expand(self, per_layer: Tensor) -> Tensor:
+        """A per-layer vector repeated over each layer's elements, at least float32 (a
+        bfloat16 copy of a bias correction or trust ratio would be off by up to 0.4%)."""
+        dtype = torch.promote_types(self.data.dtype, torch.float32)
+        return torch.repeat_interleave(per_layer.to(dtype), self.counts, output_size=self.data.numel())
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense in some dimension order (contiguous, channels_last, ...)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+_counts_cache: dict[tuple, Tensor] = {}
+
+
+def _counts(sizes: tuple, device: torch.device) -> Tensor:
+    """Elements per layer as a device tensor, made once per bucket layout."""
+    key = (device, sizes)
+    if key not in _counts_cache:
+        _counts_cache[key] = to_device(torch.tensor(sizes, dtype=torch.int64), device)
+    return _counts_cache[key]
+
+
+def _buckets(params: list[Tensor]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of ``params`` sharing device and dtype (the optimizer
+    orders each group's layers so)."""
+    ranges, start = [], 0
+    for i in range(1, len(params) + 1):
+        if i == len(params) or (params[i].device, params[i].dtype) != (params[start].device, params[start].dtype):
+            ranges.append((start, i))
+            start = i
+    return ranges
+
+
+def _norms(tensors: list[Tensor], device: torch.device) -> Tensor:
+    return torch.stack(torch._foreach_norm(tensors, dtype=norm_dtype(tensors[0].dtype, device)))
+
+
+def _add_scalar_(tensors: list[Tensor], value: Tensor) -> None:
+    """tensors += value (0-d, on their device) in one launch: the List overload; passing the
+    0-d tensor itself selects the Scalar overload, which reads it on the host."""
+    torch._foreach_add_(tensors, [value.to(tensors[0].dtype)] * len(tensors))
+
+
+def _multi_tensor_lars_measure(params, grads, o: LARSOptions):
+    norms, work = [], []
+    for a, b in _buckets(params):
+        ps, gs = params[a:b], grads[a:b]
+        d = _Flat.like(ps)
+        torch._foreach_copy_(d.views, gs)
+        if o.decay:
+            torch._foreach_add_(d.views, ps, alpha=o.weight_decay)
+        device = ps[0].device
+        u = d.views if o.coupled else gs
+        norms.append(torch.stack([_norms(ps, device), _norms(u, device)]))
+        work.append(d)
+    return torch.cat([n.to(norms[0].device) for n in norms], dim=1), work
+
+
+def _multi_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work) -> None:
+    scales, oks = PerDevice(s.scale), PerDevice(s.ok)
+    for (a, b), d in zip(_buckets(params), work):
+        ps, bs, st = params[a:b], bufs[a:b], steps[a:b]
+        device = ps[0].device
+        ok = oks.on(device)
+        skip = ~ok
+        d.data.masked_fill_(skip, 0.0)
+        d.data.mul_(d.expand(scales.on(device)[a:b]))  # d = scale * (g + wd*w), 0 when skipped
+        outer = -1.0 if o.momentum_form == LOOK_AHEAD else _neg(o.lr, device)
+        if o.buffered:
+            # The new buffer (mu*buf + d), kept where ok: buf*(1-ok) + new*ok, exact for ok in {0, 1}.
+            new = _Flat.like(ps)
+            torch._foreach_copy_(new.views, bs)
+            new.data.mul_(o.momentum).add_(d.data).masked_fill_(skip, 0.0)
+            torch._foreach_mul_(bs, skip.to(ps[0].dtype))
+            torch._foreach_add_(bs, new.views)
+            if o.momentum_form == HEAVY_BALL:
+                _add_(ps, new, outer)
+            else:
+                d.data.add_(new.data, alpha=o.momentum)
+                _add_(ps, d, outer)
+        else:
+            _add_(ps, d, outer)
+        _add_scalar_(st, ok.to(torch.float32))
+
+
+def _neg(lr, device) -> Scalar:
+    return -_on(lr, device)
+
+
+def _add_(params: list[Tensor], flat: _Flat, alpha: Scalar) -> None:
+    """params += alpha * flat (one launch; a tensor alpha first scales the buffer)."""
+    if torch.is_tensor(alpha):
+        flat.data.mul_(alpha)
+        alpha = 1.0
+    torch._foreach_add_(params, flat.views, alpha=alpha)
+
+
+def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions):
+    norms, work = [], []
+    for a, b in _buckets(params):
+        ps, gs = params[a:b], grads[a:b]
+        device = ps[0].device
+        m, v, u = _Flat.like(ps), _Flat.like(ps), _Flat.like(ps)
+        torch._foreach_copy_(m.views, ms[a:b])
+        m.data.mul_(o.beta1)
+        torch._foreach_add_(m.views, gs, alpha=1.0 - o.beta1)
+        torch._foreach_copy_(v.views, vs[a:b])
+        v.data.mul_(o.beta2)
+        torch._foreach_addcmul_(v.views, gs, gs, value=1.0 - o.beta2)
+        if o.bias_correction:
+            bc1, bc2_sqrt = lamb_bias_corrections(torch.stack(steps[a:b]), o)
+            torch.div(m.data, m.expand(bc1), out=u.data)
+            denominator = v.data.sqrt().div_(v.expand(bc2_sqrt)).add_(o.eps)
+        else:
+            u.data.copy_(m.data)
+            denominator = v.data.sqrt().add_(o.eps)
+        u.data.div_(denominator)
+        if o.decay:
+            torch._foreach_add_(u.views, ps, alpha=o.weight_decay)
+        norms.append(torch.stack([_norms(ps, device), _norms(u.views, device)]))
+        work.append((m, v, u))
+    return torch.cat([n.to(norms[0].device) for n in norms], dim=1), work
+
+
+def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work) -> None:
+    scales, oks = PerDevice(s.scale), PerDevice(s.ok)
+    for (a, b), (m, v, u) in zip(_buckets(params), work):
+        ps = params[a:b]
+        device = ps[0].device
+        ok = oks.on(device)
+        skip = ~ok
+        u.data.masked_fill_(skip, 0.0).mul_(u.expand(scales.on(device)[a:b]))
+        torch._foreach_sub_(ps, u.views)
+        keep = skip.to(ps[0].dtype)  # moments: old*(1-ok) + new*ok, exact for ok in {0, 1}
+        for state, new in ((ms[a:b], m), (vs[a:b], v)):
+            new.data.masked_fill_(skip, 0.0)
+            torch._foreach_mul_(state, keep)
+            torch._foreach_add_(state, new.views)
+        _add_scalar_(steps[a:b], ok.to(torch.float32))
+
+
+# =======================================================================================
+# The host path (CPU default): Python-float scalars, torch's fused SGD / AdamW kernels
+# =======================================================================================
 #
 #   LARS heavy-ball   _fused_sgd_(weight_decay=wd, momentum=mu, dampening=1-k, lr=L)
 #                     buf = mu*buf + k*(g + wd*w);  w -= L*buf
@@ -322,24 +644,21 @@ def _multi_tensor_lamb(
 #                     direction is m_hat / (sqrt(v_hat) + eps); a constant step count of 1e30
 #                     makes both corrections exactly 1 (bias_correction=False).
 #
-# with k = trust [* phi] and L = lr (or k = lr*phi*trust, L = 1 with the step size in the
-# buffer, TVLARS Algorithm 1). The kernels take 1 - dampening, which represents k to within
-# 2^-54 absolutely: an error of at most 2^-54 * |d| per element, below the rounding of k*d.
-# Two phases: ``host_grad_norms`` reads every gradient, the caller decides the non-finite
-# policy, then each layer is measured and updated at once (its data still in cache). The
-# coupled LARS norm is ||g + wd*w||^2 = ||g||^2 + 2 wd <g,w> + wd^2 ||w||^2; when that sum
-# cancels (it is < 1/16 of its terms) the norm is computed exactly from g + wd*w instead.
-# LAMB's ||u|| (u from the new moments) comes from a compiled read-only reduction (eager
-# fallback without a compiler). Other dtypes and non-contiguous layers take the
-# single-tensor code, with ``ok`` True.
-# ---------------------------------------------------------------------------------------
+# with k = scale and L = lr (look-ahead: k = lr*trust*phi, L = 1). The kernels take
+# 1 - dampening, which represents k to within 2^-54 absolutely: an error of at most 2^-54*|d|
+# per element, below the rounding of k*d. Measuring: ||w||^2, ||g||^2 and <g, w> by BLAS dots,
+# layer by layer from the last (so that the update starts on data still in cache); the coupled
+# norm is ||g + wd*w||^2 = ||g||^2 + 2 wd <g,w> + wd^2 ||w||^2, computed exactly from g + wd*w
+# when that sum cancels (< 1/16 of its terms) or is not finite. LAMB's ||u|| (u from the new
+# moments) comes from a compiled read-only reduction (eager without a C++ compiler). Other
+# dtypes and non-contiguous layers take the single-tensor code.
 
 _HOST_DTYPES = (torch.float32, torch.float64)
 _NO_BIAS_CORRECTION_STEP = 1e30  # beta ** 1e30 == 0.0 for every beta in [0, 1)
 
 
 def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) -> bool:
-    """Whether the host path's kernels take these tensors as they are (float32/float64,
+    """Whether torch's fused kernels take these tensors as they are (float32/float64,
     contiguous, one dtype); the others take the single-tensor code."""
     if p.dtype not in _HOST_DTYPES or not p.is_contiguous():
         return False
@@ -348,124 +667,86 @@ def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) ->
     return all(t is None or (t.dtype == p.dtype and t.is_contiguous()) for t in state)
 
 
-def _host_trust(w_norm: float, u_norm: float, coefficient: float, *, eps: float = 0.0,
-                extra: Optional[float] = None, clip_lr: Optional[float] = None,
-                max_norm: Optional[float] = None, max_weight_norm: Optional[float] = None) -> float:
-    """``trust_ratio`` on Python floats (same branches, same order of operations)."""
-    if max_norm is not None:
-        w_norm, u_norm = min(w_norm, max_norm), min(u_norm, max_norm)
-    if max_weight_norm is not None:
-        w_norm = min(w_norm, max_weight_norm)
-    denominator = u_norm if extra is None else u_norm + extra
-    if eps:
-        denominator = denominator + eps
-    ratio = coefficient * w_norm / denominator if w_norm > 0 and u_norm > 0 else 1.0
-    if clip_lr is not None:
-        ratio = min(ratio / clip_lr, 1.0) if clip_lr != 0 else 1.0  # torch: ratio / 0 = inf -> 1
-    return ratio
+def _dot(a: Tensor, b: Tensor) -> float:
+    """<a, b> as a float: one BLAS dot, about twice as fast as ``vector_norm`` on the CPU."""
+    return torch.dot(a.view(-1), b.view(-1)).item()
 
 
-def _sum_sq(t: Tensor) -> float:
-    """sum(t^2) as a float: one BLAS dot, about twice as fast as ``vector_norm`` on the CPU
-    and no less accurate (both sum in t's dtype, unscaled, so both overflow to inf alike)."""
-    t = t.view(-1)
-    return torch.dot(t, t).item()
+def _exact_norm(t: Tensor) -> float:
+    return torch.linalg.vector_norm(t, dtype=torch.float64).item()
 
 
-def host_grad_norms(grads: list[Tensor]) -> list[float]:
-    """Phase 1 of the host-scalar path (reads only): each gradient's norm, which the caller
-    tests for the non-finite policy before anything is written."""
-    # Last layer first: the update then starts on the gradients this left in cache.
-    norms = [math.sqrt(_sum_sq(g)) if _host_ok(g) else torch.linalg.vector_norm(g, dtype=norm_dtype(g.dtype)).item()
-             for g in reversed(grads)]
-    return norms[::-1]
+def _coupled_norm(p: Tensor, g: Tensor, gg: float, gw: float, ww: float, wd: float) -> float:
+    """||g + wd*w|| from ||g||^2, <g, w> and ||w||^2; exactly from g + wd*w when the sum
+    cancels (below 1/16 of its terms) or is not finite."""
+    terms = gg + wd * wd * ww
+    uu = terms + 2.0 * wd * gw
+    if 16.0 * uu >= terms and math.isfinite(uu):
+        return math.sqrt(uu)
+    return _exact_norm(g + wd * p)
 
 
-def _coupled_norm(p: Tensor, g: Tensor, g_norm: float, w_norm: float, gw: float, weight_decay: float) -> float:
-    """||g + wd*w|| from ||g||, ||w|| and <g, w>, exact fallback on cancellation."""
-    terms = g_norm * g_norm + weight_decay * weight_decay * w_norm * w_norm
-    uu = terms + 2.0 * weight_decay * gw
-    if not 16.0 * uu >= terms or not math.isfinite(uu):
-        return torch.linalg.vector_norm(torch.add(g, p, alpha=weight_decay)).item()
-    return math.sqrt(uu)
-
-
-def _host_lars(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], steps: list[Tensor],
-    grad_norms: list[float], lr: Scalar, factors: Optional[list[Tensor]], *, momentum: float, weight_decay: float,
-    trust_coefficient: float, eps: float, trust_form: str, trust_clip: bool, adapt: bool,
-    max_norm: Optional[float], factor_in_ratio: bool, nesterov: bool, lr_in_buffer: bool,
-    want_stats: bool,
-) -> list[tuple[list[Tensor], Tensor]]:
-    options = dict(momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                   eps=eps, trust_form=trust_form, trust_clip=trust_clip, adapt=adapt,
-                   max_norm=max_norm, factor_in_ratio=factor_in_ratio, nesterov=nesterov,
-                   lr_in_buffer=lr_in_buffer)
-    lr_f = lr.item() if torch.is_tensor(lr) else float(lr)
-    facs = torch.stack(factors).tolist() if factors is not None else [None] * len(params)
-    separate = trust_form == "separate"
-    clip_lr = lr_f if trust_clip else None
-    need_norms = adapt or want_stats
-    mu, wd = momentum, weight_decay
-    ok = torch.ones((), dtype=torch.bool)  # the caller checked every gradient finite
-    rows = []
-    for p, g, buf, g_norm, fac, fac_t, step in zip(params, grads, bufs, grad_norms, facs, factors or facs, steps):
-        if not _host_ok(p, g, buf):
-            fac_t = fac_t.to(norm_dtype(p.dtype)) if fac_t is not None else None
-            row = _lars_param(p, g, buf, step, ok, lr, fac_t, **options)
-            if want_stats:
-                rows.append([t.item() for t in row])
+def _host_lars_measure(params, grads, o: LARSOptions):
+    w_norms, u_norms = [0.0] * len(params), [0.0] * len(params)
+    wd = o.weight_decay
+    for i in reversed(range(len(params))):
+        p, g = params[i], grads[i]
+        if not _host_ok(p, g):
+            w_norms[i], u_norms[i] = _lars_layer_norms(p, g, (wd,), ndt=torch.float64, decay=o.decay,
+                                                       coupled=o.coupled).tolist()
             continue
-        if need_norms:
-            # <g, w> first: it brings w (and g) into cache for the sum of squares and the update.
-            gw = torch.dot(g.view(-1), p.view(-1)).item() if wd and not separate else 0.0
-            w_norm = math.sqrt(_sum_sq(p))
-            u_norm = g_norm if separate or not wd else _coupled_norm(p, g, g_norm, w_norm, gw, wd)
+        gg = _dot(g, g)
+        ww = _dot(p, p)
+        if o.coupled and o.decay:
+            u_norm = _coupled_norm(p, g, gg, _dot(g, p), ww, wd)
         else:
-            w_norm = u_norm = 0.0
-        coefficient = trust_coefficient * fac if fac is not None and factor_in_ratio else trust_coefficient
-        if adapt:
-            trust = _host_trust(w_norm, u_norm, coefficient, eps=eps,
-                                extra=wd * w_norm if separate and wd else None,
-                                clip_lr=clip_lr, max_norm=max_norm)
-        else:
-            trust = 1.0
-        scale = trust * fac if fac is not None and not factor_in_ratio else trust
-        step_size = lr_f * scale
-        k, outer = (step_size, 1.0) if lr_in_buffer else (scale, lr_f)
+            u_norm = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
+        w_norms[i] = math.sqrt(ww) if math.isfinite(ww) else _exact_norm(p)
+        u_norms[i] = u_norm
+    return torch.tensor([w_norms, u_norms], dtype=torch.float64), None
+
+
+def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None) -> None:
+    if not bool(s.ok):
+        return
+    lr = float(_on(o.lr, torch.device("cpu")))
+    outer = 1.0 if o.momentum_form == LOOK_AHEAD else lr
+    mu, wd = o.momentum, o.weight_decay
+    counted = []
+    for i, (p, g, buf, step, k) in enumerate(zip(params, grads, bufs, steps, s.scale.tolist())):
+        if not _host_ok(p, g, buf):
+            _lars_layer_update(p, g, buf, step, s.ok.reshape(1), s.scale[i:i + 1], (wd, mu, outer),
+                               decay=o.decay, form=o.momentum_form)
+            continue
         if buf is None:
             torch._fused_sgd_([p], [g], [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
                               nesterov=False, maximize=False, is_first_step=False)
+        elif o.momentum_form == HEAVY_BALL:
+            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer, dampening=1.0 - k,
+                              nesterov=False, maximize=False, is_first_step=False)
         else:
-            # Nesterov: the kernel steps by outer*k*(d + mu*buf); the rest of outer*mu*buf follows.
-            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer * k if nesterov else outer,
-                              dampening=1.0 - k, nesterov=nesterov, maximize=False, is_first_step=False)
-            if nesterov and k != 1.0:
+            # The kernel steps by outer*k*(d + mu*buf); the rest of outer*mu*buf follows.
+            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer * k, dampening=1.0 - k,
+                              nesterov=True, maximize=False, is_first_step=False)
+            if k != 1.0:
                 p.add_(buf, alpha=-outer * mu * (1.0 - k))
-        step.add_(1.0)
-        if want_stats:
-            rows.append([w_norm, u_norm, trust, step_size])
-    return _host_records(params, rows, want_stats)
+        counted.append(step)
+    if counted:
+        torch._foreach_add_(counted, 1.0)
 
 
-def _host_records(params, rows, want_stats):
-    if not want_stats or not params:
-        return []
-    return [(params, torch.tensor(rows, dtype=torch.float64).T.contiguous())]
+def _lamb_sums(g: Tensor, m: Tensor, v: Tensor, w: Tensor, c: Tensor) -> Tensor:
+    """[||w||^2, ||u||^2] with u from the moments this step will write; reads only.
 
-
-def _lamb_sums(g: Tensor, m: Tensor, v: Tensor, w: Tensor, s: Tensor) -> Tensor:
-    """[||u||^2, ||w||^2] with u from the moments this step will write; reads only.
-
-    ``s`` = [beta1, beta2, bc1, bc2_sqrt, eps, weight_decay] (float64), a tensor so that
-    one compiled kernel serves every configuration and step.
+    ``c`` = [beta1, 1 - beta1, beta2, 1 - beta2, bc1, bc2_sqrt, eps, weight_decay] (float64,
+    so that 1 - beta2 does not cancel in float32), a tensor so that one compiled kernel serves
+    every configuration and step.
     """
-    ndt = norm_dtype(w.dtype)
-    b1, b2, bc1, bc2_sqrt, eps, wd = s.to(ndt).unbind()
-    m = m + (1.0 - b1) * (g - m)
-    v = v * b2 + (1.0 - b2) * g * g
+    b1, c1, b2, c2, bc1, bc2_sqrt, eps, wd = c.to(w.dtype).unbind()
+    m = b1 * m + c1 * g
+    v = b2 * v + c2 * g * g
     u = (m / bc1) / (v.sqrt() / bc2_sqrt + eps) + wd * w
-    return torch.stack([(u * u).sum(dtype=ndt), (w * w).sum(dtype=ndt)])
+    return torch.stack([(w * w).sum(dtype=torch.float64), (u * u).sum(dtype=torch.float64)])
 
 
 _lamb_sums_compiled: list = []
@@ -479,181 +760,91 @@ def _lamb_reduction():
     return _lamb_sums_compiled[0]
 
 
-def _host_lamb(
-    params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
-    lr: Scalar, *, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-    trust_clip: bool, adapt: bool, want_stats: bool, max_weight_norm: Optional[float] = None,
-) -> list[tuple[list[Tensor], Tensor]]:
-    options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                   trust_clip=trust_clip, adapt=adapt, max_weight_norm=max_weight_norm)
-    lr_f = lr.item() if torch.is_tensor(lr) else float(lr)
-    need_norms = adapt or want_stats
-    no_bc = None
-    ok = torch.ones((), dtype=torch.bool)  # the caller checked every gradient finite
-    rows = []
-    for p, g, m, v, step in zip(params, grads, ms, vs, steps):
-        if not _host_ok(p, g, m, v) or step.device.type != "cpu":
-            bc = bias_corrections(step, norm_dtype(p.dtype), beta1, beta2) if bias_correction else (None, None)
-            row = _lamb_param(p, g, m, v, step, ok, lr, *bc, **options)
-            if want_stats:
-                rows.append([t.item() for t in row])
-            continue
-        if need_norms:
-            if bias_correction:
-                t = step.item() + 1.0
-                bc1, bc2_sqrt = 1.0 - beta1 ** t, math.sqrt(1.0 - beta2 ** t)
-            else:
-                bc1 = bc2_sqrt = 1.0
-            s = torch.tensor([beta1, beta2, bc1, bc2_sqrt, eps, weight_decay], dtype=torch.float64)
-            uu, ww = _lamb_norms(g, m, v, p, s)
-            u_norm, w_norm = math.sqrt(uu), math.sqrt(ww)
-        else:
-            u_norm = w_norm = 0.0
-        trust = (_host_trust(w_norm, u_norm, 1.0, clip_lr=1.0 if trust_clip else None,
-                             max_weight_norm=max_weight_norm) if adapt else 1.0)
-        step_size = lr_f * trust
-        step.add_(1.0)
-        if bias_correction:
-            kernel_step = step
-        else:
-            if no_bc is None:
-                no_bc = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
-            kernel_step = no_bc
-        torch._fused_adamw_([p], [g], [m], [v], [], [kernel_step], lr=step_size, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
-        if want_stats:
-            rows.append([w_norm, u_norm, trust, step_size])
-    return _host_records(params, rows, want_stats)
-
-
-def _lamb_norms(g, m, v, p, s):
+def _lamb_norms(g, m, v, p, c) -> list[float]:
     reduction = _lamb_reduction()
     if reduction is not _lamb_sums:
         try:
-            return reduction(g.view(-1), m.view(-1), v.view(-1), p.view(-1), s).tolist()
+            return reduction(g.view(-1), m.view(-1), v.view(-1), p.view(-1), c).sqrt().tolist()
         except Exception:  # no working compiler: the same sums, eagerly
             _lamb_sums_compiled[0] = _lamb_sums
-    return _lamb_sums(g, m, v, p, s).tolist()
+    return _lamb_sums(g, m, v, p, c).sqrt().tolist()
 
 
-# ---------------------------------------------------------------------------------------
-# Dispatch
-# ---------------------------------------------------------------------------------------
-
-_compiled: dict[tuple, object] = {}
-
-
-def _fused(fn, options: dict):
-    """``fn`` with ``options`` bound, compiled once per process and configuration.
-
-    Dynamic shapes let one kernel serve every layer. Binding the options (rather than passing
-    them as keywords) cuts the per-call guard cost about sixfold. Each configuration compiles a
-    fresh copy of ``fn``'s code: torch.compile caps the graphs kept per code object (8 by
-    default), and LARS, TVLARS, weight-decay/adapt groups and dtypes would otherwise share it.
-    """
-    key = (fn.__name__, tuple(sorted(options.items())))
-    if key not in _compiled:
-        def bound(*args):
-            return fn(*args, **options)
-
-        bound = types.FunctionType(bound.__code__.replace(), bound.__globals__, fn.__name__, None, bound.__closure__)
-        # The hyper-parameters must be constants of the graph. By default (specialize_float=False)
-        # dynamo lifts Python floats to graph inputs, inductor still bakes the traced value into
-        # the generated kernel, and its on-disk cache then serves that kernel to a configuration
-        # that differs only in that float (a momentum of 0.9 used for 0.5, issue 8).
-        _compiled[key] = torch._dynamo.config.patch(specialize_float=True)(
-            torch.compile(bound, dynamic=True, fullgraph=True))
-    return _compiled[key]
+def _host_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions):
+    bc = torch.stack(lamb_bias_corrections(torch.stack(steps), o), dim=1) if steps else torch.zeros(0, 2)
+    bc_f = bc.tolist()
+    w_norms, u_norms = [0.0] * len(params), [0.0] * len(params)
+    for i in reversed(range(len(params))):
+        p, g, m, v = params[i], grads[i], ms[i], vs[i]
+        if not _host_ok(p, g, m, v):
+            w_norms[i], u_norms[i] = _lamb_layer_norms(p, g, m, v, bc[i], (o.beta1, o.beta2, o.eps, o.weight_decay),
+                                                       ndt=torch.float64, decay=o.decay).tolist()
+            continue
+        c = torch.tensor([o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2, *bc_f[i], o.eps, o.weight_decay],
+                         dtype=torch.float64)
+        w_norms[i], u_norms[i] = _lamb_norms(g, m, v, p, c)
+    return torch.tensor([w_norms, u_norms], dtype=torch.float64), bc
 
 
-def _per_param(fn, fused: bool, lr: Scalar, ref: Tensor, options: dict):
-    """The per-parameter update with ``options`` bound, ``(eager, chosen, lr)``: ``chosen`` is
-    the compiled update (fused) or the eager one, ``lr`` the lr to pass either."""
-    eager = functools.partial(fn, **options)
-    if not fused:
-        return eager, eager, lr
-    # A Python-float lr would be baked into the compiled code and recompile at every change.
-    if not torch.is_tensor(lr):
-        lr = torch.tensor(lr, dtype=torch.float64).to(ref.device)
-    return eager, _fused(fn, options), lr
+def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work) -> None:
+    if not bool(s.ok):
+        return
+    bc = work
+    no_bc = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
+    for i, (p, g, m, v, step, gamma) in enumerate(zip(params, grads, ms, vs, steps, s.scale.tolist())):
+        if not _host_ok(p, g, m, v):
+            _lamb_layer_update(p, g, m, v, step, s.ok.reshape(1), s.scale[i:i + 1], bc[i],
+                               (o.beta1, o.beta2, o.eps, o.weight_decay), decay=o.decay)
+            continue
+        step.add_(1.0)
+        torch._fused_adamw_([p], [g], [m], [v], [], [step if o.bias_correction else no_bc], lr=gamma,
+                            beta1=o.beta1, beta2=o.beta2, weight_decay=o.weight_decay, eps=o.eps,
+                            amsgrad=False, maximize=False)
 
 
-def _flat(fused: bool, *tensors: Optional[Tensor]) -> tuple:
-    """1-D views for the compiled kernel, so that 1-D, 2-D and 4-D layers share one graph.
-
-    Non-contiguous tensors (e.g. channels_last weights) cannot be viewed flat; they take the
-    eager per-parameter code, which is the same maths.
-    """
-    if fused and all(t is None or t.is_contiguous() for t in tensors):
-        return tuple(None if t is None else t.view(-1) for t in tensors)
-    return tensors
+# =======================================================================================
+# Dispatch: one table per algorithm
+# =======================================================================================
 
 
-def _stack_records(params, rows, want_stats):
-    if not want_stats or not params:
-        return []
-    return [(params, torch.stack([torch.stack([r[i].to(torch.float64) for r in rows])
-                                  for i in range(4)]))]
+def _by_device(tensors: list[Tensor]) -> dict:
+    out: dict = {}
+    for i, t in enumerate(tensors):
+        out.setdefault(t.device, []).append(i)
+    return out
 
 
-def lars(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Optional[Tensor]], steps: list[Tensor], ok: Tensor, *,
-    lr: Scalar, factors: Optional[list[Tensor]] = None, momentum: float, weight_decay: float,
-    trust_coefficient: float, eps: float, trust_form: str, trust_clip: bool, adapt: bool,
-    max_norm: Optional[float] = None, factor_in_ratio: bool = False, nesterov: bool = False,
-    lr_in_buffer: bool = False, foreach: bool = False, fused: bool = False, want_stats: bool = False,
-    grad_norms: Optional[list[float]] = None,
-) -> list[tuple[list[Tensor], Tensor]]:
-    """One LARS-type update of ``params`` in place (functional form of LARS and TVLARS).
+SINGLE, MULTI, FUSED, HOST = "single", "multi", "fused", "host"
 
-    ``bufs`` holds momentum buffers (all None when momentum is 0), ``steps`` the per-parameter
-    step counters (incremented unless the step is skipped), ``factors`` phi_t per parameter
-    (TVLARS). Returns telemetry
-    records ``(params, [4, n] tensor)`` when ``want_stats``. ``grad_norms`` (CPU only: the
-    :func:`host_grad_norms` of these gradients, already checked finite by the caller)
-    selects the host-scalar path; ``ok`` must then be True.
-    """
-    options = dict(momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                   eps=eps, trust_form=trust_form, trust_clip=trust_clip, adapt=adapt,
-                   max_norm=max_norm, factor_in_ratio=factor_in_ratio, nesterov=nesterov,
-                   lr_in_buffer=lr_in_buffer)
-    if grad_norms is not None:
-        return _host_lars(params, grads, bufs, steps, grad_norms, lr, factors, want_stats=want_stats, **options)
-    if foreach and not fused:
-        return _multi_tensor_lars(params, grads, bufs, steps, ok, lr, factors, want_stats=want_stats, **options)
-    eager, fn, lr = _per_param(_lars_param, fused, lr, params[0], options)
-    rows, oks = [], {}
-    for p, g, buf, step, fac in zip(params, grads, bufs, steps, factors or [None] * len(params)):
-        if p.device not in oks:
-            oks[p.device] = ok.to(p.device)
-        fac = fac.to(norm_dtype(p.dtype)) if fac is not None else None
-        tensors = _flat(fused, p, g, buf)
-        update = fn if tensors[0] is not p else eager  # not flattened: the eager code
-        rows.append(update(*tensors, step, oks[p.device], lr, fac))
-    return _stack_records(params, rows, want_stats)
+_LARS = {
+    SINGLE: (_single_tensor_lars_measure, _single_tensor_lars_apply),
+    FUSED: (functools.partial(_single_tensor_lars_measure, compiled=True),
+            functools.partial(_single_tensor_lars_apply, compiled=True)),
+    MULTI: (_multi_tensor_lars_measure, _multi_tensor_lars_apply),
+    HOST: (_host_lars_measure, _host_lars_apply),
+}
+_LAMB = {
+    SINGLE: (_single_tensor_lamb_measure, _single_tensor_lamb_apply),
+    FUSED: (functools.partial(_single_tensor_lamb_measure, compiled=True),
+            functools.partial(_single_tensor_lamb_apply, compiled=True)),
+    MULTI: (_multi_tensor_lamb_measure, _multi_tensor_lamb_apply),
+    HOST: (_host_lamb_measure, _host_lamb_apply),
+}
 
 
-def lamb(
-    params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], steps: list[Tensor],
-    ok: Tensor, *, lr: Scalar, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, trust_clip: bool, adapt: bool, max_weight_norm: Optional[float] = None,
-    foreach: bool = False, fused: bool = False, want_stats: bool = False, grad_norms: Optional[list[float]] = None,
-) -> list[tuple[list[Tensor], Tensor]]:
-    """One LAMB update of ``params`` in place; ``steps`` are per-parameter step counters.
-    ``grad_norms`` selects the host-scalar path, as in :func:`lars`."""
-    options = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                   trust_clip=trust_clip, adapt=adapt, max_weight_norm=max_weight_norm)
-    if grad_norms is not None:
-        return _host_lamb(params, grads, ms, vs, steps, lr, bias_correction=bias_correction,
-                          want_stats=want_stats, **options)
-    if foreach and not fused:
-        return _multi_tensor_lamb(params, grads, ms, vs, steps, ok, lr, bias_correction=bias_correction,
-                                  want_stats=want_stats, **options)
-    eager, fn, lr = _per_param(_lamb_param, fused, lr, params[0], options)
-    rows = []
-    for p, g, m, v, s in zip(params, grads, ms, vs, steps):
-        bc = bias_corrections(s, norm_dtype(p.dtype), beta1, beta2) if bias_correction else (None, None)
-        tensors = _flat(fused, p, g, m, v)
-        update = fn if tensors[0] is not p else eager  # not flattened: the eager code
-        rows.append(update(*tensors, s, ok.to(p.device), lr, *bc))
-    return _stack_records(params, rows, want_stats)
+def lars_measure(params, grads, o: LARSOptions, path: str):
+    """Stage 1: ([||w||; ||u||] as a [2, layers] float64 tensor, the path's workspace)."""
+    return _LARS[path][0](params, grads, o)
+
+
+def lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work, path: str) -> None:
+    """Stage 3: the update of ``params``, their buffers and step counters, with ``s``."""
+    _LARS[path][1](params, grads, bufs, steps, o, s, work)
+
+
+def lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, path: str):
+    return _LAMB[path][0](params, grads, ms, vs, steps, o)
+
+
+def lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, path: str) -> None:
+    _LAMB[path][1](params, grads, ms, vs, steps, o, s, work)

@@ -47,20 +47,6 @@ def tv_factor_tensor(step: torch.Tensor, lam: float, delay: float, alpha: float,
     return 1.0 / (alpha + torch.exp(lam * (step - delay))) + min_factor
 
 
-def tv_factor_tensors(steps: list, offset: float, lam: float, delay: float, alpha: float,
-                      min_factor: float) -> list:
-    """phi at ``step + offset`` for each 0-d step counter, computed once per device."""
-    by_device: dict = {}
-    for i, s in enumerate(steps):
-        by_device.setdefault(s.device, []).append(i)
-    factors = [None] * len(steps)
-    for indices in by_device.values():
-        t = torch.stack([steps[i] for i in indices]) + offset
-        for i, phi in zip(indices, tv_factor_tensor(t, lam, delay, alpha, min_factor).unbind()):
-            factors[i] = phi
-    return factors
-
-
 class TVFactorLR(LRScheduler):
     """Multiplies each group's base lr by phi_t, t = number of ``scheduler.step()`` calls.
 

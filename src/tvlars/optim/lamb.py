@@ -8,6 +8,7 @@ import torch
 
 from . import _functional as F
 from ._base import LayerwiseOptimizer, check
+from ._sharding import local
 
 
 class LAMB(LayerwiseOptimizer):
@@ -47,7 +48,12 @@ class LAMB(LayerwiseOptimizer):
         cap = group["max_weight_norm"]
         check("max_weight_norm", cap, cap is None or cap > 0, "must be None or > 0")
 
-    def _update(self, group, params, ok, want_stats, grad_norms=None):
+    def _plan(self, group, params, path):
+        b1, b2 = group["betas"]
+        o = F.LAMBOptions(lr=F.PerDevice(group["lr"]), beta1=b1, beta2=b2, eps=group["eps"],
+                          weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                          trust_clip=group["trust_clip"], adapt=group["adapt"],
+                          max_weight_norm=group["max_weight_norm"])
         ms, vs, steps = [], [], []
         for p in params:
             steps.append(self._counters(p)[0])
@@ -55,12 +61,16 @@ class LAMB(LayerwiseOptimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
-        b1, b2 = group["betas"]
-        return F.lamb(params, [p.grad for p in params], ms, vs, steps, ok, lr=group["lr"], beta1=b1,
-                      beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
-                      bias_correction=group["bias_correction"], trust_clip=group["trust_clip"],
-                      adapt=group["adapt"], max_weight_norm=group["max_weight_norm"],
-                      want_stats=want_stats, grad_norms=grad_norms,
-                      **self._paths(group))
+            ms.append(local(state["exp_avg"]))
+            vs.append(local(state["exp_avg_sq"]))
+        ps, grads = [local(p) for p in params], [local(p.grad) for p in params]
+
+        def measure():
+            return F.lamb_measure(ps, grads, ms, vs, steps, o, path)
+
+        def apply(ok, norms, work):
+            s = F.lamb_scalars(norms[0], norms[1], o, ok)
+            F.lamb_apply(ps, grads, ms, vs, steps, o, s, work, path)
+            return s
+
+        return measure, apply

@@ -8,6 +8,7 @@ import torch
 
 from . import _functional as F
 from ._base import LayerwiseOptimizer, check
+from ._sharding import local
 
 TRUST_FORMS = ("coupled", "separate")
 
@@ -32,9 +33,9 @@ class LARS(LayerwiseOptimizer):
         foreach, fused: the execution path, all exact. Default (both None): on the CPU, per-layer
             scalars computed on the host and torch's fused SGD kernel doing each layer's update
             (fastest there); on CUDA the multi-tensor path. ``foreach=True``: multi-tensor;
-            ``foreach=False``: one tensor at a time with no host reads; ``fused=True``:
-            ``torch.compile`` the per-layer update once per process (first step pays the
-            compile).
+            ``foreach=False``: one tensor at a time with no host reads; ``fused=True``: the
+            per-layer code compiled by ``torch.compile`` once per process (the first step pays
+            the compile; unlike torch's fused=True, not a hand-written kernel).
         stats: record per-layer statistics, read with :meth:`last_stats`.
 
     Non-finite gradients skip the step (see ``skipped_steps``). ``p.grad`` is never written.
@@ -64,19 +65,32 @@ class LARS(LayerwiseOptimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+            bufs.append(local(state["momentum_buffer"]))
         return bufs
 
-    def _momentum_form(self, group: dict, steps: list) -> dict:
-        """How the trust-scaled direction becomes a step; TVLARS overrides this."""
-        return dict(nesterov=group["nesterov"])
+    def _options(self, group: dict) -> F.LARSOptions:
+        return F.LARSOptions(
+            lr=F.PerDevice(group["lr"]), momentum=group["momentum"], weight_decay=group["weight_decay"],
+            trust_coefficient=group["trust_coefficient"], eps=group["eps"], trust_form=group["trust_form"],
+            trust_clip=group["trust_clip"], adapt=group["adapt"],
+            momentum_form=F.NESTEROV if group["nesterov"] else F.HEAVY_BALL)
 
-    def _update(self, group, params, ok, want_stats, grad_norms=None):
-        options = dict(
-            lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-            trust_coefficient=group["trust_coefficient"], eps=group["eps"],
-            trust_form=group["trust_form"], trust_clip=group["trust_clip"], adapt=group["adapt"])
+    def _phi(self, group: dict, steps: list, device: torch.device) -> Optional[torch.Tensor]:
+        """The per-layer factor that multiplies the step (TVLARS's phi_t); LARS has none."""
+        return None
+
+    def _plan(self, group, params, path):
+        o = self._options(group)
+        ps, grads = [local(p) for p in params], [local(p.grad) for p in params]
+        bufs = self._buffers(group, params)
         steps = [self._counters(p)[0] for p in params]
-        options.update(self._momentum_form(group, steps))
-        return F.lars(params, [p.grad for p in params], self._buffers(group, params), steps, ok,
-                      want_stats=want_stats, grad_norms=grad_norms, **options, **self._paths(group))
+
+        def measure():
+            return F.lars_measure(ps, grads, o, path)
+
+        def apply(ok, norms, work):
+            s = F.lars_scalars(norms[0], norms[1], o, ok, self._phi(group, steps, norms.device))
+            F.lars_apply(ps, grads, bufs, steps, o, s, work, path)
+            return s
+
+        return measure, apply

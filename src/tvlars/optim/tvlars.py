@@ -3,12 +3,14 @@ scaled by the time-varying factor phi_t of Eq. 4 instead of a warm-up schedule."
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
+from . import _functional as F
 from ._base import LayerwiseOptimizer, check
-from .factor import check_factor_args, tv_factor_tensors
+from .factor import check_factor_args, tv_factor_tensor
 from .lars import LARS
 
 VARIANTS = ("paper", "official")
@@ -75,11 +77,18 @@ class TVLARS(LARS):
                   (group["alpha"], group["min_factor"]) == (OFFICIAL_ALPHA, 0.0),
                   f"variant='official' fixes alpha={OFFICIAL_ALPHA} and min_factor=0")
 
-    def _momentum_form(self, group: dict, steps: list) -> dict:
+    def _options(self, group: dict) -> F.LARSOptions:
+        """LARS's options with TVLARS's momentum form (and the authors' ratio for "official")."""
+        o = super()._options(group)
         if group["variant"] == "official":
-            factors = tv_factor_tensors(steps, 1.0, group["lam"], 0, group["alpha"], 0.0)
-            if group["delay"] > 0:  # the authors' gate: plain LARS until the delay has passed
-                factors = [torch.where(s >= group["delay"], f, torch.ones_like(f)) for s, f in zip(steps, factors)]
-            return dict(factors=factors, factor_in_ratio=True, max_norm=OFFICIAL_MAX_NORM, nesterov=False)
-        factors = tv_factor_tensors(steps, 0.0, group["lam"], group["delay"], group["alpha"], group["min_factor"])
-        return dict(factors=factors, nesterov=True, lr_in_buffer=True)
+            return dataclasses.replace(o, momentum_form=F.HEAVY_BALL, phi_in_ratio=True, max_norm=OFFICIAL_MAX_NORM)
+        return dataclasses.replace(o, momentum_form=F.LOOK_AHEAD)
+
+    def _phi(self, group: dict, steps: list, device: torch.device) -> torch.Tensor:
+        """phi_t of Eq. 4 per layer, t = its step counter. The authors' code counts t from 1,
+        and gates: plain LARS (phi = 1) for the first ``delay`` steps, then phi of t unshifted."""
+        step = torch.stack([s.to(device) for s in steps])
+        if group["variant"] != "official":
+            return tv_factor_tensor(step, group["lam"], group["delay"], group["alpha"], group["min_factor"])
+        phi = tv_factor_tensor(step + 1.0, group["lam"], 0, group["alpha"], 0.0)
+        return torch.where(step >= group["delay"], phi, 1.0) if group["delay"] > 0 else phi
