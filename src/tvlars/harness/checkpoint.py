@@ -200,18 +200,60 @@ def set_rng_state(state: dict) -> None:
 def training_state(model, optimizer, scheduler, *, epoch: int, step: int, best_test_acc=None, best_epoch=None,
                    **extra) -> dict:
     """The checkpoint of a loop after ``epoch`` epochs and ``step`` optimizer steps; ``model``
-    is the raw module; ``extra`` keys are the command's own (see CHECKPOINT_KEYS)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    is the raw module; ``extra`` keys are the command's own (see CHECKPOINT_KEYS). Every rank
+    calls it: a sharded (--fsdp) model is gathered whole onto rank 0 (keyed by parameter
+    name), so that the checkpoint is the same file as without sharding."""
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optimizer_state = (get_model_state_dict(model, options=whole),
+                                        get_optimizer_state_dict(model, optimizer, options=whole))
+    else:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    return {"model": model_state, "optimizer": optimizer_state,
             "scheduler": None if scheduler is None else scheduler.state_dict(), "scaler": None,
             "rng": rng_state(), "epoch": epoch, "step": step, "best_test_acc": best_test_acc,
             "best_epoch": best_epoch, **extra}
 
 
+def _sharded(model) -> bool:
+    """Whether ``model``'s parameters are DTensors (tvlars train --fsdp)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _by_name(optimizer_state: dict, model, optimizer) -> dict:
+    """An optimizer state_dict keyed by parameter name, as torch.distributed.checkpoint loads
+    it (a checkpoint of an unsharded run keys by position)."""
+    groups = optimizer_state["param_groups"]
+    if all(isinstance(i, str) for g in groups for i in g["params"]):
+        return optimizer_state
+    names = {id(p): n for n, p in model.named_parameters()}
+    rename = {}
+    for saved, group in zip(groups, optimizer.param_groups):
+        rename.update({i: names[id(p)] for i, p in zip(saved["params"], group["params"])})
+    return {"state": {rename[i]: s for i, s in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [rename[i] for i in g["params"]]} for g in groups]}
+
+
 def restore(state: dict, path, model, optimizer, scheduler, **others) -> None:
     """The inverse of :func:`training_state` (epoch, step and the extra keys stay for the caller)."""
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if _sharded(model):  # whole tensors in the file: each rank keeps its shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            whole = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, state["model"], options=whole)
+            set_optimizer_state_dict(model, optimizer, _by_name(state["optimizer"], model, optimizer), options=whole)
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         for key, obj in others.items():

@@ -25,7 +25,7 @@ from tvlars.harness import flags
 #: Flags that change how a run executes but not what it computes: free to change on --resume.
 RUNTIME_FLAGS = frozenset({
     "config", "out", "resume", "device", "progress", "num_workers", "data_dir", "download",
-    "data_on_device", "stop_after_epochs", "eval_batch_size", "compile", "command",
+    "data_on_device", "stop_after_epochs", "eval_batch_size", "compile", "command", "fsdp",
 })
 
 DEFAULT_LR = {"lars": 1.0, "tvlars": 1.0, "lamb": 0.01, "sgd": 0.1, "adamw": 1e-3}
@@ -114,6 +114,7 @@ class TrainConfig:
     channels_last: bool
     compile: bool
     sync_bn: bool
+    fsdp: bool
 
     @classmethod
     def defaults(cls) -> dict:
@@ -249,6 +250,8 @@ class SSLConfig(TrainConfig):
 
         if args.augment is not None:
             raise UserError("--augment is tvlars train's crop+flip; tvlars ssl draws two views with --augment-preset")
+        if args.fsdp:
+            raise UserError("--fsdp is tvlars train's; tvlars ssl trains data-parallel (DDP) under torchrun")
         # one spelling of the projector, so that a --config list and the saved string compare equal on --resume
         projector = "-".join(str(width) for width in parse_projector(args.projector))
         return argparse.Namespace(**{**vars(args), "augment": False, "projector": projector})

@@ -265,3 +265,7 @@ def _add_performance_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="synchronised batch norm across processes (CUDA + torchrun only, as in the "
                         "paper) (default: on)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="tvlars train under torchrun: shard parameters, gradients and optimizer state over "
+                        "the processes (FSDP2 fully_shard) instead of replicating them (DDP); the same "
+                        "results (tvlars's trust ratios see whole layers); checkpoints stay whole")

@@ -301,8 +301,9 @@ class Session:
         holds training_state's arguments), a "running" summary.json, the epoch's line.
         True when --stop-after-epochs says this invocation stops here."""
         self.epochs_run += 1
+        state = ckpt.training_state(epoch=epoch + 1, **checkpoint)  # every rank: --fsdp gathers onto rank 0
         if self.runtime.is_main:
-            ckpt.save_checkpoint(self.out / runfolder.CHECKPOINT, ckpt.training_state(epoch=epoch + 1, **checkpoint))
+            ckpt.save_checkpoint(self.out / runfolder.CHECKPOINT, state)
         self.log.write_summary(status=runfolder.RUNNING, epochs_done=epoch + 1, wall_time_s=self.wall_time(), **summary)
         say(self.runtime, message)
         stop_after = self.config.stop_after_epochs

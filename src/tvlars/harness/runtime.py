@@ -134,11 +134,13 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_model(model, runtime: Runtime, *, sync_bn: bool = False, channels_last: bool = False,
-                  compile: bool = False):
-    """(wrapped, module): device, SyncBN, channels_last, DDP, compile -- in that order.
+                  compile: bool = False, fsdp: bool = False):
+    """(wrapped, module): device, SyncBN, channels_last, DDP or FSDP2, compile -- in that order.
 
     Train and evaluate with the first; save, load and name parameters with the second,
-    so that checkpoints and layers.csv never see a wrapper's prefixes."""
+    so that checkpoints and layers.csv never see a wrapper's prefixes. ``fsdp`` (distributed
+    only): ``fully_shard`` every module that holds parameters, then the root, in place, so
+    that ``module`` is the sharded model (its parameters DTensors)."""
     import torch
 
     module = model.to(runtime.device)
@@ -149,10 +151,13 @@ def prepare_model(model, runtime: Runtime, *, sync_bn: bool = False, channels_la
         if sync_bn and runtime.device.type == "cuda":
             module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
             wrapped = module
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        if fsdp:
+            wrapped = module = _fully_shard(module, runtime)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        wrapped = DDP(module, device_ids=ids, broadcast_buffers=not sync_bn or runtime.device.type != "cuda")
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            wrapped = DDP(module, device_ids=ids, broadcast_buffers=not sync_bn or runtime.device.type != "cuda")
     if compile:
         wrapped = torch.compile(wrapped)
     return wrapped, module
@@ -168,13 +173,38 @@ def autocast(runtime: Runtime, amp: str):
     raise UserError(f"unknown --amp '{amp}' (use none or bf16)")
 
 
+def _fully_shard(module, runtime: Runtime):
+    """FSDP2 over all ranks: each leaf-most module holding parameters is one unit (its
+    all-gather and reduce-scatter), the root holds the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    for sub in list(module.modules())[1:]:
+        if any(True for _ in sub.parameters(recurse=False)):
+            fully_shard(sub, mesh=mesh)
+    return fully_shard(module, mesh=mesh)
+
+
 def maybe_no_sync(model, skip: bool):
-    """DDP's ``no_sync()`` (skip the gradient all-reduce) for all but the last micro-batch."""
+    """No gradient reduction for all but the last micro-batch: DDP's ``no_sync()``, or
+    FSDP2's ``set_requires_gradient_sync(False)`` for the duration."""
     if skip:
         inner = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
         if hasattr(inner, "no_sync"):
             return inner.no_sync()
+        if hasattr(inner, "set_requires_gradient_sync"):
+            return _fsdp_no_sync(inner)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def say(runtime: Runtime, message: str) -> None:

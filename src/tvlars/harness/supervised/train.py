@@ -64,6 +64,7 @@ def train(opened, runtime, started: float) -> int:
     import torch.nn.functional as F
 
     from tvlars import runfolder
+    from tvlars.errors import UserError
     from tvlars.harness import checkpoint as ckpt
     from tvlars.harness import optimizers
     from tvlars.harness.data import loader
@@ -77,8 +78,10 @@ def train(opened, runtime, started: float) -> int:
     data, per_rank = load_run_data(cfg, runtime)
     n_train, n_test = len(data.train_labels), len(data.test_labels)
     seed_everything(cfg.seed)
+    if cfg.fsdp and runtime.device.type == "cuda" and cfg.micro_batch_size == "auto":
+        raise UserError("--fsdp needs --micro-batch-size N: the automatic probe would run the whole model on one GPU")
     wrapped, model = prepare_model(build_classifier(cfg, data), runtime, sync_bn=cfg.sync_bn,
-                                   channels_last=cfg.channels_last, compile=cfg.compile)
+                                   channels_last=cfg.channels_last, compile=cfg.compile, fsdp=cfg.fsdp)
     names = {id(p): n for n, p in model.named_parameters()}
 
     common = dict(mean=data.mean, std=data.std, device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
@@ -220,7 +223,7 @@ def evaluate(model, loader, runtime, amp: str, n_test: int) -> tuple[float, floa
     with torch.no_grad():
         for x, y in loader:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if len(y) == 0:
+            if len(y) == 0 and not hasattr(model, "reshard"):  # an FSDP2 model: every rank's forward all-gathers
                 continue
             with autocast(runtime, amp):
                 logits = _unwrapped(model)(x)
