@@ -219,6 +219,28 @@ def test_matches_reference(case, path):
     assert moved > 1e-4  # the run is not trivially static
 
 
+@pytest.mark.parametrize("case", ["lars-nesterov", "tvlars", "tvlars-official", "lamb", "lamb-max-weight-norm"])
+def test_default_path_on_large_layers_matches_reference(case):
+    """Layers of 65,536 elements or more take the host path's compiled kernels."""
+    cls, ref_cls, kw, ref_kw, group_kw = CASES[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 256), nn.Tanh(), nn.Linear(256, 4)).double()
+    assert model[0].weight.numel() >= 1 << 16
+    ref_model = copy.deepcopy(model)
+    opt = cls(param_groups(model, WEIGHT_DECAY, **group_kw), **kw)
+    ref = ref_cls(param_groups(ref_model, WEIGHT_DECAY, **group_kw), **ref_kw)
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 300, generator=gen, dtype=torch.float64), torch.randint(0, 4, (16,), generator=gen))
+            for _ in range(8)]
+    for m, o in ((model, opt), (ref_model, ref)):
+        for x, y in data:
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-14)
+
+
 def test_lamb_first_step_moves_adapted_layers_by_lr_times_weight_norm():
     for bias_correction in (True, False):
         model = make_model()

@@ -445,7 +445,7 @@ def _counting(name, calls):
     real = getattr(torch, name)
 
     def wrapper(*args, **kwargs):
-        calls.append(name)
+        calls.append(len(args[0]))  # the tensors it updates
         return real(*args, **kwargs)
 
     return mock.patch.object(torch, name, wrapper)
@@ -453,16 +453,19 @@ def _counting(name, calls):
 
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_default_cpu_path_updates_with_torch_fused_kernels(cls, kw):
+    """Every parameter through torch's kernel, one call per adapted layer, and one for the
+    group of 1-D parameters that do not adapt (they share their scalars)."""
     kernel = "_fused_adamw_" if cls is LAMB else "_fused_sgd_"
     for path, per_param in ((dict(), 1), (dict(foreach=False), 0)):
         model, loss_fn = model_and_loss()
-        expected = per_param * len(list(model.parameters()))
         opt = cls(param_groups(model, 1e-2), **kw, **path)
         backward(loss_fn, model)
         calls = []
         with _counting(kernel, calls):
             opt.step()
-        assert len(calls) == expected  # one per parameter tensor
+        adapted, rest = [len(g["params"]) for g in opt.param_groups]
+        assert sum(calls) == per_param * (adapted + rest)
+        assert len(calls) == per_param * (adapted + 1)
 
 
 def test_path_is_chosen_in_one_place_and_the_host_path_is_cpu_default_only():
@@ -523,25 +526,40 @@ def test_default_path_handles_non_contiguous_layers_like_the_single_path(cls, kw
         torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
 
 
-def test_lamb_default_path_without_a_compiler_uses_the_eager_reduction():
+def large_model_and_loss(dtype=torch.float64):
+    """A layer of 76,800 elements: large enough for the host path's compiled kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 256), nn.Tanh(), nn.Linear(256, 3)).to(dtype)
+    x = torch.randn(9, 300, dtype=dtype)
+    y = torch.randint(0, 3, (9,))
+    return model, lambda: F.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
+def test_default_path_without_a_compiler_runs_its_kernels_eagerly(cls, kw):
     from tvlars.optim import _functional
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
+    kernels = (_functional._LARS_SUMS, _functional._LAMB_SUMS, _functional._NESTEROV)
+    saved = [k.compiled for k in kernels]
     results = []
-    saved = list(_functional._lamb_sums_compiled)
     try:
-        for compiled in (saved or [_functional._lamb_reduction()], [broken]):
-            _functional._lamb_sums_compiled[:] = compiled
-            model, loss_fn = model_and_loss(torch.float64)
-            opt = LAMB(param_groups(model, 1e-2), lr=1e-2, weight_decay=1e-2)
+        for compiled in (saved, [broken] * len(kernels)):
+            for kernel, c in zip(kernels, compiled):
+                kernel.compiled = c
+            model, loss_fn = large_model_and_loss()
+            opt = cls(param_groups(model, 1e-2), **kw)
             for _ in range(3):
                 backward(loss_fn, model)
                 opt.step()
             results.append(snapshot(model))
-        assert _functional._lamb_sums_compiled[0] is _functional._lamb_sums
+        fell_back = [k.fn.__name__ for k in kernels if k.compiled is k.fn]
+        assert fell_back == (["_lamb_sums"] if cls is LAMB else ["_lars_sums", "_nesterov_update"][:1 + (
+            kw.get("nesterov", False) or kw.get("variant", "paper") == "paper" and cls is TVLARS)])
     finally:
-        _functional._lamb_sums_compiled[:] = saved
+        for kernel, c in zip(kernels, saved):
+            kernel.compiled = c
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

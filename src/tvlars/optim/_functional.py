@@ -88,6 +88,7 @@ class LARSOptions:
     momentum_form: str = HEAVY_BALL
     phi_in_ratio: bool = False
     max_norm: Optional[float] = None
+    stats: bool = False  # telemetry wanted: every layer measured in full (see _host_lars_measure)
 
     @property
     def decay(self) -> bool:
@@ -114,6 +115,7 @@ class LAMBOptions:
     trust_clip: bool
     adapt: bool
     max_weight_norm: Optional[float] = None
+    stats: bool = False
 
     @property
     def decay(self) -> bool:
@@ -637,7 +639,8 @@ def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Sc
 #   LARS heavy-ball   _fused_sgd_(weight_decay=wd, momentum=mu, dampening=1-k, lr=L)
 #                     buf = mu*buf + k*(g + wd*w);  w -= L*buf
 #   Nesterov          the same call with nesterov=True and lr = L*k (w -= L*k*(d + mu*buf)),
-#                     then w -= L*mu*(1-k)*buf: together w -= L*(k*d + mu*buf)
+#                     then w -= L*mu*(1-k)*buf: together w -= L*(k*d + mu*buf); layers of
+#                     _LARGE elements or more take _nesterov_update instead, the same in one pass
 #   no momentum       _fused_sgd_(lr=L*k) without buffers
 #   LAMB              _fused_adamw_(lr=lr*trust, weight_decay=wd): AdamW's decoupled decay
 #                     lr*trust*wd*w is LAMB's lr*trust*(wd*w) term, and its bias-corrected
@@ -646,15 +649,23 @@ def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Sc
 #
 # with k = scale and L = lr (look-ahead: k = lr*trust*phi, L = 1). The kernels take
 # 1 - dampening, which represents k to within 2^-54 absolutely: an error of at most 2^-54*|d|
-# per element, below the rounding of k*d. Measuring: ||w||^2, ||g||^2 and <g, w> by BLAS dots,
-# layer by layer from the last (so that the update starts on data still in cache); the coupled
-# norm is ||g + wd*w||^2 = ||g||^2 + 2 wd <g,w> + wd^2 ||w||^2, computed exactly from g + wd*w
-# when that sum cancels (< 1/16 of its terms) or is not finite. LAMB's ||u|| (u from the new
-# moments) comes from a compiled read-only reduction (eager without a C++ compiler). Other
-# dtypes and non-contiguous layers take the single-tensor code.
+# per element, below the rounding of k*d.
+#
+# Measuring reads each layer once, from the last (so that the update starts on data still in
+# cache): ||w||^2, ||g||^2 and <g, w> (LAMB: ||w||^2 and ||u||^2, u from the moments this step
+# writes) by one compiled kernel for layers of _LARGE elements or more, whose 40 us of call
+# overhead is then less than the extra reads of BLAS dots; smaller layers (in cache) take
+# dots (LAMB: the single-tensor code). A layer that does not adapt (trust 1) is measured by
+# ||g|| alone, which decides the step, unless telemetry is on. Layers in a row that share
+# their scalars (all of a group that does not adapt) are updated by one kernel call. Without
+# a C++ compiler the kernels run eagerly. The
+# coupled norm is ||g + wd*w||^2 = ||g||^2 + 2 wd <g,w> + wd^2 ||w||^2, computed exactly from
+# g + wd*w when that sum cancels (< 1/16 of its terms) or is not finite. Other dtypes and
+# non-contiguous layers take the single-tensor code.
 
 _HOST_DTYPES = (torch.float32, torch.float64)
 _NO_BIAS_CORRECTION_STEP = 1e30  # beta ** 1e30 == 0.0 for every beta in [0, 1)
+_LARGE = 1 << 16
 
 
 def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) -> bool:
@@ -665,6 +676,57 @@ def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) ->
     if g is not None and (g.dtype != p.dtype or not g.is_contiguous()):
         return False
     return all(t is None or (t.dtype == p.dtype and t.is_contiguous()) for t in state)
+
+
+class _CpuKernel:
+    """``fn`` compiled once per process with dynamic shapes (one generated kernel for every
+    layer), or ``fn`` itself where torch.compile cannot run (no C++ compiler)."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        if self.compiled is not self.fn:
+            try:
+                return self.compiled(*args)
+            except Exception:  # no working compiler: the same maths, eagerly
+                self.compiled = self.fn
+        return self.fn(*args)
+
+
+def _lars_sums(g: Tensor, w: Tensor) -> Tensor:
+    """[||g||^2, <g, w>, ||w||^2] in float64, one read of g and w."""
+    g64, w64 = g.to(torch.float64), w.to(torch.float64)
+    return torch.stack([(g64 * g64).sum(), (g64 * w64).sum(), (w64 * w64).sum()])
+
+
+def _lamb_sums(g: Tensor, m: Tensor, v: Tensor, w: Tensor, c: Tensor) -> Tensor:
+    """[||w||^2, ||u||^2] with u from the moments this step will write; reads only.
+
+    ``c`` = [beta1, 1 - beta1, beta2, 1 - beta2, bc1, bc2_sqrt, eps, weight_decay] (float64,
+    so that 1 - beta2 does not cancel in float32), a tensor so that one compiled kernel serves
+    every configuration and step.
+    """
+    b1, c1, b2, c2, bc1, bc2_sqrt, eps, wd = c.to(w.dtype).unbind()
+    m = b1 * m + c1 * g
+    v = b2 * v + c2 * g * g
+    u = (m / bc1) / (v.sqrt() / bc2_sqrt + eps) + wd * w
+    return torch.stack([(w * w).sum(dtype=torch.float64), (u * u).sum(dtype=torch.float64)])
+
+
+def _nesterov_update(p: Tensor, g: Tensor, buf: Tensor, c: Tensor) -> None:
+    """buf = mu*buf + k*(g + wd*w);  w -= L*(k*(g + wd*w) + mu*buf), in one pass;
+    ``c`` = [k, mu, wd, L] (float64)."""
+    k, mu, wd, outer = c.unbind()
+    d = k * (g + wd * p)
+    b = mu * buf + d
+    buf.copy_(b)
+    p.sub_(outer * (d + mu * b))
+
+
+_LARS_SUMS, _LAMB_SUMS, _NESTEROV = _CpuKernel(_lars_sums), _CpuKernel(_lamb_sums), _CpuKernel(_nesterov_update)
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -689,21 +751,42 @@ def _coupled_norm(p: Tensor, g: Tensor, gg: float, gw: float, ww: float, wd: flo
 def _host_lars_measure(params, grads, o: LARSOptions):
     w_norms, u_norms = [0.0] * len(params), [0.0] * len(params)
     wd = o.weight_decay
+    coupled = o.coupled and o.decay
     for i in reversed(range(len(params))):
         p, g = params[i], grads[i]
         if not _host_ok(p, g):
             w_norms[i], u_norms[i] = _lars_layer_norms(p, g, (wd,), ndt=torch.float64, decay=o.decay,
                                                        coupled=o.coupled).tolist()
             continue
-        gg = _dot(g, g)
-        ww = _dot(p, p)
-        if o.coupled and o.decay:
-            u_norm = _coupled_norm(p, g, gg, _dot(g, p), ww, wd)
+        if not (o.adapt or o.stats):  # the skip decision needs ||g|| alone
+            gg = _dot(g, g)
+            u_norms[i] = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
+            continue
+        if p.numel() >= _LARGE:
+            gg, gw, ww = _LARS_SUMS(g.view(-1), p.view(-1)).tolist()
         else:
-            u_norm = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
+            gg, ww = _dot(g, g), _dot(p, p)
+            gw = _dot(g, p) if coupled else 0.0
         w_norms[i] = math.sqrt(ww) if math.isfinite(ww) else _exact_norm(p)
-        u_norms[i] = u_norm
+        if coupled:
+            u_norms[i] = _coupled_norm(p, g, gg, gw, ww, wd)
+        else:
+            u_norms[i] = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
     return torch.tensor([w_norms, u_norms], dtype=torch.float64), None
+
+
+def _runs(scales: list[float], eligible) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive layers that ``eligible(i, j)`` lets share layer i's
+    kernel call (same scalar, dtype, buffers): a group that does not adapt is one call."""
+    runs, i = [], 0
+    while i < len(scales):
+        j = i + 1
+        if eligible(i, i):
+            while j < len(scales) and scales[j] == scales[i] and eligible(i, j):
+                j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 
 
 def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None) -> None:
@@ -712,77 +795,58 @@ def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, wor
     lr = float(_on(o.lr, torch.device("cpu")))
     outer = 1.0 if o.momentum_form == LOOK_AHEAD else lr
     mu, wd = o.momentum, o.weight_decay
+    scales = s.scale.tolist()
+    one_pass = [buf is not None and o.momentum_form != HEAVY_BALL and p.numel() >= _LARGE
+                for p, buf in zip(params, bufs)]
+    host = [_host_ok(p, g, buf) for p, g, buf in zip(params, grads, bufs)]
+
+    def eligible(i, j):
+        return host[j] and not one_pass[j] and params[j].dtype == params[i].dtype
+
     counted = []
-    for i, (p, g, buf, step, k) in enumerate(zip(params, grads, bufs, steps, s.scale.tolist())):
-        if not _host_ok(p, g, buf):
-            _lars_layer_update(p, g, buf, step, s.ok.reshape(1), s.scale[i:i + 1], (wd, mu, outer),
+    for a, b in _runs(scales, eligible):
+        k = scales[a]
+        if not host[a]:
+            _lars_layer_update(params[a], grads[a], bufs[a], steps[a], s.ok.reshape(1), s.scale[a:b], (wd, mu, outer),
                                decay=o.decay, form=o.momentum_form)
             continue
-        if buf is None:
-            torch._fused_sgd_([p], [g], [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
+        counted += steps[a:b]
+        ps, gs, bs = params[a:b], grads[a:b], bufs[a:b]
+        if one_pass[a]:
+            _NESTEROV(ps[0].view(-1), gs[0].view(-1), bs[0].view(-1), torch.tensor([k, mu, wd, outer], dtype=torch.float64))
+        elif bs[0] is None:
+            torch._fused_sgd_(ps, gs, [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
                               nesterov=False, maximize=False, is_first_step=False)
         elif o.momentum_form == HEAVY_BALL:
-            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer, dampening=1.0 - k,
+            torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=outer, dampening=1.0 - k,
                               nesterov=False, maximize=False, is_first_step=False)
         else:
             # The kernel steps by outer*k*(d + mu*buf); the rest of outer*mu*buf follows.
-            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer * k, dampening=1.0 - k,
+            torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=outer * k, dampening=1.0 - k,
                               nesterov=True, maximize=False, is_first_step=False)
             if k != 1.0:
-                p.add_(buf, alpha=-outer * mu * (1.0 - k))
-        counted.append(step)
+                torch._foreach_add_(ps, bs, alpha=-outer * mu * (1.0 - k))
     if counted:
         torch._foreach_add_(counted, 1.0)
-
-
-def _lamb_sums(g: Tensor, m: Tensor, v: Tensor, w: Tensor, c: Tensor) -> Tensor:
-    """[||w||^2, ||u||^2] with u from the moments this step will write; reads only.
-
-    ``c`` = [beta1, 1 - beta1, beta2, 1 - beta2, bc1, bc2_sqrt, eps, weight_decay] (float64,
-    so that 1 - beta2 does not cancel in float32), a tensor so that one compiled kernel serves
-    every configuration and step.
-    """
-    b1, c1, b2, c2, bc1, bc2_sqrt, eps, wd = c.to(w.dtype).unbind()
-    m = b1 * m + c1 * g
-    v = b2 * v + c2 * g * g
-    u = (m / bc1) / (v.sqrt() / bc2_sqrt + eps) + wd * w
-    return torch.stack([(w * w).sum(dtype=torch.float64), (u * u).sum(dtype=torch.float64)])
-
-
-_lamb_sums_compiled: list = []
-
-
-def _lamb_reduction():
-    """The compiled ``_lamb_sums`` (one kernel for every layer), or the eager function where
-    torch.compile is unavailable (no C++ compiler)."""
-    if not _lamb_sums_compiled:
-        _lamb_sums_compiled.append(torch.compile(_lamb_sums, dynamic=True, fullgraph=True))
-    return _lamb_sums_compiled[0]
-
-
-def _lamb_norms(g, m, v, p, c) -> list[float]:
-    reduction = _lamb_reduction()
-    if reduction is not _lamb_sums:
-        try:
-            return reduction(g.view(-1), m.view(-1), v.view(-1), p.view(-1), c).sqrt().tolist()
-        except Exception:  # no working compiler: the same sums, eagerly
-            _lamb_sums_compiled[0] = _lamb_sums
-    return _lamb_sums(g, m, v, p, c).sqrt().tolist()
 
 
 def _host_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions):
     bc = torch.stack(lamb_bias_corrections(torch.stack(steps), o), dim=1) if steps else torch.zeros(0, 2)
     bc_f = bc.tolist()
+    h = (o.beta1, o.beta2, o.eps, o.weight_decay)
     w_norms, u_norms = [0.0] * len(params), [0.0] * len(params)
     for i in reversed(range(len(params))):
         p, g, m, v = params[i], grads[i], ms[i], vs[i]
-        if not _host_ok(p, g, m, v):
-            w_norms[i], u_norms[i] = _lamb_layer_norms(p, g, m, v, bc[i], (o.beta1, o.beta2, o.eps, o.weight_decay),
-                                                       ndt=torch.float64, decay=o.decay).tolist()
-            continue
-        c = torch.tensor([o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2, *bc_f[i], o.eps, o.weight_decay],
-                         dtype=torch.float64)
-        w_norms[i], u_norms[i] = _lamb_norms(g, m, v, p, c)
+        if not (o.adapt or o.stats) and _host_ok(p, g):  # the skip decision needs ||g|| alone
+            gg = _dot(g, g)
+            u_norms[i] = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
+        elif _host_ok(p, g, m, v) and p.numel() >= _LARGE:
+            c = torch.tensor([o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2, *bc_f[i], o.eps, o.weight_decay],
+                             dtype=torch.float64)
+            w_norms[i], u_norms[i] = _LAMB_SUMS(g.view(-1), m.view(-1), v.view(-1), p.view(-1), c).sqrt().tolist()
+        else:
+            w_norms[i], u_norms[i] = _lamb_layer_norms(p, g, m, v, bc[i], h, ndt=torch.float64,
+                                                       decay=o.decay).tolist()
     return torch.tensor([w_norms, u_norms], dtype=torch.float64), bc
 
 
@@ -790,14 +854,21 @@ def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, w
     if not bool(s.ok):
         return
     bc = work
+    gammas = s.scale.tolist()
+    host = [_host_ok(p, g, m, v) for p, g, m, v in zip(params, grads, ms, vs)]
+
+    def eligible(i, j):
+        return host[j] and params[j].dtype == params[i].dtype
+
     no_bc = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
-    for i, (p, g, m, v, step, gamma) in enumerate(zip(params, grads, ms, vs, steps, s.scale.tolist())):
-        if not _host_ok(p, g, m, v):
-            _lamb_layer_update(p, g, m, v, step, s.ok.reshape(1), s.scale[i:i + 1], bc[i],
+    for a, b in _runs(gammas, eligible):
+        if not host[a]:
+            _lamb_layer_update(params[a], grads[a], ms[a], vs[a], steps[a], s.ok.reshape(1), s.scale[a:b], bc[a],
                                (o.beta1, o.beta2, o.eps, o.weight_decay), decay=o.decay)
             continue
-        step.add_(1.0)
-        torch._fused_adamw_([p], [g], [m], [v], [], [step if o.bias_correction else no_bc], lr=gamma,
+        torch._foreach_add_(steps[a:b], 1.0)
+        torch._fused_adamw_(params[a:b], grads[a:b], ms[a:b], vs[a:b], [],
+                            steps[a:b] if o.bias_correction else [no_bc] * (b - a), lr=gammas[a],
                             beta1=o.beta1, beta2=o.beta2, weight_decay=o.weight_decay, eps=o.eps,
                             amsgrad=False, maximize=False)
 

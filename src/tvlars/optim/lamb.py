@@ -53,7 +53,7 @@ class LAMB(LayerwiseOptimizer):
         o = F.LAMBOptions(lr=F.PerDevice(group["lr"]), beta1=b1, beta2=b2, eps=group["eps"],
                           weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
                           trust_clip=group["trust_clip"], adapt=group["adapt"],
-                          max_weight_norm=group["max_weight_norm"])
+                          max_weight_norm=group["max_weight_norm"], stats=self.stats)
         ms, vs, steps = [], [], []
         for p in params:
             steps.append(self._counters(p)[0])

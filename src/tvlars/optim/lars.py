@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -80,7 +81,7 @@ class LARS(LayerwiseOptimizer):
         return None
 
     def _plan(self, group, params, path):
-        o = self._options(group)
+        o = dataclasses.replace(self._options(group), stats=self.stats)
         ps, grads = [local(p) for p in params], [local(p.grad) for p in params]
         bufs = self._buffers(group, params)
         steps = [self._counters(p)[0] for p in params]
