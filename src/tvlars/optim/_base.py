@@ -84,6 +84,7 @@ class LayerwiseOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.stats = bool(stats)
         self._records: list = []
+        self._scratch: dict = {}  # CPU buffers the multi-tensor path reuses between steps
 
     # -- hyper-parameters ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -114,7 +115,7 @@ class LayerwiseOptimizer(Optimizer):
 
     # -- pickling keeps the telemetry switch ---------------------------------------------
     def __getstate__(self):
-        state = super().__getstate__()
+        state = {k: v for k, v in super().__getstate__().items() if k not in ("_scratch", "_records")}
         state["stats"] = self.stats
         return state
 
@@ -125,6 +126,7 @@ class LayerwiseOptimizer(Optimizer):
         if stats is not None or not hasattr(self, "stats"):
             self.stats = bool(stats)
         self._records = []
+        self._scratch = {}
         for group in self.param_groups:  # a key added since the state was saved: the constructor's value
             for key in self._keys_since_0_1_0:
                 group.setdefault(key, self.defaults[key])

@@ -257,6 +257,34 @@ def _acc(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _eager_cpu(t: Tensor) -> bool:
+    """Eager CPU code, where torch.where / masked_fill_ with a broadcast condition run
+    unvectorised (about 4x a multiply); compiled and CUDA code select directly."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _keep(ok: Tensor, x: Tensor) -> Tensor:
+    """``x`` when the step is taken, else 0 (``x`` may then hold inf or NaN)."""
+    if _eager_cpu(x):
+        return torch.nan_to_num_(x * ok.to(x.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.where(ok, x, 0.0)
+
+
+def _keep_(ok: Tensor, x: Tensor) -> Tensor:
+    """``_keep`` in place."""
+    if _eager_cpu(x):
+        return torch.nan_to_num_(x.mul_(ok.to(x.dtype)), nan=0.0, posinf=0.0, neginf=0.0)
+    return x.masked_fill_(~ok, 0.0)
+
+
+def _choose(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` when the step is taken, else ``old`` (both finite); exact: lerp by 1 gives
+    ``new``, by 0 ``old``."""
+    if _eager_cpu(new):
+        return torch.lerp(old.to(new.dtype), new, ok.to(new.dtype))
+    return torch.where(ok, new, old)
+
+
 def _lars_layer_norms(p: Tensor, g: Tensor, h, *, ndt: torch.dtype, decay: bool, coupled: bool) -> Tensor:
     """[||w||, ||u||] of one layer (u = g + wd*w, or g); ``h`` = (wd,)."""
     u = _acc(g) + h[0] * _acc(p) if decay and coupled else g
@@ -269,16 +297,16 @@ def _lars_layer_update(p: Tensor, g: Tensor, buf: Optional[Tensor], step: Tensor
     (nesterov; look-ahead with outer = 1 and lr in ``scale``); a no-op unless ``ok``.
     ``h`` = (wd, mu, outer)."""
     wd, mu, outer = h[0], h[1], h[2]
-    d = torch.where(ok, _acc(g), 0.0)  # finite, so that scale = 0 clears it; p.grad is never written
+    d = _keep(ok, _acc(g))  # finite, so that scale = 0 clears it; p.grad is never written
     if decay:
         d = d + wd * _acc(p)
-    d = d * scale
+    d = d * scale[0]
     if buf is None:
         update = d
     else:
         new = mu * _acc(buf) + d
-        buf.copy_(torch.where(ok, new, buf))
-        update = torch.where(ok, new if form == HEAVY_BALL else d + mu * new, 0.0)
+        buf.copy_(_choose(ok, new, buf))
+        update = _keep(ok, new if form == HEAVY_BALL else d + mu * new)
     p.sub_(outer * update)
     step.add_(ok[0].to(step.dtype))
 
@@ -302,11 +330,11 @@ def _lamb_layer_norms(p, g, m, v, bc, h, *, ndt: torch.dtype, decay: bool) -> Te
 
 
 def _lamb_layer_update(p, g, m, v, step, ok, scale, bc, h, *, decay: bool) -> None:
-    g = torch.where(ok, g, 0.0)
+    g = _keep(ok, _acc(g))
     m_new, v_new, u = _lamb_layer_direction(p, g, m, v, bc, h, decay=decay)
-    m.copy_(torch.where(ok, m_new, m))
-    v.copy_(torch.where(ok, v_new, v))
-    p.sub_(u * scale)
+    m.copy_(_choose(ok, m_new, m))
+    v.copy_(_choose(ok, v_new, v))
+    p.sub_(u * scale[0])
     step.add_(ok[0].to(step.dtype))
 
 
@@ -324,7 +352,7 @@ def _kernel(fn, compiled: bool, flags: dict, *tensors: Optional[Tensor]) -> tupl
     return functools.partial(fn, **flags), tensors
 
 
-def _single_tensor_lars_measure(params, grads, o: LARSOptions, compiled: bool = False):
+def _single_tensor_lars_measure(params, grads, o: LARSOptions, scratch=None, compiled: bool = False):
     flags = dict(decay=o.decay, coupled=o.coupled)
     consts = _numbers(compiled, params, o.weight_decay)
     norms = []
@@ -334,7 +362,7 @@ def _single_tensor_lars_measure(params, grads, o: LARSOptions, compiled: bool = 
     return _stack_columns(norms), None
 
 
-def _single_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None,
+def _single_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None, scratch=None,
                               compiled: bool = False) -> None:
     flags = dict(decay=o.decay, form=o.momentum_form)
     outer = 1.0 if o.momentum_form == LOOK_AHEAD else o.lr
@@ -344,7 +372,7 @@ def _single_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Sca
         fn(*tensors, step, ok, scale, consts[p.device])
 
 
-def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, compiled: bool = False):
+def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch=None, compiled: bool = False):
     flags = dict(decay=o.decay)
     consts = _numbers(compiled, params, o.beta1, o.beta2, o.eps, o.weight_decay)
     bcs = _bias_corrections_per_layer(steps, o)
@@ -355,7 +383,7 @@ def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, co
     return _stack_columns(norms), bcs
 
 
-def _single_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work,
+def _single_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, scratch=None,
                               compiled: bool = False) -> None:
     flags = dict(decay=o.decay)
     consts = _numbers(compiled, params, o.beta1, o.beta2, o.eps, o.weight_decay)
@@ -464,10 +492,18 @@ class _Flat:
     counts: Tensor  # elements per layer, on the device, for ``expand``
 
     @staticmethod
-    def like(params: list[Tensor], dtype: Optional[torch.dtype] = None) -> "_Flat":
+    def like(params: list[Tensor], scratch: Optional[dict] = None, role: str = "") -> "_Flat":
+        """A buffer for ``params``; on the CPU kept in ``scratch`` between steps (a fresh one
+        would be paged in again every step; an accelerator's caching allocator needs no help)."""
         sizes = [p.numel() for p in params]
         device = params[0].device
-        data = torch.empty(sum(sizes), dtype=dtype or params[0].dtype, device=device)
+        if scratch is not None and device.type == "cpu":
+            key = (role, device, params[0].dtype, tuple(sizes))
+            if key not in scratch:
+                scratch[key] = torch.empty(sum(sizes), dtype=params[0].dtype, device=device)
+            data = scratch[key]
+        else:
+            data = torch.empty(sum(sizes), dtype=params[0].dtype, device=device)
         views, offset = [], 0
         for p, n in zip(params, sizes):
             stride = p.stride() if _dense(p) else _contiguous_strides(p.shape)
@@ -475,11 +511,32 @@ class _Flat:
             offset += n
         return _Flat(data, views, _counts(tuple(sizes), device))
 
-    def expand(self, per_layer: Tensor) -> Tensor:
-        """A per-layer vector repeated over each layer's elements, at least float32 (a
-        bfloat16 copy of a bias correction or trust ratio would be off by up to 0.4%)."""
+    def sibling(self, data: Tensor) -> "_Flat":
+        """The same layout over another flat buffer."""
+        return _Flat(data, [data.as_strided(t.shape, t.stride(), t.storage_offset()) for t in self.views], self.counts)
+
+    def mul_(self, per_layer: Tensor) -> Tensor:
+        """Each layer's elements times its entry of ``per_layer``."""
+        return self._apply(per_layer, torch.Tensor.mul_, torch._foreach_mul_)
+
+    def div_(self, per_layer: Tensor) -> Tensor:
+        return self._apply(per_layer, torch.Tensor.div_, torch._foreach_div_)
+
+    def _apply(self, per_layer: Tensor, op, foreach_op) -> Tensor:
+        """On an accelerator one elementwise op with ``per_layer`` repeated over each layer's
+        elements (in at least float32: a bfloat16 bias correction or trust ratio would be off by
+        up to 0.4%); on the CPU, where every op is a loop anyway and that repetition is slow,
+        one op per layer."""
         dtype = torch.promote_types(self.data.dtype, torch.float32)
-        return torch.repeat_interleave(per_layer.to(dtype), self.counts, output_size=self.data.numel())
+        if self.data.device.type == "cpu" and not EXPAND_ON_CPU:
+            foreach_op(self.views, list(per_layer.to(dtype).unbind()))
+        else:
+            op(self.data, torch.repeat_interleave(per_layer.to(dtype), self.counts, output_size=self.data.numel()))
+        return self.data
+
+
+# Tests set this to run the accelerator form of _Flat.mul_ / div_ on the CPU.
+EXPAND_ON_CPU = False
 
 
 def _dense(t: Tensor) -> bool:
@@ -534,11 +591,11 @@ def _add_scalar_(tensors: list[Tensor], value: Tensor) -> None:
     torch._foreach_add_(tensors, [value.to(tensors[0].dtype)] * len(tensors))
 
 
-def _multi_tensor_lars_measure(params, grads, o: LARSOptions):
+def _multi_tensor_lars_measure(params, grads, o: LARSOptions, scratch: Optional[dict] = None):
     norms, work = [], []
     for a, b in _buckets(params):
         ps, gs = params[a:b], grads[a:b]
-        d = _Flat.like(ps)
+        d = _Flat.like(ps, scratch, "d")
         torch._foreach_copy_(d.views, gs)
         if o.decay:
             torch._foreach_add_(d.views, ps, alpha=o.weight_decay)
@@ -549,21 +606,22 @@ def _multi_tensor_lars_measure(params, grads, o: LARSOptions):
     return torch.cat([n.to(norms[0].device) for n in norms], dim=1), work
 
 
-def _multi_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work) -> None:
+def _multi_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work,
+                             scratch: Optional[dict] = None) -> None:
     scales, oks = PerDevice(s.scale), PerDevice(s.ok)
     for (a, b), d in zip(_buckets(params), work):
         ps, bs, st = params[a:b], bufs[a:b], steps[a:b]
         device = ps[0].device
         ok = oks.on(device)
         skip = ~ok
-        d.data.masked_fill_(skip, 0.0)
-        d.data.mul_(d.expand(scales.on(device)[a:b]))  # d = scale * (g + wd*w), 0 when skipped
+        _keep_(ok, d.data)
+        d.mul_(scales.on(device)[a:b])  # d = scale * (g + wd*w), 0 when skipped
         outer = -1.0 if o.momentum_form == LOOK_AHEAD else _neg(o.lr, device)
         if o.buffered:
             # The new buffer (mu*buf + d), kept where ok: buf*(1-ok) + new*ok, exact for ok in {0, 1}.
-            new = _Flat.like(ps)
+            new = _Flat.like(ps, scratch, "new")
             torch._foreach_copy_(new.views, bs)
-            new.data.mul_(o.momentum).add_(d.data).masked_fill_(skip, 0.0)
+            _keep_(ok, new.data.mul_(o.momentum).add_(d.data))
             torch._foreach_mul_(bs, skip.to(ps[0].dtype))
             torch._foreach_add_(bs, new.views)
             if o.momentum_form == HEAVY_BALL:
@@ -588,26 +646,25 @@ def _add_(params: list[Tensor], flat: _Flat, alpha: Scalar) -> None:
     torch._foreach_add_(params, flat.views, alpha=alpha)
 
 
-def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions):
+def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch: Optional[dict] = None):
     norms, work = [], []
     for a, b in _buckets(params):
         ps, gs = params[a:b], grads[a:b]
         device = ps[0].device
-        m, v, u = _Flat.like(ps), _Flat.like(ps), _Flat.like(ps)
+        m, v, u = (_Flat.like(ps, scratch, role) for role in ("m", "v", "u"))
         torch._foreach_copy_(m.views, ms[a:b])
         m.data.mul_(o.beta1)
         torch._foreach_add_(m.views, gs, alpha=1.0 - o.beta1)
         torch._foreach_copy_(v.views, vs[a:b])
         v.data.mul_(o.beta2)
         torch._foreach_addcmul_(v.views, gs, gs, value=1.0 - o.beta2)
+        u.data.copy_(m.data)
+        denominator = v.sibling(torch.sqrt(v.data, out=_Flat.like(ps, scratch, "den").data))
         if o.bias_correction:
             bc1, bc2_sqrt = lamb_bias_corrections(torch.stack(steps[a:b]), o)
-            torch.div(m.data, m.expand(bc1), out=u.data)
-            denominator = v.data.sqrt().div_(v.expand(bc2_sqrt)).add_(o.eps)
-        else:
-            u.data.copy_(m.data)
-            denominator = v.data.sqrt().add_(o.eps)
-        u.data.div_(denominator)
+            u.div_(bc1)
+            denominator.div_(bc2_sqrt)
+        u.data.div_(denominator.data.add_(o.eps))
         if o.decay:
             torch._foreach_add_(u.views, ps, alpha=o.weight_decay)
         norms.append(torch.stack([_norms(ps, device), _norms(u.views, device)]))
@@ -615,18 +672,19 @@ def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions):
     return torch.cat([n.to(norms[0].device) for n in norms], dim=1), work
 
 
-def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work) -> None:
+def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, scratch=None) -> None:
     scales, oks = PerDevice(s.scale), PerDevice(s.ok)
     for (a, b), (m, v, u) in zip(_buckets(params), work):
         ps = params[a:b]
         device = ps[0].device
         ok = oks.on(device)
         skip = ~ok
-        u.data.masked_fill_(skip, 0.0).mul_(u.expand(scales.on(device)[a:b]))
+        _keep_(ok, u.data)
+        u.mul_(scales.on(device)[a:b])
         torch._foreach_sub_(ps, u.views)
         keep = skip.to(ps[0].dtype)  # moments: old*(1-ok) + new*ok, exact for ok in {0, 1}
         for state, new in ((ms[a:b], m), (vs[a:b], v)):
-            new.data.masked_fill_(skip, 0.0)
+            _keep_(ok, new.data)
             torch._foreach_mul_(state, keep)
             torch._foreach_add_(state, new.views)
         _add_scalar_(steps[a:b], ok.to(torch.float32))
@@ -748,7 +806,7 @@ def _coupled_norm(p: Tensor, g: Tensor, gg: float, gw: float, ww: float, wd: flo
     return _exact_norm(g + wd * p)
 
 
-def _host_lars_measure(params, grads, o: LARSOptions):
+def _host_lars_measure(params, grads, o: LARSOptions, scratch=None):
     w_norms, u_norms = [0.0] * len(params), [0.0] * len(params)
     wd = o.weight_decay
     coupled = o.coupled and o.decay
@@ -789,7 +847,7 @@ def _runs(scales: list[float], eligible) -> list[tuple[int, int]]:
     return runs
 
 
-def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None) -> None:
+def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None, scratch=None) -> None:
     if not bool(s.ok):
         return
     lr = float(_on(o.lr, torch.device("cpu")))
@@ -830,7 +888,7 @@ def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, wor
         torch._foreach_add_(counted, 1.0)
 
 
-def _host_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions):
+def _host_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch=None):
     bc = torch.stack(lamb_bias_corrections(torch.stack(steps), o), dim=1) if steps else torch.zeros(0, 2)
     bc_f = bc.tolist()
     h = (o.beta1, o.beta2, o.eps, o.weight_decay)
@@ -850,7 +908,7 @@ def _host_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions):
     return torch.tensor([w_norms, u_norms], dtype=torch.float64), bc
 
 
-def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work) -> None:
+def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, scratch=None) -> None:
     if not bool(s.ok):
         return
     bc = work
@@ -903,19 +961,22 @@ _LAMB = {
 }
 
 
-def lars_measure(params, grads, o: LARSOptions, path: str):
-    """Stage 1: ([||w||; ||u||] as a [2, layers] float64 tensor, the path's workspace)."""
-    return _LARS[path][0](params, grads, o)
+def lars_measure(params, grads, o: LARSOptions, path: str, scratch: Optional[dict] = None):
+    """Stage 1: ([||w||; ||u||] as a [2, layers] float64 tensor, the path's workspace).
+    ``scratch``: a dict the optimizer keeps for buffers worth reusing between steps."""
+    return _LARS[path][0](params, grads, o, scratch)
 
 
-def lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work, path: str) -> None:
+def lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work, path: str,
+               scratch: Optional[dict] = None) -> None:
     """Stage 3: the update of ``params``, their buffers and step counters, with ``s``."""
-    _LARS[path][1](params, grads, bufs, steps, o, s, work)
+    _LARS[path][1](params, grads, bufs, steps, o, s, work, scratch)
 
 
-def lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, path: str):
-    return _LAMB[path][0](params, grads, ms, vs, steps, o)
+def lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, path: str, scratch: Optional[dict] = None):
+    return _LAMB[path][0](params, grads, ms, vs, steps, o, scratch)
 
 
-def lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, path: str) -> None:
-    _LAMB[path][1](params, grads, ms, vs, steps, o, s, work)
+def lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, path: str,
+               scratch: Optional[dict] = None) -> None:
+    _LAMB[path][1](params, grads, ms, vs, steps, o, s, work, scratch)

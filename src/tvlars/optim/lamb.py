@@ -66,11 +66,11 @@ class LAMB(LayerwiseOptimizer):
         ps, grads = [local(p) for p in params], [local(p.grad) for p in params]
 
         def measure():
-            return F.lamb_measure(ps, grads, ms, vs, steps, o, path)
+            return F.lamb_measure(ps, grads, ms, vs, steps, o, path, self._scratch)
 
         def apply(ok, norms, work):
             s = F.lamb_scalars(norms[0], norms[1], o, ok)
-            F.lamb_apply(ps, grads, ms, vs, steps, o, s, work, path)
+            F.lamb_apply(ps, grads, ms, vs, steps, o, s, work, path, self._scratch)
             return s
 
         return measure, apply

@@ -87,11 +87,11 @@ class LARS(LayerwiseOptimizer):
         steps = [self._counters(p)[0] for p in params]
 
         def measure():
-            return F.lars_measure(ps, grads, o, path)
+            return F.lars_measure(ps, grads, o, path, self._scratch)
 
         def apply(ok, norms, work):
             s = F.lars_scalars(norms[0], norms[1], o, ok, self._phi(group, steps, norms.device))
-            F.lars_apply(ps, grads, bufs, steps, o, s, work, path)
+            F.lars_apply(ps, grads, bufs, steps, o, s, work, path, self._scratch)
             return s
 
         return measure, apply
