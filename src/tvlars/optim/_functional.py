@@ -348,7 +348,7 @@ def _kernel(fn, compiled: bool, flags: dict, *tensors: Optional[Tensor]) -> tupl
     ``fn`` itself (eager) with them as they are; a layer that cannot be viewed flat (e.g.
     channels_last) runs eagerly under fused=True too, the same maths."""
     if compiled and all(t is None or t.is_contiguous() for t in tensors):
-        return _compile(fn, flags), tuple(None if t is None else t.view(-1) for t in tensors)
+        return _compile(fn, flags, tensors[0].dtype), tuple(None if t is None else t.view(-1) for t in tensors)
     return functools.partial(fn, **flags), tensors
 
 
@@ -375,7 +375,7 @@ def _single_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Sca
 def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch=None, compiled: bool = False):
     flags = dict(decay=o.decay)
     consts = _numbers(compiled, params, o.beta1, o.beta2, o.eps, o.weight_decay)
-    bcs = _bias_corrections_per_layer(steps, o)
+    bcs = _bias_corrections_per_layer(steps, o, compiled)
     norms = []
     for p, g, m, v, bc in zip(params, grads, ms, vs, bcs):
         fn, tensors = _kernel(_lamb_layer_norms, compiled, flags, p, g, m, v)
@@ -392,14 +392,22 @@ def _single_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: S
         fn(*tensors, step, ok, scale, bc, consts[p.device])
 
 
-def _bias_corrections_per_layer(steps, o: LAMBOptions) -> list:
+def _bias_corrections_per_layer(steps, o: LAMBOptions, compiled: bool = False) -> list:
     """Each layer's [1 - b1^t, sqrt(1 - b2^t)] (a 1-D view), computed once per device."""
     out = [None] * len(steps)
     for indices in _by_device(steps).values():
         bc = torch.stack(lamb_bias_corrections(torch.stack([steps[i] for i in indices]), o), dim=1)
         for i, row in zip(indices, bc.unbind()):
-            out[i] = row
+            out[i] = _static(row) if compiled else row
     return out
+
+
+def _static(t: Tensor) -> Tensor:
+    """``t`` marked as of fixed size for torch.compile: a small vector of constants whose
+    length happened to equal a layer's would otherwise tie the two sizes in the guards, and
+    recompile when they differ."""
+    torch._dynamo.mark_static(t)
+    return t
 
 
 def _per_layer(s: Scalars, *lists):
@@ -426,16 +434,17 @@ def _stack_columns(norms: list[Tensor]) -> Tensor:
 _compiled: dict[tuple, Any] = {}
 
 
-def _compile(fn, flags: dict):
-    """``fn`` compiled once per process and set of ``flags``.
+def _compile(fn, flags: dict, dtype: torch.dtype):
+    """``fn`` compiled once per process, set of ``flags`` and parameter dtype.
 
     Dynamic shapes let one generated kernel serve every layer (1-D views, see ``_kernel``).
     Every value arrives as a tensor, so nothing but the flags is specialised: inductor would
     otherwise bake a Python float into the kernel, and its on-disk cache hand that kernel to a
-    configuration differing only in that value (issue 8). Each set of flags compiles a fresh
-    copy of ``fn``'s code: torch.compile caps the graphs kept per code object.
+    configuration differing only in that value (issue 8). Each key compiles a fresh copy of
+    ``fn``'s code: torch.compile caps the graphs kept per code object (8), and dtypes and the
+    ranks of the layers viewed flat each take one.
     """
-    key = (fn.__name__, tuple(sorted(flags.items())))
+    key = (fn.__name__, tuple(sorted(flags.items())), dtype)
     if key not in _compiled:
         def bound(*args, **kwargs):
             return fn(*args, **kwargs, **flags)
@@ -462,12 +471,12 @@ def _numbers(compiled: bool, params, *values) -> dict:
             continue
         dt = torch.float32 if p.device.type == "mps" else torch.float64
         if any(torch.is_tensor(v) for v in here):  # a tensor lr: assembled on the device each step
-            out[p.device] = torch.stack([v.to(dt).reshape(()) if torch.is_tensor(v)
-                                         else torch.full((), v, dtype=dt, device=p.device) for v in here])
+            out[p.device] = _static(torch.stack([v.to(dt).reshape(()) if torch.is_tensor(v)
+                                                 else torch.full((), v, dtype=dt, device=p.device) for v in here]))
             continue
         key = (p.device, dt, here)
         if key not in _constants:
-            _constants[key] = to_device(torch.tensor(here, dtype=dt), p.device)
+            _constants[key] = _static(to_device(torch.tensor(here, dtype=dt), p.device))
         out[p.device] = _constants[key]
     return out
 
@@ -698,7 +707,8 @@ def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Sc
 #                     buf = mu*buf + k*(g + wd*w);  w -= L*buf
 #   Nesterov          the same call with nesterov=True and lr = L*k (w -= L*k*(d + mu*buf)),
 #                     then w -= L*mu*(1-k)*buf: together w -= L*(k*d + mu*buf); layers of
-#                     _LARGE elements or more take _nesterov_update instead, the same in one pass
+#                     _LARGE elements or more take the compiled single-tensor update instead,
+#                     the same in one pass
 #   no momentum       _fused_sgd_(lr=L*k) without buffers
 #   LAMB              _fused_adamw_(lr=lr*trust, weight_decay=wd): AdamW's decoupled decay
 #                     lr*trust*wd*w is LAMB's lr*trust*(wd*w) term, and its bias-corrected
@@ -710,10 +720,10 @@ def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Sc
 # per element, below the rounding of k*d.
 #
 # Measuring reads each layer once, from the last (so that the update starts on data still in
-# cache): ||w||^2, ||g||^2 and <g, w> (LAMB: ||w||^2 and ||u||^2, u from the moments this step
-# writes) by one compiled kernel for layers of _LARGE elements or more, whose 40 us of call
-# overhead is then less than the extra reads of BLAS dots; smaller layers (in cache) take
-# dots (LAMB: the single-tensor code). A layer that does not adapt (trust 1) is measured by
+# cache): layers of _LARGE elements or more by the single-tensor path's compiled kernel (the
+# one fused=True uses; its 40 us of call overhead is then less than the extra reads of BLAS
+# dots), smaller ones (in cache) by BLAS dots, ||w||^2, ||g||^2 and <g, w> (LAMB: the
+# single-tensor code). A layer that does not adapt (trust 1) is measured by
 # ||g|| alone, which decides the step, unless telemetry is on. Layers in a row that share
 # their scalars (all of a group that does not adapt) are updated by one kernel call. Without
 # a C++ compiler the kernels run eagerly. The
@@ -736,55 +746,25 @@ def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) ->
     return all(t is None or (t.dtype == p.dtype and t.is_contiguous()) for t in state)
 
 
-class _CpuKernel:
-    """``fn`` compiled once per process with dynamic shapes (one generated kernel for every
-    layer), or ``fn`` itself where torch.compile cannot run (no C++ compiler)."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, None
-
-    def __call__(self, *args):
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-        if self.compiled is not self.fn:
-            try:
-                return self.compiled(*args)
-            except Exception:  # no working compiler: the same maths, eagerly
-                self.compiled = self.fn
-        return self.fn(*args)
+_EAGER_ONLY: set = set()  # (function, flags) whose compilation failed (no C++ compiler)
 
 
-def _lars_sums(g: Tensor, w: Tensor) -> Tensor:
-    """[||g||^2, <g, w>, ||w||^2] in float64, one read of g and w."""
-    g64, w64 = g.to(torch.float64), w.to(torch.float64)
-    return torch.stack([(g64 * g64).sum(), (g64 * w64).sum(), (w64 * w64).sum()])
+def _large_layer(fn, dtype: torch.dtype, **flags):
+    """The single-tensor ``fn`` compiled for ``flags`` (the kernel fused=True uses), for
+    large layers on the host path; ``fn`` itself, eagerly, where torch.compile cannot run."""
+    key = (fn.__name__, tuple(sorted(flags.items())))
+    if key in _EAGER_ONLY:
+        return functools.partial(fn, **flags)
+    compiled = _compile(fn, flags, dtype)
 
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception:  # no working compiler: the same maths, eagerly
+            _EAGER_ONLY.add(key)
+            return fn(*args, **kwargs, **flags)
 
-def _lamb_sums(g: Tensor, m: Tensor, v: Tensor, w: Tensor, c: Tensor) -> Tensor:
-    """[||w||^2, ||u||^2] with u from the moments this step will write; reads only.
-
-    ``c`` = [beta1, 1 - beta1, beta2, 1 - beta2, bc1, bc2_sqrt, eps, weight_decay] (float64,
-    so that 1 - beta2 does not cancel in float32), a tensor so that one compiled kernel serves
-    every configuration and step.
-    """
-    b1, c1, b2, c2, bc1, bc2_sqrt, eps, wd = c.to(w.dtype).unbind()
-    m = b1 * m + c1 * g
-    v = b2 * v + c2 * g * g
-    u = (m / bc1) / (v.sqrt() / bc2_sqrt + eps) + wd * w
-    return torch.stack([(w * w).sum(dtype=torch.float64), (u * u).sum(dtype=torch.float64)])
-
-
-def _nesterov_update(p: Tensor, g: Tensor, buf: Tensor, c: Tensor) -> None:
-    """buf = mu*buf + k*(g + wd*w);  w -= L*(k*(g + wd*w) + mu*buf), in one pass;
-    ``c`` = [k, mu, wd, L] (float64)."""
-    k, mu, wd, outer = c.unbind()
-    d = k * (g + wd * p)
-    b = mu * buf + d
-    buf.copy_(b)
-    p.sub_(outer * (d + mu * b))
-
-
-_LARS_SUMS, _LAMB_SUMS, _NESTEROV = _CpuKernel(_lars_sums), _CpuKernel(_lamb_sums), _CpuKernel(_nesterov_update)
+    return call
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -821,10 +801,12 @@ def _host_lars_measure(params, grads, o: LARSOptions, scratch=None):
             u_norms[i] = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
             continue
         if p.numel() >= _LARGE:
-            gg, gw, ww = _LARS_SUMS(g.view(-1), p.view(-1)).tolist()
-        else:
-            gg, ww = _dot(g, g), _dot(p, p)
-            gw = _dot(g, p) if coupled else 0.0
+            kernel = _large_layer(_lars_layer_norms, p.dtype, decay=o.decay, coupled=o.coupled)
+            w_norms[i], u_norms[i] = kernel(p.view(-1), g.view(-1), _numbers(True, [p], wd)[p.device],
+                                            ndt=torch.float64).tolist()
+            continue
+        gg, ww = _dot(g, g), _dot(p, p)
+        gw = _dot(g, p) if coupled else 0.0
         w_norms[i] = math.sqrt(ww) if math.isfinite(ww) else _exact_norm(p)
         if coupled:
             u_norms[i] = _coupled_norm(p, g, gg, gw, ww, wd)
@@ -868,11 +850,13 @@ def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, wor
             _lars_layer_update(params[a], grads[a], bufs[a], steps[a], s.ok.reshape(1), s.scale[a:b], (wd, mu, outer),
                                decay=o.decay, form=o.momentum_form)
             continue
-        counted += steps[a:b]
         ps, gs, bs = params[a:b], grads[a:b], bufs[a:b]
         if one_pass[a]:
-            _NESTEROV(ps[0].view(-1), gs[0].view(-1), bs[0].view(-1), torch.tensor([k, mu, wd, outer], dtype=torch.float64))
-        elif bs[0] is None:
+            kernel = _large_layer(_lars_layer_update, ps[0].dtype, decay=o.decay, form=o.momentum_form)
+            kernel(ps[0].view(-1), gs[0].view(-1), bs[0].view(-1), steps[a], s.ok.reshape(1), s.scale[a:b],
+                   _numbers(True, ps, wd, mu, outer)[ps[0].device])
+            continue  # the kernel counts the step
+        if bs[0] is None:
             torch._fused_sgd_(ps, gs, [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
                               nesterov=False, maximize=False, is_first_step=False)
         elif o.momentum_form == HEAVY_BALL:
@@ -884,13 +868,13 @@ def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, wor
                               nesterov=True, maximize=False, is_first_step=False)
             if k != 1.0:
                 torch._foreach_add_(ps, bs, alpha=-outer * mu * (1.0 - k))
+        counted += steps[a:b]
     if counted:
         torch._foreach_add_(counted, 1.0)
 
 
 def _host_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch=None):
     bc = torch.stack(lamb_bias_corrections(torch.stack(steps), o), dim=1) if steps else torch.zeros(0, 2)
-    bc_f = bc.tolist()
     h = (o.beta1, o.beta2, o.eps, o.weight_decay)
     w_norms, u_norms = [0.0] * len(params), [0.0] * len(params)
     for i in reversed(range(len(params))):
@@ -899,9 +883,9 @@ def _host_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch=Non
             gg = _dot(g, g)
             u_norms[i] = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
         elif _host_ok(p, g, m, v) and p.numel() >= _LARGE:
-            c = torch.tensor([o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2, *bc_f[i], o.eps, o.weight_decay],
-                             dtype=torch.float64)
-            w_norms[i], u_norms[i] = _LAMB_SUMS(g.view(-1), m.view(-1), v.view(-1), p.view(-1), c).sqrt().tolist()
+            kernel = _large_layer(_lamb_layer_norms, p.dtype, decay=o.decay)
+            w_norms[i], u_norms[i] = kernel(p.view(-1), g.view(-1), m.view(-1), v.view(-1), _static(bc[i]),
+                                            _numbers(True, [p], *h)[p.device], ndt=torch.float64).tolist()
         else:
             w_norms[i], u_norms[i] = _lamb_layer_norms(p, g, m, v, bc[i], h, ndt=torch.float64,
                                                        decay=o.decay).tolist()
