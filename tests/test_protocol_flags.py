@@ -168,3 +168,15 @@ def test_report_rows_sort_flag_values_by_number():
     assert sorted(labels, key=label_order) == [
         "LARS (warm-up)", "LARS (no warm-up)", "TVLARS [lam=1e-06]", "TVLARS [lam=1e-05]",
         "TVLARS [lam=0.0001]", "TVLARS [lam=0.001]", "TVLARS [lam=0.01]"]
+
+
+def test_resume_accepts_the_same_micro_batch_size_given_again(tmp_path):
+    out = tmp_path / "run"
+    flags = [*FAST, "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "256", "--micro-batch-size", "64"]
+    assert run_command(train, out, *flags, "--stop-after-epochs", "1") == 0
+    # "64" on the command line, 64 in config.yaml: the same setting, not a conflict
+    assert run_command(train, out, *flags, "--resume") == 0
+    assert len(read_csv(out / "metrics.csv")) == 2
+    with pytest.raises(UserError, match="--micro-batch-size"):
+        run_command(train, tmp_path / "run", *FAST, "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "256",
+                    "--micro-batch-size", "32", "--resume", "--epochs", "3")

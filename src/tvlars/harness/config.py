@@ -307,6 +307,10 @@ def _same(a, b) -> bool:
     numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
     if numbers:
         return float(a) == float(b)
+    # flags that take a number or a word (--micro-batch-size 32|auto) arrive as strings on the
+    # command line and come back from config.yaml as numbers
+    if isinstance(a, str) != isinstance(b, str) and not isinstance(a, bool) and not isinstance(b, bool):
+        return str(a) == str(b)
     return a == b
 
 
