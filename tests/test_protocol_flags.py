@@ -108,6 +108,7 @@ def test_ssl_zero_epochs_probes_the_untrained_encoder(tmp_path):
     summary = yaml.safe_load((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_done"] == 0
     assert 10 < summary["final_test_acc"] <= 100
+    assert 10 < summary["knn_acc"] <= 100 and 10 < summary["knn20_acc"] <= 100 and "online_acc" not in summary
     assert not (out / "metrics.csv").exists() or len(read_csv(out / "metrics.csv")) == 0
     with pytest.raises(UserError, match="--epochs must be at least 1"):  # tvlars train still needs one
         parse("--epochs", "0")
@@ -158,6 +159,17 @@ def test_fashion_mnist_paper_grid_runs_seed_0_first():
     lam = _expand("fashion-mnist-lam")
     assert sorted({r.flags["lam"] for r in lam}) == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
     assert {r.flags["batch_size"] for r in lam} == {16384}
+
+
+def test_fashion_mnist_barlowtwins_grid_starts_with_the_untrained_baseline():
+    runs = _expand("fashion-mnist-barlowtwins")
+    assert len(runs) == 7 and runs[0].flags["epochs"] == 0
+    assert all(r.flags["epochs"] == 20 for r in runs[1:])
+    assert {(r.flags["optimizer"], r.flags.get("warmup_epochs"), r.flags["batch_size"], r.flags["lr"])
+            for r in runs[1:]} == {(o, w, b, lr) for o, w in (("lars", 2), ("lars", 0), ("tvlars", None))
+                                   for b, lr in ((512, 1), (4096, 8))}
+    assert all(r.flags["model"] == "cnn-pool" and r.flags["augment_preset"] == "gray" for r in runs)
+    assert {r.flags["lam"] for r in runs if r.flags["optimizer"] == "tvlars"} == {1e-5}
 
 
 def test_report_rows_sort_flag_values_by_number():

@@ -9,7 +9,7 @@ import torchvision.transforms.functional as TF
 
 from tvlars.errors import UserError
 from tvlars.harness.ssl import augment as sa
-from tvlars.harness.ssl.augment import OneViewAugment, TwoViewAugment, ViewConfig
+from tvlars.harness.ssl.augment import OneViewAugment, TwoViewAugment, ViewConfig, reference_views
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -163,9 +163,37 @@ def test_small_preset_for_digits():
     assert torch.equal(aug(x, _gen(9))[0], aug(x, _gen(9))[0])
 
 
+def test_gray_preset_for_28px_grey_images():
+    aug = TwoViewAugment(28, 1, (0.29,), (0.35,))
+    assert aug.preset == "gray"
+    v1, v2 = aug.view1.view, aug.view2.view
+    assert (v1.crop_scale, v1.flip_p, v1.jitter_p, v1.brightness, v1.contrast) == ((0.2, 1.0), 0.5, 0.8, 0.4, 0.4)
+    assert (v1.saturation, v1.hue, v1.gray_p, v1.blur_p, v2.blur_p) == (0.0, 0.0, 0.0, 0.0, 0.0)
+    assert (v1.solarize_p, v2.solarize_p) == (0.0, 0.2)
+    # a flat bright image: brightness/contrast keep it >= 0.54; only view 2 is ever solarised
+    x = torch.full((1000, 1, 28, 28), 0.9)
+    a1, a2 = TwoViewAugment(28, 1, (0.0,), (1.0,), preset="gray")(x, _gen(3))
+    assert a1.min() >= 0.54 - 1e-5
+    dark2 = (a2.amax(dim=(1, 2, 3)) < 0.5).float().mean().item()
+    assert 0.15 < dark2 < 0.25
+    # contrast pulls a grey image towards its own mean (1 channel: the image is its own luma)
+    ramp = torch.linspace(0, 1, 28).expand(1, 1, 28, 28).contiguous()
+    assert torch.allclose(sa._contrast(ramp, torch.tensor([0.0])), torch.full_like(ramp, 0.5), atol=1e-6)
+    # flips happen: a left-right ramp comes back reversed in about half the views
+    ramps = torch.linspace(0, 1, 28).expand(400, 1, 28, 28).contiguous()
+    view = TwoViewAugment(28, 1, (0.0,), (1.0,), preset="gray").view1
+    p = view.draw(400, _gen(5))
+    p["jitter"][:] = False
+    out = view.apply(ramps, p)
+    reversed_ = (out[:, 0, 14, 0] > out[:, 0, 14, -1]).float().mean().item()
+    assert 0.4 < reversed_ < 0.6
+
+
 def test_bad_configuration():
     with pytest.raises(UserError):
         TwoViewAugment(8, 1, (0.5,), (0.5,), preset="reference")  # colour ops need RGB
+    with pytest.raises(UserError, match="3 channels"):
+        TwoViewAugment(28, 1, (0.5,), (0.5,), views=reference_views(28))
     with pytest.raises(UserError):
         TwoViewAugment(32, 3, MEAN, STD, preset="fancy")
     with pytest.raises(UserError):
@@ -187,7 +215,7 @@ def _count_aten_ops(fn):
     return Count.calls
 
 
-@pytest.mark.parametrize("preset,channels,size", [("reference", 3, 32), ("small", 1, 8)])
+@pytest.mark.parametrize("preset,channels,size", [("reference", 3, 32), ("gray", 1, 28), ("small", 1, 8)])
 def test_no_python_loop_over_the_batch(preset, channels, size):
     # a vectorised pipeline issues the same number of tensor operations for any batch size
     aug = TwoViewAugment(size, channels, (0.5,) * channels, (0.25,) * channels, preset=preset)

@@ -20,7 +20,7 @@ from tvlars.harness.schedules import KINDS as SCHEDULES
 # The builders' own lists (tvlars.harness.data.datasets, tvlars.harness.models) import torch;
 # test_cli checks these copies against them.
 DATASETS = ("digits", "synthetic", "cifar10", "tinyimagenet", "fashion-mnist", "mnist")
-MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp", "mlp-bn")
+MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "cnn-pool", "mlp", "mlp-bn")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 #: The paper's decay coefficient of phi_t (Table 1): classification, and Barlow Twins.
@@ -39,10 +39,11 @@ def add_ssl_arguments(parser: argparse.ArgumentParser) -> None:
                         "2048-2048-4096, the paper's; the reference code used 4096-4096-4096)")
     g.add_argument("--lambd", type=float, default=0.0051,
                    help="weight of the off-diagonal (redundancy) term of the loss (default: 0.0051)")
-    g.add_argument("--augment-preset", choices=("auto", "reference", "small"), default="auto",
+    g.add_argument("--augment-preset", choices=("auto", "reference", "gray", "small"), default="auto",
                    help="two-view augmentation: reference (crop, flip, colour jitter, grayscale, blur, "
-                        "solarise; 3 channels), small (crop, noise, erasing; for tiny or 1-channel "
-                        "images); auto = reference for 3-channel images of 16 px or more (default: auto)")
+                        "solarise; 3 channels), gray (crop, flip, brightness/contrast, solarise; 1 channel), "
+                        "small (crop, noise, erasing; for tiny images); auto = small below 16 px, else "
+                        "gray or reference by the channel count (default: auto)")
     e = parser.add_argument_group("evaluation (never on training-time augmentations)")
     e.add_argument("--knn-k", type=int, default=200, metavar="K",
                    help="neighbours of the weighted kNN classifier, metrics.csv knn_acc; knn20_acc "
@@ -147,7 +148,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", choices=MODELS, default=None,
                    help="network (default: mlp for digits, cnn for synthetic, resnet18 for cifar10, resnet34 "
                         "for tinyimagenet, mlp-bn for fashion-mnist and mnist); mlp has no batch norm, "
-                        "mlp-bn the same layers with batch norm")
+                        "mlp-bn the same layers with batch norm; cnn-pool is a conv net cheap enough for "
+                        "Barlow Twins on 28x28 images on a CPU")
     g.add_argument("--stem", default="auto", choices=("auto", "cifar", "imagenet"),
                    help="ResNet stem: cifar (3x3 conv, no max-pool) or imagenet (7x7 conv + max-pool) "
                         "(default: auto = cifar for images up to 64 pixels)")

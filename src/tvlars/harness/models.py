@@ -17,6 +17,14 @@ Models (:data:`MODELS`):
 ``cnn``
     three 3x3 convolutions with batch norm and a global average pool (128 features);
     trains on 8x8 digits in seconds.
+``cnn-pool``
+    three 3x3 convolutions of 16, 32 and 64 channels with batch norm, the first two
+    followed by a 2x2 max-pool, then a global average pool (64 features). Pooling early
+    makes it about 15 times cheaper than ``cnn`` on 28x28 images (a Barlow Twins epoch of
+    Fashion-MNIST's two views takes tens of seconds on one CPU thread rather than
+    minutes), while keeping what a pixel MLP lacks for self-supervised learning: local
+    filters and translation equivariance, so a cropped view and the whole image share
+    features.
 ``mlp``
     two hidden layers of 256 units with ReLU and no normalisation layer at all, so a
     batch's gradient is the mean of per-example gradients (used to check that
@@ -47,7 +55,7 @@ from torch import nn
 
 from tvlars.errors import UserError
 
-MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "mlp", "mlp-bn")
+MODELS = ("resnet18", "resnet34", "resnet50", "cnn", "cnn-pool", "mlp", "mlp-bn")
 STEMS = ("auto", "cifar", "imagenet")
 INITS = ("kaiming_uniform", "torchvision")
 
@@ -84,23 +92,26 @@ def _resnet_encoder(name: str, in_channels: int, stem: str) -> tuple[nn.Module, 
     return resnet, feature_dim
 
 
-def _cnn_encoder(in_channels: int) -> tuple[nn.Module, int]:
-    def block(inputs: int, outputs: int) -> list[nn.Module]:
-        return [
-            nn.Conv2d(inputs, outputs, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(outputs),
-            nn.ReLU(inplace=True),
-        ]
+def _conv_block(inputs: int, outputs: int, *, pool: bool = False) -> list[nn.Module]:
+    layers = [
+        nn.Conv2d(inputs, outputs, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(outputs),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))  # ceil_mode keeps 1-pixel inputs valid
+    return layers
 
+
+def _cnn_encoder(in_channels: int, widths: tuple[int, int, int], pools: tuple[bool, bool]) -> tuple[nn.Module, int]:
     encoder = nn.Sequential(
-        *block(in_channels, 32),
-        *block(32, 64),
-        nn.MaxPool2d(2, ceil_mode=True),  # ceil_mode keeps 1-pixel inputs valid
-        *block(64, 128),
+        *_conv_block(in_channels, widths[0], pool=pools[0]),
+        *_conv_block(widths[0], widths[1], pool=pools[1]),
+        *_conv_block(widths[1], widths[2]),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
-    return encoder, 128
+    return encoder, widths[2]
 
 
 def _mlp_encoder(in_channels: int, image_size: int, *, batch_norm: bool = False) -> tuple[nn.Module, int]:
@@ -158,7 +169,9 @@ def build_model(
             stem = "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"
         encoder, feature_dim = _resnet_encoder(name, in_channels, stem)
     elif name == "cnn":
-        encoder, feature_dim = _cnn_encoder(in_channels)
+        encoder, feature_dim = _cnn_encoder(in_channels, (32, 64, 128), pools=(False, True))
+    elif name == "cnn-pool":
+        encoder, feature_dim = _cnn_encoder(in_channels, (16, 32, 64), pools=(True, True))
     else:
         encoder, feature_dim = _mlp_encoder(in_channels, image_size, batch_norm=name == "mlp-bn")
 

@@ -13,7 +13,7 @@ what differs:
     Twins projector (``--projector``, Linear-BN-ReLU blocks and a final Linear), trained with
     the Barlow Twins loss (``--lambd``) on two augmented views of each image
     (``--augment-preset``: the reference's colour pipeline for 3-channel images of at least
-    16 px, a reduced crop/noise/erase pipeline for small or 1-channel images). The views are
+    16 px, its grey subset for 1-channel ones, a crop/noise/erase pipeline below 16 px). The views are
     drawn for the whole global batch, so N processes see what one process sees; the loss
     normalises over the GLOBAL batch (autograd-aware all-reduce).
  2. ``--micro-batch-size`` below the per-process batch: the Barlow Twins loss does not split
@@ -211,6 +211,10 @@ def pretrain(opened, runtime, started: float) -> int:
                     + f"({epoch_time:.1f}s, {row['images_per_sec']:.0f} img/s)")
         if stop:
             return 0
+
+    if cfg.epochs == 0:  # the untrained baseline gets the kNN accuracies a trained run reports too
+        last_eval.update(evaluate.epoch_evaluation(model.encoder, data, None, knn=True, online=False, knn_k=cfg.knn_k,
+                                                   temperature=cfg.knn_temperature, batch_size=cfg.eval_batch_size))
 
     # ---- linear probe on the frozen encoder (every rank: deterministic; rank 0 writes) -------
     runtime.barrier()
