@@ -96,8 +96,8 @@ def test_config_records_the_peak_and_report_shows_it(tmp_path):
     (tmp_path / "sweep" / "sweep.json").write_text("{}")
     table = build_table(load_runs(tmp_path / "sweep"))
     assert "512 (1/2), peak ×2" in render_markdown(table)
-    rows = render_csv(table).splitlines()
-    assert rows[0].endswith(",peak_lr") and rows[1].endswith(",2") and rows[2].endswith(",4")
+    rows = list(__import__("csv").DictReader(render_csv(table).splitlines()))
+    assert [row["peak_lr"] for row in rows] == ["2", "4"]
 
 
 def test_ssl_zero_epochs_probes_the_untrained_encoder(tmp_path):

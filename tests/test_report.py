@@ -182,6 +182,29 @@ def test_extra_varying_flag_splits_rows(tmp_path):
     assert table.rows == ["TVLARS [lam=0.0001]", "TVLARS [lam=0.001]"]
 
 
+def test_ssl_sweep_untrained_row_and_knn_table(tmp_path):
+    (tmp_path / "sweep.json").write_text("{}")
+
+    def ssl_run(name, knn, probe, **kw):
+        d = make_run(tmp_path, name, command="ssl", dataset="fashion-mnist", accs=(probe,), **kw)
+        summary = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**summary, "knn_acc": knn}))
+
+    ssl_run("untrained", 74.0, 76.0, extra={"epochs": 0})
+    for seed, (knn, probe) in enumerate([(82.0, 84.0), (84.0, 86.0)]):
+        ssl_run(f"lars{seed}", knn, probe, seed=seed)
+    table = report.build_table(runs.load_runs(tmp_path))
+    assert table.rows == ["LARS (warm-up)", "Untrained encoder"]  # not a row of the optimizer it was given
+    text = report.render_markdown(table)
+    knn = text.split("## kNN accuracy of the final encoder (%)")[1].split("##")[0]
+    assert "| LARS (warm-up) | 512 (1) | 83.00 ± 1.41 (2) |" in knn
+    assert "| Untrained encoder | 512 (1) | 74.00 (1) |" in knn
+    rows = {r["row"]: r for r in csv.DictReader(io.StringIO(report.render_csv(table)))}
+    assert (rows["LARS (warm-up)"]["knn_mean"], rows["Untrained encoder"]["best_mean"]) == ("83", "76")
+    # a classification sweep has no kNN section
+    assert "kNN" not in report.render_markdown(report.build_table(runs.load_runs(fabricate_sweep(tmp_path / "c"))))
+
+
 def test_cli(tmp_path, capsys):
     from tvlars import cli
 

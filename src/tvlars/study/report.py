@@ -75,6 +75,7 @@ class Cell:
     runs: int = 0
     reached: int = 0   # runs that reached the epochs-to-target goal
     peak_lr: float | None = None   # the schedule's peak (config.yaml's peak_lr: lr after --lr-scaling)
+    knn: tuple[float | None, float | None, int] = (None, None, 0)   # tvlars ssl: the final encoder's kNN
 
 
 @dataclass
@@ -124,6 +125,7 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
             runs=len(members),
             reached=sum(e is not None for e in epochs),
             peak_lr=number(members[0].get("peak_lr")),
+            knn=mean_std(number(r.summary.get("knn_acc")) for r in members),
         )
     datasets = {str(r.get("dataset", "?")).lower() for r in runs}
     tasks = {str(r.get("command", "train")).lower() for r in runs}
@@ -287,6 +289,11 @@ def render_markdown(table: Table, metric: str = "best", target: float = 0.95, ti
                      "the paper does not say whether its LARS/LAMB rows used warm-up, so they stand beside both.\n")
     parts.append("\n" + markdown_accuracy(table, metric, with_paper))
     parts.append(f"\n## Table 1: {words[other]} (%)\n\n" + markdown_accuracy(table, other, False))
+    if any(c.knn[0] is not None for c in table.cells.values()):
+        parts.append("\n## kNN accuracy of the final encoder (%)\n\nA second reading of the same encoders "
+                     "that trains nothing: the weighted kNN vote (--knn-k) on features of the un-augmented "
+                     "images.\n\n" + _markdown_lr_table(
+                         table, lambda c: fmt_stat(c.knn, show_n=table.seeded) if c else "—"))
     parts.append(f"\n## Best over learning rates: {words[metric]} (%)\n\n" + markdown_best(table, metric))
     parts.append(f"\n## Epochs to reach {target * 100:g}% of the best test accuracy at the batch size\n\n"
                  "The goal is the same for every optimizer at a batch size: "
@@ -301,7 +308,7 @@ def render_csv(table: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["dataset", "task", "row", "optimizer", "batch_size", "lr", "lr_index", "n", "n_diverged",
                      "best_mean", "best_std", "final_mean", "final_std", "epochs_to_target_mean",
-                     "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr"])
+                     "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr", "knn_mean", "knn_std"])
 
     def num(x):
         return "" if x is None else f"{x:.6g}"
@@ -319,7 +326,8 @@ def render_csv(table: Table) -> str:
                                  num(lr), _letters(i + 1)[-1], cell.best[2], cell.diverged,
                                  num(cell.best[0]), num(cell.best[1]), num(cell.final[0]), num(cell.final[1]),
                                  num(cell.epochs[0]), num(cell.epochs[1]), cell.reached,
-                                 num(papers[i] if i < len(papers) else None), num(cell.peak_lr)])
+                                 num(papers[i] if i < len(papers) else None), num(cell.peak_lr),
+                                 num(cell.knn[0]), num(cell.knn[1])])
     return buf.getvalue()
 
 

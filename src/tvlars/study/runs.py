@@ -149,8 +149,15 @@ def epochs_to_accuracy(epochs: Sequence[float], accs: Sequence[float], target: f
     return None
 
 
+#: The variant of ``tvlars ssl --epochs 0``: its optimizer never stepped, so the row is the
+#: untrained encoder, the baseline every self-supervised number is read against.
+UNTRAINED = "untrained"
+
+
 def variant(run: RunData) -> tuple[str, bool]:
     """(optimizer, with warm-up) of a run."""
+    if number(run.get("epochs")) == 0:
+        return UNTRAINED, False
     optimizer = str(run.get("optimizer", "?")).lower()
     warm = number(run.get("warmup_epochs")) or 0.0
     schedule = str(run.get("schedule") or "").lower()
@@ -159,6 +166,8 @@ def variant(run: RunData) -> tuple[str, bool]:
 
 def variant_label(optimizer: str, warm: bool) -> str:
     """Table 1's row names; TVLARS has no warm-up in the paper, so only its exception is named."""
+    if optimizer == UNTRAINED:
+        return "Untrained encoder"
     name = NAMES.get(optimizer, optimizer.upper())
     if optimizer == "tvlars":
         return name + (" + warm-up" if warm else "")
