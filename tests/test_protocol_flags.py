@@ -172,6 +172,13 @@ def test_fashion_mnist_barlowtwins_grid_starts_with_the_untrained_baseline():
     assert {r.flags["lam"] for r in runs if r.flags["optimizer"] == "tvlars"} == {1e-5}
 
 
+def test_fashion_mnist_100_grid_is_the_paper_length():
+    runs = _expand("fashion-mnist-100")
+    assert len(runs) == 6 and all(r.flags["epochs"] == 100 for r in runs)
+    assert {r.flags.get("warmup_epochs") for r in runs if r.flags["optimizer"] == "lars"} == {20, 0}
+    assert {r.flags["delay_epochs"] for r in runs if r.flags["optimizer"] == "tvlars"} == {10}
+
+
 def test_report_rows_sort_flag_values_by_number():
     from tvlars.study.runs import label_order
 
