@@ -157,9 +157,11 @@ def test_full_sweep_every_cell_present_with_paper(tmp_path):
     assert float(tv["final_mean"]) == pytest.approx(59.0) and tv["n"] == "2"
     assert "## Epochs to reach 95% of the best test accuracy at the batch size" in text
     best = text.split("## Best over learning rates")[1]
-    assert "| 512 | 43.00 (lr 3) |" in best
+    assert "| 512 | 43.00 ± 0.71 (lr 3) |" in best  # the best lr's mean, with its seed spread
     # TVLARS 63.0 - max(LARS no warm-up 48.0, LAMB no warm-up 58.0); LARS 43.0 - 48.0
-    assert "| 63.00 (lr 3) | +5.00 | -5.00 |" in best
+    assert "| 63.00 ± 0.71 (lr 3) | +5.00 | -5.00 |" in best
+    one_seed = report.render_markdown(report.build_table(runs.load_runs(fabricate_sweep(tmp_path / "s1", seeds=(0,)))))
+    assert "| 512 | 42.50 (lr 3) |" in one_seed.split("## Best over learning rates")[1]
 
 
 def test_missing_cells_marked_and_no_paper_for_other_datasets(tmp_path):

@@ -229,17 +229,17 @@ def markdown_epochs(table: Table) -> str:
     return _markdown_lr_table(table, fmt_epochs)
 
 
-def best_over_lrs(table: Table, metric: str) -> dict[tuple[str, int], tuple[float | None, float | None]]:
-    """(row, batch) -> (accuracy of the best lr by mean, that lr)."""
+def best_over_lrs(table: Table, metric: str) -> dict[tuple[str, int], tuple[float | None, float | None, Cell | None]]:
+    """(row, batch) -> (accuracy of the best lr by mean, that lr, its cell)."""
     out = {}
     for label in table.rows:
         for batch in table.batch_sizes:
-            best = (None, None)
+            best = (None, None, None)
             for lr in table.lrs[batch]:
                 cell = table.cells.get((label, batch, lr))
                 mean = getattr(cell, metric)[0] if cell else None
                 if mean is not None and (best[0] is None or mean > best[0]):
-                    best = (mean, lr)
+                    best = (mean, lr, cell)
             out[(label, batch)] = best
     return out
 
@@ -260,8 +260,12 @@ def markdown_best(table: Table, metric: str) -> str:
     for batch in table.batch_sizes:
         row = [str(batch)]
         for label in table.rows:
-            acc, lr = best[(label, batch)]
-            row.append("—" if acc is None else f"{acc:.2f} (lr {format_value(lr)})")
+            acc, lr, cell = best[(label, batch)]
+            if acc is None:
+                row.append("—")
+                continue
+            std = getattr(cell, metric)[1]
+            row.append(f"{acc:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (lr {format_value(lr)})")
         for _, first, others in claims:
             a = best[(first, batch)][0]
             b = [best[(o, batch)][0] for o in others if best[(o, batch)][0] is not None]
