@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates the Fashion-MNIST study in docs/study/fashion-mnist/: the paper's protocol
-# (2 seeds), the authors' protocol (1 seed) and the lam sweep at batch 16384, each a
-# resumable sweep (an interrupted study, started again, runs only what is missing), then
-# their reports and figures. About 8 CPU-hours on one thread per run, two runs at a time;
+# (2 seeds), the authors' protocol (1 seed), the lam sweep at batch 16384, the paper's 100
+# epochs at the smallest and largest batch, and Barlow Twins, each a resumable sweep (an
+# interrupted study, started again, runs only what is missing), then their reports and
+# figures. About 10 CPU-hours on one thread per run, two runs at a time;
 # needs Fashion-MNIST (apt-get install dataset-fashion-mnist, or --data-dir in the grids).
 # Long studies belong in a checkout pinned at a commit: git worktree add ../study HEAD.
 # Run folders stay in runs/ (not committed: checkpoints).
@@ -11,11 +12,13 @@ cd "$(dirname "$0")/.."
 tvlars=${TVLARS:-.venv/bin/tvlars}
 runs=${RUNS:-runs}
 docs=docs/study/fashion-mnist
-for grid in fashion-mnist-paper fashion-mnist-official fashion-mnist-lam; do
+grids="fashion-mnist-paper fashion-mnist-official fashion-mnist-lam fashion-mnist-100 fashion-mnist-barlowtwins"
+for grid in $grids; do
   "$tvlars" sweep "grids/$grid.yaml" --out "$runs/$grid"
 done
-for grid in fashion-mnist-paper fashion-mnist-official fashion-mnist-lam; do
-  "$tvlars" report "$runs/$grid" --out "$docs/$grid"
-  "$tvlars" report "$runs/$grid" --out "$docs/$grid/final" --metric final
-  "$tvlars" plot "$runs/$grid" --out "$docs/$grid/figures"
+for grid in $grids; do
+  dest="$docs/${grid#fashion-mnist-}"      # docs/study/fashion-mnist/paper, .../barlowtwins, ...
+  "$tvlars" report "$runs/$grid" --out "$dest"
+  "$tvlars" report "$runs/$grid" --out "$dest/final" --metric final
+  "$tvlars" plot "$runs/$grid" --out "$dest/figures"
 done
