@@ -105,3 +105,40 @@ def test_epochs_to_target_hand_computed(tmp_path):
     assert table[("TVLARS", 512)][0] == 1.0 and table[("TVLARS", 512)][2] == pytest.approx(76.0)
     assert table[("LAMB (warm-up)", 512)][0] == float("inf")
     check_png(plot.figure_epochs_to_target(runs.load_runs(tmp_path), tmp_path / "f", ("png",))[0])
+
+
+def test_ssl_sweep_curves_show_knn_against_the_untrained_encoder(tmp_path, monkeypatch):
+    import json
+
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    (folder / "sweep.json").write_text("{}")
+    untrained = make_run(folder, "untrained", command="ssl", accs=(76.0,), extra={"epochs": 0}, layers=False)
+    (untrained / "metrics.csv").write_text("epoch,step,lr,train_loss,knn_acc\n")
+    summary = json.loads((untrained / "summary.json").read_text())
+    (untrained / "summary.json").write_text(json.dumps({**summary, "knn_acc": 74.5}))
+    for lr in (1.0, 2.0):
+        d = make_run(folder, f"lars{lr:g}", command="ssl", lr=lr, accs=(80.0, 81.0, 82.0))
+        rows = [f"{e},{e * 10},{lr},{300 / e},,,,1,1,{75 + e * lr}" for e in (1, 2, 3)]
+        (d / "metrics.csv").write_text("epoch,step,lr,train_loss,train_acc,test_loss,test_acc,epoch_time,"
+                                       "images_per_sec,knn_acc\n" + "\n".join(rows) + "\n")
+    figures = {}
+    real_save = plot.save
+
+    def capture(fig, out, stem, formats, *args, **kwargs):
+        figures[stem] = [(ax.get_ylabel(), {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()})
+                         for ax in fig.axes]
+        return real_save(fig, out, stem, formats, *args, **kwargs)
+
+    monkeypatch.setattr(plot, "save", capture)
+    written = plot.make_figures(folder, formats=("png",))
+    assert "epochs-to-target" not in figures  # one test accuracy per ssl run: nothing to count epochs on
+    (acc_label, acc_lines), (loss_label, loss_lines) = figures["curves_B512"]
+    assert acc_label == "kNN accuracy (%)" and "Barlow Twins" in loss_label
+    assert acc_lines["LARS (warm-up), lr 2"] == [77.0, 79.0, 81.0]
+    assert acc_lines["untrained encoder (74.50)"] == [74.5, 74.5]
+    assert sorted(loss_lines[next(iter(loss_lines))]) == [100.0, 150.0, 300.0]
+    layer_axes = figures["layers_lars-warm-up_B512"]
+    assert layer_axes[3][0] == "training loss (Barlow Twins)" and list(layer_axes[3][1].values())[0] == [300, 150, 100]
+    for p in written:
+        check_png(p)

@@ -5,9 +5,13 @@ Figures (written atomically into ``--out``, default ``<dir>/figures/``, one file
 
 ``curves_B<batch>``   test accuracy and test loss against epochs for one batch size, a
                       line per optimizer variant and learning rate (mean over seeds):
-                      the counterpart of the paper's Figures 1, 5 and 60-63.
+                      the counterpart of the paper's Figures 1, 5 and 60-63. For a
+                      ``tvlars ssl`` sweep, whose test accuracy exists only after the final
+                      probe, the kNN accuracy and the Barlow Twins training loss, with the
+                      untrained encoder's kNN accuracy (``--epochs 0`` runs) as a line.
 ``layers_<variant>_B<batch>``  per-layer weight norm ||w||, gradient norm ||g||, their ratio
-                      ||w||/||g|| (from layers.csv) and the test loss against optimizer
+                      ||w||/||g|| (from layers.csv) and the test loss (ssl: the training
+                      loss) against optimizer
                       steps, a row per learning rate (first seed): Figures 2 and 6-59. The
                       layers shown are chosen with ``--layers``: ``auto`` (first, middle and
                       last weight layers, biases and norm layers left out) or a
@@ -19,7 +23,8 @@ Figures (written atomically into ``--out``, default ``<dir>/figures/``, one file
 ``accuracy-vs-lam``   best test accuracy against lam, when the sweep varies lam: Figure 4.
 ``epochs-to-target``  per batch size and optimizer variant (each at its best lr), the
                       epochs to reach ``--target`` % of the best accuracy any run reached at
-                      that batch size; bars that never get there are marked.
+                      that batch size; bars that never get there are marked (classification
+                      sweeps: an ssl run has one test accuracy, after its probe).
 
 For a single run folder: its curves, its layer figure and the tv-factor figure.
 ``--figures`` picks a subset (curves, layers, tv-factor, lam, epochs).
@@ -39,8 +44,8 @@ from tvlars.cli import parse_formats
 from tvlars.errors import UserError
 from tvlars.runfolder import number
 from tvlars.study.grid import format_value
-from tvlars.study.runs import (best_per_batch, epochs_to_accuracy, group_by_setting, label_order, load_runs,
-                               mean_std, run_accuracy)
+from tvlars.study.runs import (UNTRAINED, best_per_batch, epochs_to_accuracy, group_by_setting, label_order,
+                               load_runs, mean_std, run_accuracy, variant)
 
 FIGURES = ("curves", "layers", "tv-factor", "lam", "epochs")
 FORMATS = ("png", "svg", "pdf")
@@ -196,6 +201,17 @@ def _colors(labels: Sequence[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- figures
 
 
+def is_ssl(runs) -> bool:
+    return any(str(r.get("command", "train")).lower() == "ssl" for r in runs)
+
+
+def _curve_columns(runs) -> tuple[str, str]:
+    """The (accuracy, loss) columns of metrics.csv a sweep's curves show: tvlars ssl has a
+    test accuracy only after its final probe, so its curves are the per-epoch kNN accuracy
+    and the Barlow Twins loss on the training views."""
+    return ("knn_acc", "train_loss") if is_ssl(runs) else ("test_acc", "test_loss")
+
+
 def _groups(runs):
     """The runs with curves of each setting, and the rows in Table 1's order."""
     groups = {}
@@ -211,6 +227,9 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Pa
     plt = _pyplot()
     groups, order = _groups(runs)
     colors = _colors(order)
+    acc_column, loss_column = _curve_columns(runs)
+    untrained = mean_std(number(r.summary.get("knn_acc")) for r in runs
+                         if r.finished and variant(r)[0] == UNTRAINED)[0]
     written = []
     for batch in sorted({k[1] for k in groups}):
         lrs = sorted({k[2] for k in groups if k[1] == batch})
@@ -223,15 +242,24 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Pa
                 style = dict(color=colors[label], linestyle=LINESTYLES[i % len(LINESTYLES)], linewidth=1.6)
                 n = len(members)
                 name = f"{label}, lr {format_value(lr)}" + (f" (mean of {n})" if n > 1 else "")
-                xs, ys = _mean_curve(members, "test_acc")
+                xs, ys = _mean_curve(members, acc_column)
                 if xs:
                     ax_acc.plot(xs, ys, label=name, **style)
-                xs, ys = _mean_curve(members, "test_loss")
+                xs, ys = _mean_curve(members, loss_column)
                 pos = [(x, y) for x, y in zip(xs, ys) if y > 0]
                 if pos:
                     ax_loss.plot([p[0] for p in pos], [p[1] for p in pos], **style)
-        ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"Test accuracy, batch size {batch}")
-        ax_loss.set(xlabel="epoch", ylabel="test loss (cross-entropy, log scale)", title=f"Test loss, batch size {batch}")
+        if acc_column == "knn_acc":
+            if untrained is not None:
+                ax_acc.axhline(untrained, color="grey", linestyle="--", linewidth=1.2,
+                               label=f"untrained encoder ({untrained:.2f})")
+            ax_acc.set(xlabel="epoch", ylabel="kNN accuracy (%)", title=f"kNN test accuracy, batch size {batch}")
+            ax_loss.set(xlabel="epoch", ylabel="Barlow Twins loss (training views, log scale)",
+                        title=f"Training loss, batch size {batch}")
+        else:
+            ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"Test accuracy, batch size {batch}")
+            ax_loss.set(xlabel="epoch", ylabel="test loss (cross-entropy, log scale)",
+                        title=f"Test loss, batch size {batch}")
         ax_loss.set_yscale("log")
         _clip_exploded(ax_loss)
         for ax in (ax_acc, ax_loss):
@@ -239,7 +267,8 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Pa
         handles, names = ax_acc.get_legend_handles_labels()
         if handles:
             fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-        fig.suptitle(f"{title_prefix}test accuracy and loss per optimizer and learning rate (B = {batch})")
+        what = "kNN accuracy and training loss" if acc_column == "knn_acc" else "test accuracy and loss"
+        fig.suptitle(f"{title_prefix}{what} per optimizer and learning rate (B = {batch})")
         fig.tight_layout()
         written += save(fig, out, f"curves_B{batch}", formats, dpi)
     return written
@@ -262,6 +291,7 @@ def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=
     """Per-layer ||w||, ||g||, ||w||/||g|| and test loss against steps (Figures 2, 6-59)."""
     plt = _pyplot()
     groups, order = _groups(runs)
+    loss_column = _curve_columns(runs)[1]
     written = []
     keys = sorted({(k[0], k[1]) for k in groups}, key=lambda k: (order.index(k[0]), k[1]))
     for label, batch in keys:
@@ -288,14 +318,16 @@ def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=
                 axes[row, 1].plot(steps, series["grad_norm"], color=color, label=name, linewidth=1.3)
                 axes[row, 2].plot(steps, ratio, color=color, label=name, linewidth=1.3)
             if r.metrics and all(m.get("step") is not None for m in r.metrics):
-                pairs = [(m["step"], m.get("test_loss")) for m in r.metrics if m.get("test_loss") is not None]
+                pairs = [(m["step"], m.get(loss_column)) for m in r.metrics if m.get(loss_column) is not None]
                 xs, ys, loss_x = [p[0] for p in pairs], [p[1] for p in pairs], "step"
             else:
-                (xs, ys), loss_x = r.curve("test_loss"), "epoch"
+                (xs, ys), loss_x = r.curve(loss_column), "epoch"
             axes[row, 3].plot(xs, ys, color="black", linewidth=1.4)
             suffix = f" (lr {format_value(lr)})"
-            titles = ("weight norm ||w||", "gradient norm ||g||", "ratio ||w|| / ||g||", "test loss")
-            ylabels = ("||w|| (L2 norm)", "||g|| (L2 norm)", "||w|| / ||g||", "test loss (cross-entropy)")
+            loss_name = ("Barlow Twins loss", "training loss (Barlow Twins)") if loss_column == "train_loss" else \
+                ("test loss", "test loss (cross-entropy)")
+            titles = ("weight norm ||w||", "gradient norm ||g||", "ratio ||w|| / ||g||", loss_name[0])
+            ylabels = ("||w|| (L2 norm)", "||g|| (L2 norm)", "||w|| / ||g||", loss_name[1])
             for col in range(4):
                 ax = axes[row, col]
                 ax.set_title(titles[col] + suffix, fontsize=10)
@@ -308,7 +340,7 @@ def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=
                         ax.set_yscale("log")
             if row == 0 and names:
                 axes[row, 0].legend(fontsize=8, title="layer", title_fontsize=8)
-        fig.suptitle(f"Per-layer norms and test loss: {label}, batch size {batch}"
+        fig.suptitle(f"Per-layer norms and {loss_name[0]}: {label}, batch size {batch}"
                      + (f" ({chosen_runs[0][1].name})" if single else ""), fontsize=12)
         fig.tight_layout()
         stem = "layers" if single else f"layers_{_slug(label)}_B{batch}"
@@ -467,6 +499,6 @@ def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Se
         written += figure_tv_factor(destination, formats, lams, delay, runs, dpi)
     if "lam" in figures and not single:
         written += figure_accuracy_vs_lam(runs, destination, formats, dpi)
-    if "epochs" in figures and not single:
+    if "epochs" in figures and not single and not is_ssl(runs):
         written += figure_epochs_to_target(runs, destination, formats, target, dpi)
     return written
