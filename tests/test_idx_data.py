@@ -163,4 +163,17 @@ def test_config_lists_match_their_owners():
 
     assert flags.DATASETS == data.DATASETS
     assert flags.MODELS == models.MODELS
-    assert set(config.DEFAULT_MODEL) == set(data.DATASETS)
+    assert set(config.DEFAULT_MODEL) == set(data.DATASETS) == set(config.DEFAULT_SSL_MODEL)
+
+
+def test_ssl_defaults_to_the_conv_net_on_grey_images():
+    from tvlars.harness import config
+    from tvlars.harness.flags import add_ssl_arguments, add_train_arguments
+
+    def resolved(cls, add):
+        parser = __import__("argparse").ArgumentParser()
+        add(parser)
+        return cls.from_flags(cls.check_flags(parser.parse_args(["--dataset", "fashion-mnist"])))
+
+    assert resolved(config.SSLConfig, add_ssl_arguments).model == "cnn-pool"
+    assert resolved(config.TrainConfig, add_train_arguments).model == "mlp-bn"

@@ -81,7 +81,7 @@ def defaults(add_arguments) -> dict:
 def _add_shared_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     _add_run_arguments(parser)
     _add_data_arguments(parser, command)
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, command)
     _add_optimizer_arguments(parser, command)
     _add_batch_arguments(parser, command)
     _add_performance_arguments(parser)
@@ -143,11 +143,12 @@ def _add_data_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                    help="synthetic dataset: image channels (default: 3)")
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     g = parser.add_argument_group("model")
+    grey = "cnn-pool" if command == "ssl" else "mlp-bn"
     g.add_argument("--model", choices=MODELS, default=None,
                    help="network (default: mlp for digits, cnn for synthetic, resnet18 for cifar10, resnet34 "
-                        "for tinyimagenet, mlp-bn for fashion-mnist and mnist); mlp has no batch norm, "
+                        f"for tinyimagenet, {grey} for fashion-mnist and mnist); mlp has no batch norm, "
                         "mlp-bn the same layers with batch norm; cnn-pool is a conv net cheap enough for "
                         "Barlow Twins on 28x28 images on a CPU")
     g.add_argument("--stem", default="auto", choices=("auto", "cifar", "imagenet"),
