@@ -60,8 +60,8 @@ quarter of a pixel; solo-learn's CIFAR settings leave blur out too).
 resized crop (scale 0.6-1, aspect 3/4-4/3), no flip (digits are not mirror-symmetric), no
 colour operations, Gaussian pixel noise (std 0.05), random erasing of a rectangle (p=0.25,
 2-20 % of the area, filled with 0), clamped to [0, 1], then normalised.
-``preset="auto"`` picks "reference" for 3-channel images of at least 16 px, "gray" for
-1-channel ones, else "small".
+``preset="auto"`` picks "small" below 16 px, else "gray" for 1-channel images and
+"reference" for the others.
 """
 
 from __future__ import annotations
