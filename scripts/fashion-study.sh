@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 tvlars=${TVLARS:-.venv/bin/tvlars}
 runs=${RUNS:-runs}
 docs=docs/study/fashion-mnist
-grids="fashion-mnist-paper fashion-mnist-official fashion-mnist-lam fashion-mnist-100 fashion-mnist-barlowtwins"
+grids="fashion-mnist-paper fashion-mnist-official fashion-mnist-lam fashion-mnist-100 fashion-mnist-barlowtwins fashion-mnist-barlowtwins-long"
 for grid in $grids; do
   "$tvlars" sweep "grids/$grid.yaml" --out "$runs/$grid"
 done

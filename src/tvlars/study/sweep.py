@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="grid file (format: `pydoc tvlars.study.grid`), or the name of a shipped grid: "
                              "quickstart, digits, paper-cifar10, paper-tinyimagenet, paper-barlowtwins-cifar10, "
                              "official-cifar10, official-tinyimagenet, official-barlowtwins-cifar10, "
-                             "fashion-mnist-paper, fashion-mnist-official, fashion-mnist-lam, fashion-mnist-barlowtwins, fashion-mnist-100")
+                             "fashion-mnist-paper, fashion-mnist-official, fashion-mnist-lam, fashion-mnist-barlowtwins, fashion-mnist-barlowtwins-long, fashion-mnist-100")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="sweep folder (default: the grid's out:, else runs/<grid name>)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
