@@ -276,3 +276,17 @@ def test_two_processes_match_one(tmp_path):
     assert s2["status"] == "completed"
     assert s1["final_test_acc"] == pytest.approx(s2["final_test_acc"], abs=2 * 100 / 32 + 1e-9)
     assert len(list((tmp_path / "two" / "tb").iterdir())) == 1  # only rank 0 wrote
+
+
+def test_resume_keeps_the_augmentation_the_run_started_with(tmp_path):
+    # 1-channel 16 px images: "auto" now picks the gray preset; a run started when it picked
+    # "small" (its config.yaml says so) must go on with small views, not switch halfway
+    out = tmp_path / "run"
+    flags = [*TINY, "--synthetic-image-size", "16", "--epochs", "2"]
+    assert run_ssl(out, *flags, "--stop-after-epochs", "1") == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["augment_preset"] == "auto" and config["augment_preset_resolved"] == "gray"
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "augment_preset_resolved": "small"}))
+    assert run_ssl(out, *flags, "--resume") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["augment_preset_resolved"] == "small"
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"

@@ -99,8 +99,10 @@ def pretrain(opened, runtime, started: float) -> int:
         raise UserError(f"--batch-size {cfg.batch_size} leaves {per_rank} image per process; Barlow Twins "
                         "normalises over the batch and needs at least 2")
     channels, size = data.in_channels, data.image_size
+    # a resumed run keeps the views it started with, even where "auto" now picks another preset
+    preset = (opened.saved or {}).get("augment_preset_resolved") or cfg.augment_preset
     try:
-        augment = TwoViewAugment(size, channels, data.mean, data.std, cfg.augment_preset)
+        augment = TwoViewAugment(size, channels, data.mean, data.std, preset)
     except UserError as err:
         raise UserError(f"--augment-preset {cfg.augment_preset} on {cfg.dataset} "
                         f"({channels}x{size}x{size} images): {err}") from None
