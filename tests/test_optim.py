@@ -49,6 +49,14 @@ def train(model, opt, data):
         opt.step()
 
 
+def trained(cls, kw, data):
+    """A fresh model and optimizer (``cls(param_groups, **kw)``) after training on ``data``."""
+    model = make_model()
+    opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
+    train(model, opt, data)
+    return model, opt
+
+
 # ---------------------------------------------------------------------------------------
 # Reference implementations: the equations, one parameter at a time, Python floats.
 # ---------------------------------------------------------------------------------------
@@ -302,14 +310,8 @@ RESUME = [(LARS, dict(lr=0.1, nesterov=True)), (TVLARS, dict(lr=0.1, lam=0.2, de
 @pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
 def test_resume_is_bit_for_bit(cls, kw, how):
     data = make_data()
-    model = make_model()
-    opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
-    train(model, opt, data)
-    straight = [p.detach().clone() for p in model.parameters()]
-
-    model = make_model()
-    opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
-    train(model, opt, data[:10])
+    straight = [p.detach().clone() for p in trained(cls, kw, data)[0].parameters()]
+    model, opt = trained(cls, kw, data[:10])
     if how == "state_dict":
         saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
         model = make_model(seed=5)

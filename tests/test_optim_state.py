@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_optim import PATHS, WEIGHT_DECAY, make_data, make_model, train
+from test_optim import PATHS, WEIGHT_DECAY, make_data, make_model, train, trained
 
 from tvlars import LAMB, LARS, TVLARS, param_groups
 
@@ -90,14 +90,8 @@ def test_distributed_checkpoint_state_dict_round_trip_is_bit_for_bit(name):
 
     cls, kw = OPTIMIZERS[name]
     data = make_data(12)
-    model = make_model()
-    opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
-    train(model, opt, data)
-    straight = [p.detach().clone() for p in model.parameters()]
-
-    model = make_model()
-    opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
-    train(model, opt, data[:6])
+    straight = [p.detach().clone() for p in trained(cls, kw, data)[0].parameters()]
+    model, opt = trained(cls, kw, data[:6])
     saved = copy.deepcopy((model.state_dict(), get_optimizer_state_dict(model, opt)))
     assert set(saved[1]["state"]) == {name for name, _ in model.named_parameters()}
     model = make_model(seed=3)
@@ -133,9 +127,7 @@ def test_state_dict_saved_by_0_1_0_loads_and_resumes(name):
     assert "counters" in saved["optimizer"]["state"]
     data = make_data()
 
-    model = make_model()
-    opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
-    train(model, opt, data[:7])
+    model, opt = trained(cls, kw, data[:7])
     skip_one_step(model, opt)
     train(model, opt, data[7:])
     straight = [p.detach().clone() for p in model.parameters()]

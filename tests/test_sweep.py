@@ -510,3 +510,13 @@ def test_end_to_end_real_train(tmp_path):
     assert (out / "report.md").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "2 already finished, 0 to run" in again.stdout
+
+
+def test_help_names_every_shipped_grid():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    for grid in GRIDS.glob("*.yaml"):
+        assert grid.stem in text.replace("- ", "-")

@@ -1,22 +1,23 @@
 """DDP on CPU (gloo): 2 processes and 1 process with the same global batch give the same weights."""
 
-import csv
-
 import pytest
 import torch
 
-from helpers import torchrun, tvlars_cli, tvlars_torchrun
+from helpers import read_csv, torchrun, tvlars_cli, tvlars_torchrun
+
+
+# mlp: no batch norm, so per-rank statistics cannot differ; a partial last batch
+# (1347 = 10 x 128 + 67, split 34/33 over the ranks) and 2 micro-batches per rank check the
+# loss scaling; tvlars checks that the per-layer trust ratios see the full gradient.
+FLAGS = ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "tvlars", "--lr", "1",
+         "--batch-size", "128", "--epochs", "2", "--no-drop-last", "--micro-batch-size", "32",
+         "--no-progress", "--layer-stats-every", "5", "--lam", "0.01", "--delay-epochs", "1"]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or torchrun() is None, reason="needs torch.distributed")
 def test_two_processes_match_one(tmp_path):
-    # mlp: no batch norm, so per-rank statistics cannot differ; a partial last batch
-    # (1347 = 10 x 128 + 67, split 34/33 over the ranks) and 2 micro-batches per rank
-    # check the loss scaling; tvlars checks the per-layer trust ratios see the full gradient.
-    flags = ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "tvlars", "--lr", "1",
-             "--batch-size", "128", "--epochs", "2", "--no-drop-last", "--micro-batch-size", "32",
-             "--no-progress", "--layer-stats-every", "5", "--lam", "0.01", "--delay-epochs", "1"]
+    flags = FLAGS
     env = {"OMP_NUM_THREADS": "1"}
     one = tvlars_cli(*flags, "--out", str(tmp_path / "one"), env=env)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
@@ -31,11 +32,8 @@ def test_two_processes_match_one(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
-    def rows(name):
-        with open(tmp_path / name / "metrics.csv") as fh:
-            return list(csv.DictReader(fh))
-
-    for r1, r2 in zip(rows("one"), rows("two"), strict=True):
+    for r1, r2 in zip(read_csv(tmp_path / "one" / "metrics.csv"), read_csv(tmp_path / "two" / "metrics.csv"),
+                      strict=True):
         assert r1["step"] == r2["step"], (r1, r2)
         assert float(r1["test_acc"]) == pytest.approx(float(r2["test_acc"]), abs=0.23), (r1, r2)  # <= 1 of 450
         assert float(r1["train_loss"]) == pytest.approx(float(r2["train_loss"]), rel=1e-4)

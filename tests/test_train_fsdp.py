@@ -1,29 +1,20 @@
 """tvlars train --fsdp on CPU (gloo): 2 processes sharding the model with FSDP2, stopped and
 resumed from the (whole) checkpoint, end where 1 process training the unsharded model ends."""
 
-import csv
-
 import pytest
 import torch
 
-from helpers import torchrun, tvlars_cli, tvlars_torchrun
+from helpers import read_csv, torchrun, tvlars_cli, tvlars_torchrun
+from test_train_ddp import FLAGS
 
 ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def rows(folder):
-    with open(folder / "metrics.csv") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or torchrun() is None, reason="needs torch.distributed")
 def test_two_sharded_processes_stopped_and_resumed_match_one(tmp_path):
-    # mlp: no batch norm; a partial last batch (1347 = 10 x 128 + 67) and 2 micro-batches
-    # per rank; tvlars: per-layer trust ratios of whole layers, not of shards.
-    flags = ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "tvlars", "--lr", "1",
-             "--batch-size", "128", "--epochs", "2", "--no-drop-last", "--micro-batch-size", "32",
-             "--no-progress", "--layer-stats-every", "5", "--lam", "0.01", "--delay-epochs", "1"]
+    # the DDP test's run; tvlars here: per-layer trust ratios of whole layers, not of shards
+    flags = FLAGS
     one = tvlars_cli(*flags, "--out", str(tmp_path / "one"), env=ENV)
     assert one.returncode == 0, one.stderr[-4000:]
     first = tvlars_torchrun(2, *flags, "--fsdp", "--stop-after-epochs", "1", "--out", str(tmp_path / "two"), env=ENV)
@@ -40,7 +31,8 @@ def test_two_sharded_processes_stopped_and_resumed_match_one(tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
     assert {s["step"].item() for s in b["optimizer"]["state"].values()} == {22.0}
-    for r1, r2 in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
+    for r1, r2 in zip(read_csv(tmp_path / "one" / "metrics.csv"), read_csv(tmp_path / "two" / "metrics.csv"),
+                      strict=True):
         assert r1["step"] == r2["step"], (r1, r2)
         assert float(r1["test_acc"]) == pytest.approx(float(r2["test_acc"]), abs=0.23), (r1, r2)  # <= 1 of 450
         assert float(r1["train_loss"]) == pytest.approx(float(r2["train_loss"]), rel=1e-4)

@@ -58,7 +58,7 @@ from tvlars import runfolder
 from tvlars.cli import command_parser
 from tvlars.errors import UserError
 from tvlars.runfolder import FINISHED, atomic_write, read_summary, run_state
-from tvlars.study.grid import Grid, Run, canonical, expand_grid, format_value, load_grid
+from tvlars.study.grid import Grid, Run, canonical, expand_grid, format_value, load_grid, shipped_grids
 
 LAUNCHER_ENV = "TVLARS_SWEEP_LAUNCHER"
 #: Seconds a stopped sweep gives its runs to write their state before killing them.
@@ -69,11 +69,10 @@ STOP_GRACE_S = 15
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    shipped = sorted({grid.stem for folder in shipped_grids() for grid in folder.glob("*.yaml")})
     parser.add_argument("grid", metavar="GRID.yaml",
                         help="grid file (format: `pydoc tvlars.study.grid`), or the name of a shipped grid: "
-                             "quickstart, digits, paper-cifar10, paper-tinyimagenet, paper-barlowtwins-cifar10, "
-                             "official-cifar10, official-tinyimagenet, official-barlowtwins-cifar10, "
-                             "fashion-mnist-paper, fashion-mnist-official, fashion-mnist-lam, fashion-mnist-barlowtwins, fashion-mnist-barlowtwins-long, fashion-mnist-100")
+                             + ", ".join(shipped))
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="sweep folder (default: the grid's out:, else runs/<grid name>)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
