@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import platform
@@ -46,10 +45,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 import tvlars
+from tvlars import runfolder
 
 SECTIONS = ("reference", "sync-optimizer", "sync-training", "step-time", "throughput", "torchrun")
 WEIGHT_DECAY = 5e-3
@@ -411,13 +410,6 @@ def section_step_time(ctx) -> Section:
 
 
 # ------------------------------------------------------------------------------ throughput
-def _metrics(out: Path) -> list[dict]:
-    import csv
-
-    with open(out / "metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def section_throughput(ctx) -> Section:
     from tvlars.harness.supervised import train
 
@@ -442,10 +434,10 @@ def section_throughput(ctx) -> Section:
         except Exception as err:  # noqa: BLE001 -- reported as this row's failure
             s.row(batch, " ".join(perf + model), "", "", "", "", _first_line(err), ok=False)
             continue
-        rows = _metrics(out)
+        rows = runfolder.read_metrics(out / runfolder.METRICS)
         timed = rows[1:] or rows  # the first epoch compiles
         rate = statistics.median(float(r["images_per_sec"]) for r in timed)
-        config = yaml.safe_load((out / "config.yaml").read_text())
+        config = runfolder.read_config(out)
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else float("nan")
         s.row(batch, " ".join(perf + model), config.get("micro_batch_size"), len(timed), f"{rate:,.0f}", peak,
               "ok" if status == 0 else f"exit {status}", ok=status == 0)
@@ -482,7 +474,7 @@ def section_torchrun(ctx) -> Section:
             done = subprocess.run([*launcher, "--standalone", "--nproc_per_node", "1", "-m", "tvlars", "train", *base,
                                    *flags, "--out", str(out)], capture_output=True, text=True, timeout=240,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+            summary = runfolder.read_summary(out)
             ok = done.returncode == 0 and summary.get("status") == "completed"
             tail = (done.stderr.strip().splitlines() or [""])[-1]
             s.row(label, " ".join(flags), "completed" if ok else f"exit {done.returncode}: {tail[:160]}",

@@ -101,7 +101,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if "rng" in state:  # (restore() reports a checkpoint without one)
         try:
             if state["format"] == FORMAT_0_1:
-                state = {**state, "rng": _rng_from_0_1(state["rng"])}
+                state = {**state, "rng": _rng_from_tuples(state["rng"])}
             _check_rng(state["rng"])
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UserError(f"checkpoint {path} holds no usable RNG state ({first_line(err)})") from None
@@ -114,21 +114,14 @@ def rng_state() -> dict:
     import numpy as np
     import torch
 
-    algorithm, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"algorithm": str(algorithm), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
-                        "gauss_next": gauss_next},
-             "cuda": None}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return _rng_from_tuples({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                             "python": random.getstate(), "cuda": cuda})
 
 
-def _rng_from_0_1(rng: dict) -> dict:
-    """A 0.1.0 RNG state (numpy's get_state() tuple, Python's getstate() tuple) as rng_state's."""
+def _rng_from_tuples(rng: dict) -> dict:
+    """numpy's get_state() and Python's getstate() tuples (as 0.1.0 saved them) as plain
+    tensors and numbers."""
     import numpy as np
     import torch
 
@@ -261,5 +254,7 @@ def restore(state: dict, path, model, optimizer, scheduler, **others) -> None:
                 obj.load_state_dict(state[key])
         rng = state["rng"]
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise UserError(f"checkpoint {path} does not match this run: {str(err).strip().splitlines()[0]}") from None
+        from tvlars.harness.safeload import first_line
+
+        raise UserError(f"checkpoint {path} does not match this run: {first_line(err)}") from None
     set_rng_state(rng)

@@ -40,8 +40,9 @@ def _call(factory, name: str, *a, **kw):
     try:
         return factory(*a, **kw)
     except (ValueError, TypeError) as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{name}: {msg}") from None
+        from tvlars.harness.safeload import first_line
+
+        raise UserError(f"{name}: {first_line(err)}") from None
 
 
 def build_optimizer(model, name: str, *, lr: float, weight_decay: float = 0.0, exclude_1d_decay: bool = True,
@@ -116,22 +117,9 @@ def _stats_table(optimizer):
     gradient norms computed here (and each group's lr as step_size for sgd)."""
     import torch
 
-    if hasattr(optimizer, "last_stats"):
-        # the records optimizer.last_stats() would gather and copy to the host with a wait;
-        # same gathering here (same float64 values), the copy is LayerStatsLog's
-        records = getattr(optimizer, "_records", None)
-        if records is None:  # an optimizer without the records: its own (blocking) copy
-            stats = optimizer.last_stats()
-            if stats is None:
-                return None
-            return stats.params, torch.stack([stats.weight_norm, stats.grad_norm, stats.trust_ratio,
-                                              stats.step_size]), {}
-        if not records:
-            return None
-        params = [p for ps, _ in records for p in ps]
-        device = records[0][1].device
-        table = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in records], dim=1)
-        return params, table, {}
+    if hasattr(optimizer, "last_stats_table"):  # the copy to the host is LayerStatsLog's
+        got = optimizer.last_stats_table()
+        return None if got is None else (*got, {})
     params, lrs = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -183,11 +183,6 @@ def probe_micro_batch(module, runtime, *, input_shape, per_rank: int, amp: str =
     return micro
 
 
-#: Messages of allocation failures that reach Python as a plain RuntimeError (cuBLAS,
-#: cuDNN and CUDA runtime errors) rather than torch.OutOfMemoryError.
-ALLOCATION_FAILURES = ("out of memory", "ALLOC_FAILED")
-
-
 def is_allocation_failure(err: BaseException) -> bool:
     """Whether ``err`` says the device ran out of memory: torch's OutOfMemoryError, or a
     RuntimeError such as "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED" or

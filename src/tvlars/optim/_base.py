@@ -115,7 +115,7 @@ class LayerwiseOptimizer(Optimizer):
 
     # -- pickling keeps the telemetry switch ---------------------------------------------
     def __getstate__(self):
-        state = {k: v for k, v in super().__getstate__().items() if k not in ("_scratch", "_records")}
+        state = super().__getstate__()  # torch's: defaults, state and param_groups only
         state["stats"] = self.stats
         return state
 
@@ -244,10 +244,14 @@ class LayerwiseOptimizer(Optimizer):
         Parameters are in group order; inside a group that mixes devices or dtypes they come
         bucket by bucket, as the multi-tensor path updates them.
         """
+        got = self.last_stats_table()
+        return None if got is None else LayerStats(got[0], *got[1].cpu().unbind(0))
+
+    def last_stats_table(self) -> Optional[tuple[list[Tensor], Tensor]]:
+        """:meth:`last_stats` left on the device, for a caller that copies it without waiting:
+        (parameters, [4, n] float64 rows weight_norm, grad_norm, trust_ratio, step_size)."""
         if not self._records:
             return None
         params = [p for ps, _ in self._records for p in ps]
         device = self._records[0][1].device
-        table = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in self._records], dim=1)
-        table = table.cpu()
-        return LayerStats(params, *table.unbind(0))
+        return params, torch.cat([t.to(device=device, dtype=torch.float64) for _, t in self._records], dim=1)

@@ -122,7 +122,7 @@ class LAMBOptions:
         return self.weight_decay != 0
 
 
-def norm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def norm_dtype(device: torch.device) -> torch.dtype:
     """Norms are measured in float64 (exact for the non-finite decision, and free on
     accelerators, where a reduction is bound by memory), except on MPS, which has none."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -203,7 +203,7 @@ def lamb_scalars(w_norm: Tensor, u_norm: Tensor, o: LAMBOptions, ok: Tensor) -> 
 def lamb_bias_corrections(steps: Tensor, o: LAMBOptions) -> tuple[Tensor, Tensor]:
     """``1 - b1^t`` and ``sqrt(1 - b2^t)`` per layer for the step t = step + 1 being taken
     (also when it is skipped, so that both stay > 0 and u finite)."""
-    t = steps.to(torch.float64 if steps.device.type != "mps" else torch.float32) + 1.0
+    t = steps.to(norm_dtype(steps.device)) + 1.0
     if not o.bias_correction:
         return torch.ones_like(t), torch.ones_like(t)
     return 1.0 - torch.pow(o.beta1, t), torch.sqrt(1.0 - torch.pow(o.beta2, t))
@@ -358,7 +358,7 @@ def _single_tensor_lars_measure(params, grads, o: LARSOptions, scratch=None, com
     norms = []
     for p, g in zip(params, grads):
         fn, tensors = _kernel(_lars_layer_norms, compiled, flags, p, g)
-        norms.append(fn(*tensors, consts[p.device], ndt=norm_dtype(p.dtype, p.device)))
+        norms.append(fn(*tensors, consts[p.device], ndt=norm_dtype(p.device)))
     return _stack_columns(norms), None
 
 
@@ -379,7 +379,7 @@ def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, sc
     norms = []
     for p, g, m, v, bc in zip(params, grads, ms, vs, bcs):
         fn, tensors = _kernel(_lamb_layer_norms, compiled, flags, p, g, m, v)
-        norms.append(fn(*tensors, bc, consts[p.device], ndt=norm_dtype(p.dtype, p.device)))
+        norms.append(fn(*tensors, bc, consts[p.device], ndt=norm_dtype(p.device)))
     return _stack_columns(norms), bcs
 
 
@@ -469,7 +469,7 @@ def _numbers(compiled: bool, params, *values) -> dict:
         if not compiled:
             out[p.device] = here
             continue
-        dt = torch.float32 if p.device.type == "mps" else torch.float64
+        dt = norm_dtype(p.device)
         if any(torch.is_tensor(v) for v in here):  # a tensor lr: assembled on the device each step
             out[p.device] = _static(torch.stack([v.to(dt).reshape(()) if torch.is_tensor(v)
                                                  else torch.full((), v, dtype=dt, device=p.device) for v in here]))
@@ -591,7 +591,7 @@ def _buckets(params: list[Tensor]) -> list[tuple[int, int]]:
 
 
 def _norms(tensors: list[Tensor], device: torch.device) -> Tensor:
-    return torch.stack(torch._foreach_norm(tensors, dtype=norm_dtype(tensors[0].dtype, device)))
+    return torch.stack(torch._foreach_norm(tensors, dtype=norm_dtype(device)))
 
 
 def _add_scalar_(tensors: list[Tensor], value: Tensor) -> None:

@@ -362,7 +362,9 @@ def _download_cifar10(root: Path) -> None:
     try:
         download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except Exception as err:  # network failures come in many types
-        raise UserError(f"could not download CIFAR-10 into {root}: {str(err).strip().splitlines()[0]}") from None
+        from tvlars.harness.safeload import first_line
+
+        raise UserError(f"could not download CIFAR-10 into {root}: {first_line(err)}") from None
 
 
 def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
