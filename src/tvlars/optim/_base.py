@@ -158,19 +158,16 @@ class LayerwiseOptimizer(Optimizer):
         (torch casts every other tensor to the parameter's dtype, and leaves "step" where it
         was saved), and a state_dict saved by tvlars 0.1.0 (counters under
         ``state["counters"]``) loads with its counters given to every parameter."""
-        saved = state_dict["state"]
-        legacy = saved.get(LEGACY_COUNTERS)
-        counters = {k: {c: v[c] for c in COUNTER_KEYS if c in v} for k, v in saved.items() if k != LEGACY_COUNTERS}
-        if legacy is not None:
-            state_dict = dict(state_dict, state={k: v for k, v in saved.items() if k != LEGACY_COUNTERS})
+        counters = {k: {c: v[c] for c in COUNTER_KEYS if c in v}
+                    for k, v in state_dict["state"].items() if k != LEGACY_COUNTERS}
+        # torch keeps the unknown LEGACY_COUNTERS entry as it is; __setstate__, which its
+        # loader calls, spreads it over the parameters
         super().load_state_dict(state_dict)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
             for key, value in counters.get(pid, {}).items():
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
-        if legacy is not None:
-            self._spread_legacy_counters(legacy)
 
     def _spread_legacy_counters(self, legacy: dict) -> None:
         """0.1.0 counted steps once per optimizer; every parameter took every step then, so

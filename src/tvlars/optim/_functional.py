@@ -520,10 +520,6 @@ class _Flat:
             offset += n
         return _Flat(data, views, _counts(tuple(sizes), device))
 
-    def sibling(self, data: Tensor) -> "_Flat":
-        """The same layout over another flat buffer."""
-        return _Flat(data, [data.as_strided(t.shape, t.stride(), t.storage_offset()) for t in self.views], self.counts)
-
     def mul_(self, per_layer: Tensor) -> Tensor:
         """Each layer's elements times its entry of ``per_layer``."""
         return self._apply(per_layer, torch.Tensor.mul_, torch._foreach_mul_)
@@ -611,14 +607,14 @@ def _multi_tensor_lars_measure(params, grads, o: LARSOptions, scratch: Optional[
         device = ps[0].device
         u = d.views if o.coupled else gs
         norms.append(torch.stack([_norms(ps, device), _norms(u, device)]))
-        work.append(d)
+        work.append(((a, b), d))  # the bucket with its workspace: apply need not bucket again
     return torch.cat([n.to(norms[0].device) for n in norms], dim=1), work
 
 
 def _multi_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work,
                              scratch: Optional[dict] = None) -> None:
     scales, oks = PerDevice(s.scale), PerDevice(s.ok)
-    for (a, b), d in zip(_buckets(params), work):
+    for (a, b), d in work:
         ps, bs, st = params[a:b], bufs[a:b], steps[a:b]
         device = ps[0].device
         ok = oks.on(device)
@@ -668,7 +664,8 @@ def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scr
         v.data.mul_(o.beta2)
         torch._foreach_addcmul_(v.views, gs, gs, value=1.0 - o.beta2)
         u.data.copy_(m.data)
-        denominator = v.sibling(torch.sqrt(v.data, out=_Flat.like(ps, scratch, "den").data))
+        denominator = _Flat.like(ps, scratch, "den")
+        torch.sqrt(v.data, out=denominator.data)
         if o.bias_correction:
             bc1, bc2_sqrt = lamb_bias_corrections(torch.stack(steps[a:b]), o)
             u.div_(bc1)
@@ -677,13 +674,13 @@ def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scr
         if o.decay:
             torch._foreach_add_(u.views, ps, alpha=o.weight_decay)
         norms.append(torch.stack([_norms(ps, device), _norms(u.views, device)]))
-        work.append((m, v, u))
+        work.append(((a, b), (m, v, u)))
     return torch.cat([n.to(norms[0].device) for n in norms], dim=1), work
 
 
 def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, scratch=None) -> None:
     scales, oks = PerDevice(s.scale), PerDevice(s.ok)
-    for (a, b), (m, v, u) in zip(_buckets(params), work):
+    for (a, b), (m, v, u) in work:
         ps = params[a:b]
         device = ps[0].device
         ok = oks.on(device)

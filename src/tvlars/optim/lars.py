@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -74,14 +73,14 @@ class LARS(LayerwiseOptimizer):
             lr=F.PerDevice(group["lr"]), momentum=group["momentum"], weight_decay=group["weight_decay"],
             trust_coefficient=group["trust_coefficient"], eps=group["eps"], trust_form=group["trust_form"],
             trust_clip=group["trust_clip"], adapt=group["adapt"],
-            momentum_form=F.NESTEROV if group["nesterov"] else F.HEAVY_BALL)
+            momentum_form=F.NESTEROV if group["nesterov"] else F.HEAVY_BALL, stats=self.stats)
 
     def _phi(self, group: dict, steps: list, device: torch.device) -> Optional[torch.Tensor]:
         """The per-layer factor that multiplies the step (TVLARS's phi_t); LARS has none."""
         return None
 
     def _plan(self, group, params, path):
-        o = dataclasses.replace(self._options(group), stats=self.stats)
+        o = self._options(group)
         ps, grads = [local(p) for p in params], [local(p.grad) for p in params]
         bufs = self._buffers(group, params)
         steps = [self._counters(p)[0] for p in params]
