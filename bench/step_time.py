@@ -1,7 +1,8 @@
 """Time one optimizer step on the parameter shapes of ResNet-18 and ResNet-50.
 
     .venv/bin/python bench/step_time.py [--steps 30] [--models resnet18,resnet50] [--quick]
-        [--threads N] [--paths default,single,foreach,fused] [--device cpu|cuda]
+        [--threads default,1] [--paths default,single,foreach,fused] [--device cpu|cuda]
+        [--against REV[,REV...]]
 
 Gradients are random; every optimizer owns its parameters and shares the gradients (no
 optimizer here writes them). The optimizers are timed round-robin, one step each per round,
@@ -11,15 +12,27 @@ to load that drifts between rounds): to the baseline (LARS, TVLARS: torch SGD mo
 fused; LAMB: torch AdamW fused) and to timm's counterpart (timm Lars, Lamb with
 foreach=True). The first step of each fused optimizer includes torch.compile; it is
 reported separately.
+
+``--against REV`` also times the optimizers of another commit in the same rounds (its
+``tvlars.optim`` extracted with ``git archive`` and imported under another name), and adds
+the column "vs REV": the median per-round ratio of this checkout's time to that commit's
+(lower is better), so that a change is judged against its parent in the same minutes.
+``--threads`` takes a list; "default" is torch's own thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torchvision
@@ -41,7 +54,26 @@ def lscpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def make_optimizers(model_name: str, paths: list[str], device: str):
+def optim_at(rev: str):
+    """``tvlars.optim`` as of commit ``rev``, importable beside this checkout's."""
+    root = Path(tempfile.mkdtemp(prefix=f"tvlars-{rev}-"))
+    archive = subprocess.run(["git", "archive", rev, "src/tvlars/optim"], capture_output=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout
+    archive_path = root / "optim.tar"
+    archive_path.write_bytes(archive)
+    with tarfile.open(archive_path) as tar:
+        tar.extractall(root, filter="data")
+    package = root / "src" / "tvlars" / "optim"
+    name = f"tvlars_optim_{rev.replace('-', '_').replace('~', '_').replace('^', '_')}"
+    spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_optimizers(model_name: str, paths: list[str], device: str, against: dict):
     model = getattr(torchvision.models, model_name)().to(device)
     gen = torch.Generator().manual_seed(0)
     grads = [(torch.randn(p.shape, generator=gen) * 1e-2).to(device) for p in model.parameters()]
@@ -69,9 +101,10 @@ def make_optimizers(model_name: str, paths: list[str], device: str):
     }
     for path in paths:
         kw = PATHS[path]
-        makers[f"LARS {path}"] = lambda m, kw=kw: tvlars.LARS(groups(m), lr=1.0, **kw)
-        makers[f"TVLARS {path}"] = lambda m, kw=kw: tvlars.TVLARS(groups(m), lr=1.0, **kw)
-        makers[f"LAMB {path}"] = lambda m, kw=kw: tvlars.LAMB(groups(m), lr=1e-3, **kw)
+        for suffix, lib in [("", tvlars)] + [(f" @{rev}", module) for rev, module in against.items()]:
+            makers[f"LARS {path}{suffix}"] = lambda m, kw=kw, lib=lib: lib.LARS(groups(m), lr=1.0, **kw)
+            makers[f"TVLARS {path}{suffix}"] = lambda m, kw=kw, lib=lib: lib.TVLARS(groups(m), lr=1.0, **kw)
+            makers[f"LAMB {path}{suffix}"] = lambda m, kw=kw, lib=lib: lib.LAMB(groups(m), lr=1e-3, **kw)
     return {name: make(fresh()) for name, make in makers.items()}
 
 
@@ -80,8 +113,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench(model_name: str, steps: int, paths: list[str], device: str) -> None:
-    optimizers = make_optimizers(model_name, paths, device)
+def bench(model_name: str, steps: int, paths: list[str], device: str, against: dict) -> None:
+    optimizers = make_optimizers(model_name, paths, device, against)
     first = {}
     for name, opt in optimizers.items():  # first step: state allocation and compilation
         _sync(device)
@@ -103,19 +136,22 @@ def bench(model_name: str, steps: int, paths: list[str], device: str) -> None:
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    print(f"\n### {model_name} ({sum(len(g['params']) for g in optimizers['SGD fused (baseline)'].param_groups)} tensors)")
-    print("| optimizer | median ms | vs baseline | vs timm | first step s |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\n### {model_name} ({sum(len(g['params']) for g in optimizers['SGD fused (baseline)'].param_groups)} tensors,"
+          f" {torch.get_num_threads()} threads)")
+    revs = list(against)
+    print("| optimizer | median ms | vs baseline | vs timm | " + "".join(f"vs {r} | " for r in revs) + "first step s |")
+    print("|---|---:|---:|---:|" + "---:|" * len(revs) + "---:|")
     for name in optimizers:
         if name.startswith(("LARS", "TVLARS")):
             base, timm_name = "SGD fused (baseline)", "timm Lars foreach"
         elif name.startswith("LAMB"):
             base, timm_name = "AdamW fused (baseline)", "timm Lamb foreach"
         else:
-            print(f"| {name} | {med[name]:.2f} | | | {first[name]:.2f} |")
+            print(f"| {name} | {med[name]:.2f} | | | " + "| " * len(revs) + f"{first[name]:.2f} |")
             continue
-        print(f"| {name} | {med[name]:.2f} | {ratio(name, base):.2f}x | {ratio(timm_name, name):.2f}x "
-              f"| {first[name]:.2f} |")
+        versus = "".join(f"{ratio(name, f'{name} @{r}'):.2f}x | " if "@" not in name else "| " for r in revs)
+        print(f"| {name} | {med[name]:.2f} | {ratio(name, base):.2f}x | {ratio(timm_name, name):.2f}x | {versus}"
+              f"{first[name]:.2f} |")
 
 
 def main() -> None:
@@ -123,22 +159,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--paths", default=",".join(PATHS), help="tvlars paths to time (default: all)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); 1 gives steadier numbers on a busy machine")
+    parser.add_argument("--threads", default="default",
+                        help="comma-separated torch thread counts to run, 'default' for torch's own (default: default)")
+    parser.add_argument("--against", default="", metavar="REV[,REV]",
+                        help="also time the optimizers of these commits, side by side in the same rounds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="resnet18 only, 10 rounds")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.models = 10, "resnet18"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    against = {rev: optim_at(rev) for rev in args.against.split(",") if rev}
+    default_threads = torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {lscpu_model()}, {torch.get_num_threads()} threads, load average {load:.1f}; "
-          f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"machine: {lscpu_model()}, {os.cpu_count()} CPUs, torch's default {default_threads} threads, "
+          f"load average {load:.1f}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("vs baseline: time / fused SGD (LARS, TVLARS) or fused AdamW (LAMB), lower is better; "
-          "vs timm: timm's time / ours; both the median of per-round ratios")
-    for name in args.models.split(","):
-        bench(name, args.steps, args.paths.split(","), args.device)
+          "vs timm: timm's time / ours; vs REV: ours / that commit's; all the median of per-round ratios")
+    for threads in args.threads.split(","):
+        torch.set_num_threads(default_threads if threads == "default" else int(threads))
+        for name in args.models.split(","):
+            bench(name, args.steps, args.paths.split(","), args.device, against)
 
 
 if __name__ == "__main__":

@@ -64,10 +64,13 @@ def trained(cls, kw, data):
 
 class Ref:
     """Hyper-parameters per group: the group's own value, else the constructor's (``hp``),
-    with the optimizers' names (``trust_coefficient``, ``betas``, ...)."""
+    with the optimizers' names (``trust_coefficient``, ``betas``, ...). As torch.optim: a
+    parameter without a gradient is not stepped, and each parameter counts its own steps
+    (``st["t"]``, what TVLARS's phi_t reads); a step where any gradient is not finite changes
+    nothing."""
 
     def __init__(self, groups, **hp):
-        self.groups, self.hp, self.state, self.t = groups, hp, {}, 0
+        self.groups, self.hp, self.state = groups, hp, {}
 
     def zero_grad(self):
         for g in self.groups:
@@ -76,11 +79,16 @@ class Ref:
 
     @torch.no_grad()
     def step(self):
+        grads = [p.grad for g in self.groups for p in g["params"] if p.grad is not None]
+        if not all(bool(g.isfinite().all()) for g in grads):
+            return
         for group in self.groups:
             h = {**self.hp, **{k: v for k, v in group.items() if k != "params"}}
             for p in group["params"]:
-                self.update(p, p.grad, h, self.state.setdefault(p, {}))
-        self.t += 1
+                if p.grad is not None:
+                    st = self.state.setdefault(p, {"t": 0})
+                    self.update(p, p.grad, h, st)
+                    st["t"] += 1
 
 
 def ratio(wn, un, coeff, denominator):
@@ -114,7 +122,7 @@ class RefTVLARS(Ref):
     def update(self, p, g, h, st):
         if h.get("variant", "paper") == "official":
             return self.official(p, g, h, st)
-        phi = tv_factor(self.t, h["lam"], h.get("delay", 0), h.get("alpha", 1.0), h.get("min_factor", 0.0))
+        phi = tv_factor(st["t"], h["lam"], h.get("delay", 0), h.get("alpha", 1.0), h.get("min_factor", 0.0))
         wd, eta = h["weight_decay"], h.get("trust_coefficient", 1e-3)
         d = g + wd * p
         wn, dn = p.norm().item(), d.norm().item()
@@ -128,7 +136,7 @@ class RefTVLARS(Ref):
     def official(self, p, g, h, st):
         # their classification script's gate: plain LARS for the first `delay` steps, then
         # phi of the global step count (not shifted by the delay)
-        phi = 1.0 / (0.1 + math.exp(h["lam"] * (self.t + 1))) if self.t >= h.get("delay", 0) else 1.0
+        phi = 1.0 / (0.1 + math.exp(h["lam"] * (st["t"] + 1))) if st["t"] >= h.get("delay", 0) else 1.0
         wd, eta = h["weight_decay"], h.get("trust_coefficient", 1e-3)
         d = g + wd * p
         wn, dn = min(p.norm().item(), 10.0), min(d.norm().item(), 10.0)
@@ -147,7 +155,7 @@ class RefLAMB(Ref):
     def update(self, p, g, h, st):
         b1, b2 = h.get("betas", (0.9, 0.999))
         wd = h["weight_decay"]
-        t = st["t"] = st.get("t", 0) + 1
+        t = st["t"] + 1
         m = st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
         v = st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
         bc1, bc2 = (1 - b1**t, 1 - b2**t) if h.get("bias_correction", True) else (1.0, 1.0)

@@ -188,22 +188,3 @@ def test_scalars_of_a_group_follow_its_device_with_a_tensor_lr_elsewhere():
     norms = torch.ones(2, 3, dtype=torch.float64, device="meta")
     s = _functional.lars_scalars(norms[0], norms[1], o, torch.ones((), dtype=torch.bool, device="meta"))
     assert s.step_size.device.type == s.scale.device.type == "meta"
-
-
-@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
-def test_multi_tensor_accelerator_form_matches_the_cpu_form(cls, kw, monkeypatch):
-    """The per-layer scalars expanded over a flat workspace (what CUDA runs) give what the
-    CPU's per-layer form gives, in float64."""
-    results = []
-    for expand in (False, True):
-        monkeypatch.setattr(_functional, "EXPAND_ON_CPU", expand)
-        model, loss_fn = stack_of_linears(3, dtype=torch.float64)
-        opt = cls(param_groups(model, kw["weight_decay"]), **kw, foreach=True)
-        for _ in range(4):
-            for p in model.parameters():
-                p.grad = None
-            loss_fn().backward()
-            opt.step()
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

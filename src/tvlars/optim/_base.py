@@ -64,14 +64,16 @@ class LayerwiseOptimizer(Optimizer):
     * ``foreach=True``: multi-tensor ``torch._foreach_*`` kernels, a bounded number of
       launches per step;
     * ``foreach=False``: one parameter at a time, all scalars kept on the device;
-    * default (``foreach=None, fused=None``): when every parameter of the step is on the
-      CPU, the host path: per-layer norms and trust ratios are read as Python floats (free
-      on the CPU) and torch's fused SGD / AdamW kernels update each layer in one pass, the
-      fastest exact path on the CPU (BENCHMARKS.md). Otherwise the multi-tensor path when
-      every parameter is on CUDA, else ``foreach=False``. No accelerator path reads the host.
+    * default (``foreach=None, fused=None``): when every parameter of the step is an
+      ordinary CPU tensor, the host path: the skip decision and the per-layer scalars are
+      read as Python numbers (free on the CPU) and torch's fused SGD / AdamW kernels update
+      the layers, eagerly (nothing is compiled), the fastest exact path on the CPU
+      (BENCHMARKS.md). Otherwise the multi-tensor path when every parameter is on CUDA,
+      else ``foreach=False``. No accelerator path reads the host.
 
-    Sharded parameters (DTensors, e.g. FSDP2's ``fully_shard``) take any path: each rank
-    measures its shards and one all-reduce per step makes every norm a whole layer's.
+    Sharded parameters (DTensors, e.g. FSDP2's ``fully_shard``) take any path but the host
+    path: each rank measures its shards and one all-reduce per step makes every norm a
+    whole layer's.
     """
 
     # Group keys that a state_dict or pickle from tvlars 0.1.0 lacks.
@@ -84,7 +86,6 @@ class LayerwiseOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.stats = bool(stats)
         self._records: list = []
-        self._scratch: dict = {}  # CPU buffers the multi-tensor path reuses between steps
 
     # -- hyper-parameters ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -103,8 +104,8 @@ class LayerwiseOptimizer(Optimizer):
 
     @staticmethod
     def _path(group: dict, params: list, on_host: bool) -> str:
-        """The one place a path is chosen. ``on_host``: every parameter of the step is on the
-        CPU, where reading the skip decision costs nothing."""
+        """The one place a path is chosen. ``on_host``: every parameter of the step is an
+        ordinary CPU tensor, where reading the skip decision costs nothing."""
         if group["fused"]:
             return F.FUSED
         if group["foreach"] is None:
@@ -126,7 +127,6 @@ class LayerwiseOptimizer(Optimizer):
         if stats is not None or not hasattr(self, "stats"):
             self.stats = bool(stats)
         self._records = []
-        self._scratch = {}
         for group in self.param_groups:  # a key added since the state was saved: the constructor's value
             for key in self._keys_since_0_1_0:
                 group.setdefault(key, self.defaults[key])
@@ -199,7 +199,7 @@ class LayerwiseOptimizer(Optimizer):
                 work.append((group, params))
         if not work:
             return loss
-        on_host = all(p.device.type == "cpu" for _, params in work for p in params)
+        on_host = all(p.device.type == "cpu" and not _sharding.is_distributed(p) for _, params in work for p in params)
         # 1. measure every layer (reads only); sharded layers become whole
         paths = [self._path(group, params, on_host) for group, params in work]
         plans = [self._plan(group, params, path) for (group, params), path in zip(work, paths)]
@@ -215,7 +215,7 @@ class LayerwiseOptimizer(Optimizer):
         for (_, apply), (_, ws), n, (_, params) in zip(plans, measured, norms, work):
             s = apply(oks.on(n.device), n, ws)
             if self.stats:
-                records.append((params, torch.stack([n[0], n[1], s.trust, s.step_size])))
+                records.append((params, torch.stack([s.w_norm, s.u_norm, s.trust, s.step_size])))
         self._records = records
         if all(path == F.HOST for path in paths) and bool(ok):
             return loss  # the host path has read the decision already: nothing to count
@@ -229,9 +229,9 @@ class LayerwiseOptimizer(Optimizer):
         return loss
 
     def _plan(self, group: dict, params: list, path: str) -> tuple:
-        """(measure, apply) for one group's layers on ``path``: ``measure()`` returns
-        ([||w||; ||u||] local norms, workspace); ``apply(ok, norms, workspace)`` updates
-        with the whole-layer norms and returns the ``F.Scalars`` it used."""
+        """(measure, apply) for one group's layers on ``path``: ``measure()`` reads only and
+        returns (what decides the step: local norms, a workspace); ``apply(ok, measured,
+        workspace)`` updates with the whole-layer values and returns the ``F.Scalars`` it used."""
         raise NotImplementedError
 
     # -- telemetry -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The maths of LARS, TVLARS and LAMB, and the four paths that compute it.
+"""The maths of LARS, TVLARS and LAMB, and the three paths that compute it.
 
 Per parameter tensor ("layer") w with gradient g, as in the papers:
 
@@ -17,31 +17,35 @@ Per parameter tensor ("layer") w with gradient g, as in the papers:
             trust = min(||w||, max_weight_norm) / ||u||
             w    -= lr * trust * u
 
-``trust_ratio`` (written once, below) is 1 where a norm is 0, and for adapt=False groups.
+``trust_ratio`` (written once, below) is 1 where a norm is 0, and for adapt=False groups;
+``lars_scalars`` / ``lamb_scalars`` turn the norms of all layers into their step sizes at
+once, on vectors, for every path.
 
-Every path takes a step in three stages, so that the step is decided before anything is
-written, and so that a sharded layer (FSDP2) is measured whole:
+A step is decided before anything is written: if any gradient holds inf or NaN, nothing
+changes. Each path is a pair (measure, apply):
 
-  1. measure  each layer's ||w|| and ||u|| (u: d, or g for the separate form, or LAMB's u),
-              reading only. The optimizer then combines the shards of sharded layers (one
-              all-reduce for all of them) and decides the step: any non-finite norm skips it.
-              A norm is non-finite exactly when an entry is: device paths measure in float64,
-              so no finite float32 or half-precision layer overflows, and the CPU host path
-              re-measures a non-finite float32 norm in float64.
-  2. scalars  ``lars_scalars`` / ``lamb_scalars``: trust ratio and step size of every layer
-              at once, on vectors; zero on a skipped step.
-  3. apply    the update: on a skipped step an exact no-op (weights, state and counters
-              unchanged), selected on the device, so that no path waits for the decision.
+  measure  reads only, and returns what decides the step: each layer's [||w||; ||u||] (u: d,
+           or g for the separate form, or LAMB's u; on devices in float64, so that a norm is
+           non-finite exactly when an entry is), or for LAMB on the host path each layer's
+           ||g||. The optimizer combines the shards of sharded layers (FSDP2: one all-reduce
+           for all) and decides: any non-finite value skips the step.
+  apply    the scalars and the update; on a skipped step an exact no-op (weights, state and
+           counters unchanged), selected on the device, so that no device path waits for the
+           decision.
 
 Paths (chosen in one place, ``LayerwiseOptimizer._path``):
-  single  ``_single_tensor_*``: one layer at a time, scalars on the device.
-  multi   ``_multi_tensor_*``: ``torch._foreach_*`` ops on each (device, dtype) bucket, with a
-          flat workspace so that per-layer scalars and the skip cost a bounded number of
-          kernel launches, however many layers there are.
-  fused   ``fused=True``: the single-tensor code compiled by ``torch.compile`` (generated
-          kernels, not a hand-written one as torch's ``fused=True``).
-  host    ``_host_*``, the CPU default: per-layer scalars as Python floats (free to read on
-          the CPU) and torch's own fused SGD / AdamW kernels for the update.
+
+  single  ``_single_tensor_*`` (foreach=False): one layer at a time, scalars on the device;
+          with fused=True the same per-layer functions compiled by ``torch.compile``.
+  multi   ``_multi_tensor_*`` (CUDA default, foreach=True): ``torch._foreach_*`` ops on each
+          (device, dtype) bucket, with a flat workspace per bucket and step, so that per-layer
+          scalars and the skip cost a bounded number of kernel launches however many layers.
+  host    ``_host_*`` (CPU default, eager, nothing compiled): norms by BLAS dots, the scalars
+          read as Python numbers (free on the CPU), torch's own fused SGD / AdamW kernels for
+          the update; LAMB in chunks of layers (see there).
+
+Nothing is kept between steps or between groups except immutable constants (element
+counts, compiled kernels): every workspace is made for one bucket or chunk and step.
 
 Constants (momentum, betas, weight decay, eps) enter eager kernels as Python numbers, which
 kernels use at full precision (a 0-d tensor would be rounded to a bfloat16 layer's dtype);
@@ -88,7 +92,7 @@ class LARSOptions:
     momentum_form: str = HEAVY_BALL
     phi_in_ratio: bool = False
     max_norm: Optional[float] = None
-    stats: bool = False  # telemetry wanted: every layer measured in full (see _host_lars_measure)
+    stats: bool = False  # telemetry wanted: every layer measured in full, adapted or not
 
     @property
     def decay(self) -> bool:
@@ -129,7 +133,7 @@ def norm_dtype(device: torch.device) -> torch.dtype:
 
 
 # =======================================================================================
-# Stage 2: the scalars, on vectors of layers (every path)
+# The scalars, on vectors of layers (every path)
 # =======================================================================================
 
 
@@ -159,14 +163,17 @@ def trust_ratio(w_norm: Tensor, u_norm: Tensor, coefficient: Scalar, *, eps: flo
 
 @dataclass
 class Scalars:
-    """Stage 2's result for one group, vectors over its layers (bucket order) on one device.
+    """The scalars of a group's layers, vectors (bucket order) on one device.
 
-    ``trust`` and ``step_size`` (the scalar that multiplies the layer's direction: lr*trust,
-    lr*trust*phi for TVLARS) are telemetry. ``scale`` multiplies the direction on its way into
-    the update (LARS: into the buffer), zero on a skipped step; ``ok`` is the step decision.
+    ``w_norm``, ``u_norm`` (the norm in the trust ratio's denominator), ``trust`` and
+    ``step_size`` (the scalar that multiplies the layer's direction: lr*trust, lr*trust*phi
+    for TVLARS) are telemetry. ``scale`` multiplies the direction on its way into the update
+    (LARS: into the buffer), zero on a skipped step; ``ok`` is the step decision.
     """
 
     ok: Tensor
+    w_norm: Tensor
+    u_norm: Tensor
     trust: Tensor
     step_size: Tensor
     scale: Tensor
@@ -186,7 +193,7 @@ def lars_scalars(w_norm: Tensor, u_norm: Tensor, o: LARSOptions, ok: Tensor, phi
     step_size = lr * scale
     # Look-ahead keeps the step size, lr included, in the buffer; the other forms keep lr out.
     into_buffer = step_size if o.momentum_form == LOOK_AHEAD else scale
-    return Scalars(ok, trust, step_size, torch.where(ok, into_buffer, 0.0))
+    return Scalars(ok, w_norm, u_norm, trust, step_size, torch.where(ok, into_buffer, 0.0))
 
 
 def lamb_scalars(w_norm: Tensor, u_norm: Tensor, o: LAMBOptions, ok: Tensor) -> Scalars:
@@ -197,7 +204,7 @@ def lamb_scalars(w_norm: Tensor, u_norm: Tensor, o: LAMBOptions, ok: Tensor) -> 
     else:
         trust = torch.ones_like(w_norm)
     step_size = lr * trust
-    return Scalars(ok, trust, step_size, torch.where(ok, step_size, 0.0))
+    return Scalars(ok, w_norm, u_norm, trust, step_size, torch.where(ok, step_size, 0.0))
 
 
 def lamb_bias_corrections(steps: Tensor, o: LAMBOptions) -> tuple[Tensor, Tensor]:
@@ -352,7 +359,7 @@ def _kernel(fn, compiled: bool, flags: dict, *tensors: Optional[Tensor]) -> tupl
     return functools.partial(fn, **flags), tensors
 
 
-def _single_tensor_lars_measure(params, grads, o: LARSOptions, scratch=None, compiled: bool = False):
+def _single_tensor_lars_measure(params, grads, o: LARSOptions, compiled: bool = False):
     flags = dict(decay=o.decay, coupled=o.coupled)
     consts = _numbers(compiled, params, o.weight_decay)
     norms = []
@@ -362,7 +369,7 @@ def _single_tensor_lars_measure(params, grads, o: LARSOptions, scratch=None, com
     return _stack_columns(norms), None
 
 
-def _single_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None, scratch=None,
+def _single_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None,
                               compiled: bool = False) -> None:
     flags = dict(decay=o.decay, form=o.momentum_form)
     outer = 1.0 if o.momentum_form == LOOK_AHEAD else o.lr
@@ -372,7 +379,7 @@ def _single_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Sca
         fn(*tensors, step, ok, scale, consts[p.device])
 
 
-def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch=None, compiled: bool = False):
+def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, compiled: bool = False):
     flags = dict(decay=o.decay)
     consts = _numbers(compiled, params, o.beta1, o.beta2, o.eps, o.weight_decay)
     bcs = _bias_corrections_per_layer(steps, o, compiled)
@@ -383,7 +390,7 @@ def _single_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, sc
     return _stack_columns(norms), bcs
 
 
-def _single_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, scratch=None,
+def _single_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work,
                               compiled: bool = False) -> None:
     flags = dict(decay=o.decay)
     consts = _numbers(compiled, params, o.beta1, o.beta2, o.eps, o.weight_decay)
@@ -487,9 +494,9 @@ def _numbers(compiled: bool, params, *values) -> dict:
 #
 # torch has no multi-tensor kernel that takes a list of device scalars (lists of 0-d tensors
 # fall back to one launch per tensor), nor a multi-tensor select. So each bucket's direction
-# is built in one flat buffer, viewed layer by layer with each parameter's strides: the
-# per-layer scalars become one elementwise multiply by a per-element expansion, and the skip
-# one masked fill, whatever the number of layers.
+# is built in one flat buffer, made for this step and viewed layer by layer with each
+# parameter's strides: the per-layer scalars become one elementwise multiply by a per-element
+# expansion, and the skip one masked fill, whatever the number of layers.
 
 
 @dataclass
@@ -501,18 +508,10 @@ class _Flat:
     counts: Tensor  # elements per layer, on the device, for ``expand``
 
     @staticmethod
-    def like(params: list[Tensor], scratch: Optional[dict] = None, role: str = "") -> "_Flat":
-        """A buffer for ``params``; on the CPU kept in ``scratch`` between steps (a fresh one
-        would be paged in again every step; an accelerator's caching allocator needs no help)."""
+    def like(params: list[Tensor]) -> "_Flat":
         sizes = [p.numel() for p in params]
         device = params[0].device
-        if scratch is not None and device.type == "cpu":
-            key = (role, device, params[0].dtype, tuple(sizes))
-            if key not in scratch:
-                scratch[key] = torch.empty(sum(sizes), dtype=params[0].dtype, device=device)
-            data = scratch[key]
-        else:
-            data = torch.empty(sum(sizes), dtype=params[0].dtype, device=device)
+        data = torch.empty(sum(sizes), dtype=params[0].dtype, device=device)
         views, offset = [], 0
         for p, n in zip(params, sizes):
             stride = p.stride() if _dense(p) else _contiguous_strides(p.shape)
@@ -521,27 +520,17 @@ class _Flat:
         return _Flat(data, views, _counts(tuple(sizes), device))
 
     def mul_(self, per_layer: Tensor) -> Tensor:
-        """Each layer's elements times its entry of ``per_layer``."""
-        return self._apply(per_layer, torch.Tensor.mul_, torch._foreach_mul_)
+        """Each layer's elements times its entry of ``per_layer``: one op with ``per_layer``
+        repeated over each layer's elements, in at least float32 (a bfloat16 bias correction
+        or trust ratio would be off by up to 0.4%)."""
+        return self.data.mul_(self._expand(per_layer))
 
     def div_(self, per_layer: Tensor) -> Tensor:
-        return self._apply(per_layer, torch.Tensor.div_, torch._foreach_div_)
+        return self.data.div_(self._expand(per_layer))
 
-    def _apply(self, per_layer: Tensor, op, foreach_op) -> Tensor:
-        """On an accelerator one elementwise op with ``per_layer`` repeated over each layer's
-        elements (in at least float32: a bfloat16 bias correction or trust ratio would be off by
-        up to 0.4%); on the CPU, where every op is a loop anyway and that repetition is slow,
-        one op per layer."""
+    def _expand(self, per_layer: Tensor) -> Tensor:
         dtype = torch.promote_types(self.data.dtype, torch.float32)
-        if self.data.device.type == "cpu" and not EXPAND_ON_CPU:
-            foreach_op(self.views, list(per_layer.to(dtype).unbind()))
-        else:
-            op(self.data, torch.repeat_interleave(per_layer.to(dtype), self.counts, output_size=self.data.numel()))
-        return self.data
-
-
-# Tests set this to run the accelerator form of _Flat.mul_ / div_ on the CPU.
-EXPAND_ON_CPU = False
+        return torch.repeat_interleave(per_layer.to(dtype), self.counts, output_size=self.data.numel())
 
 
 def _dense(t: Tensor) -> bool:
@@ -568,7 +557,8 @@ _counts_cache: dict[tuple, Tensor] = {}
 
 
 def _counts(sizes: tuple, device: torch.device) -> Tensor:
-    """Elements per layer as a device tensor, made once per bucket layout."""
+    """Elements per layer as a device tensor, made once per (device, sizes) and never
+    written: a step on the device then copies nothing from the host."""
     key = (device, sizes)
     if key not in _counts_cache:
         _counts_cache[key] = to_device(torch.tensor(sizes, dtype=torch.int64), device)
@@ -596,23 +586,22 @@ def _add_scalar_(tensors: list[Tensor], value: Tensor) -> None:
     torch._foreach_add_(tensors, [value.to(tensors[0].dtype)] * len(tensors))
 
 
-def _multi_tensor_lars_measure(params, grads, o: LARSOptions, scratch: Optional[dict] = None):
+def _multi_tensor_lars_measure(params, grads, o: LARSOptions):
     norms, work = [], []
     for a, b in _buckets(params):
         ps, gs = params[a:b], grads[a:b]
-        d = _Flat.like(ps, scratch, "d")
+        d = _Flat.like(ps)
         torch._foreach_copy_(d.views, gs)
         if o.decay:
             torch._foreach_add_(d.views, ps, alpha=o.weight_decay)
         device = ps[0].device
         u = d.views if o.coupled else gs
         norms.append(torch.stack([_norms(ps, device), _norms(u, device)]))
-        work.append(((a, b), d))  # the bucket with its workspace: apply need not bucket again
+        work.append(((a, b), d))  # the bucket with its direction: apply need not build it again
     return torch.cat([n.to(norms[0].device) for n in norms], dim=1), work
 
 
-def _multi_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work,
-                             scratch: Optional[dict] = None) -> None:
+def _multi_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work) -> None:
     scales, oks = PerDevice(s.scale), PerDevice(s.ok)
     for (a, b), d in work:
         ps, bs, st = params[a:b], bufs[a:b], steps[a:b]
@@ -624,7 +613,7 @@ def _multi_tensor_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scal
         outer = -1.0 if o.momentum_form == LOOK_AHEAD else _neg(o.lr, device)
         if o.buffered:
             # The new buffer (mu*buf + d), kept where ok: buf*(1-ok) + new*ok, exact for ok in {0, 1}.
-            new = _Flat.like(ps, scratch, "new")
+            new = _Flat.like(ps)
             torch._foreach_copy_(new.views, bs)
             _keep_(ok, new.data.mul_(o.momentum).add_(d.data))
             torch._foreach_mul_(bs, skip.to(ps[0].dtype))
@@ -651,12 +640,12 @@ def _add_(params: list[Tensor], flat: _Flat, alpha: Scalar) -> None:
     torch._foreach_add_(params, flat.views, alpha=alpha)
 
 
-def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch: Optional[dict] = None):
+def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions):
     norms, work = [], []
     for a, b in _buckets(params):
         ps, gs = params[a:b], grads[a:b]
         device = ps[0].device
-        m, v, u = (_Flat.like(ps, scratch, role) for role in ("m", "v", "u"))
+        m, v, u, denominator = (_Flat.like(ps) for _ in range(4))
         torch._foreach_copy_(m.views, ms[a:b])
         m.data.mul_(o.beta1)
         torch._foreach_add_(m.views, gs, alpha=1.0 - o.beta1)
@@ -664,7 +653,6 @@ def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scr
         v.data.mul_(o.beta2)
         torch._foreach_addcmul_(v.views, gs, gs, value=1.0 - o.beta2)
         u.data.copy_(m.data)
-        denominator = _Flat.like(ps, scratch, "den")
         torch.sqrt(v.data, out=denominator.data)
         if o.bias_correction:
             bc1, bc2_sqrt = lamb_bias_corrections(torch.stack(steps[a:b]), o)
@@ -678,7 +666,7 @@ def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scr
     return torch.cat([n.to(norms[0].device) for n in norms], dim=1), work
 
 
-def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, scratch=None) -> None:
+def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work) -> None:
     scales, oks = PerDevice(s.scale), PerDevice(s.ok)
     for (a, b), (m, v, u) in work:
         ps = params[a:b]
@@ -697,45 +685,49 @@ def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Sc
 
 
 # =======================================================================================
-# The host path (CPU default): Python-float scalars, torch's fused SGD / AdamW kernels
+# The host path (CPU default, eager): scalars as Python numbers, torch's fused SGD / AdamW
+# kernels for the update
 # =======================================================================================
 #
 #   LARS heavy-ball   _fused_sgd_(weight_decay=wd, momentum=mu, dampening=1-k, lr=L)
 #                     buf = mu*buf + k*(g + wd*w);  w -= L*buf
-#   Nesterov          the same call with nesterov=True and lr = L*k (w -= L*k*(d + mu*buf)),
-#                     then w -= L*mu*(1-k)*buf: together w -= L*(k*d + mu*buf); layers of
-#                     _LARGE elements or more take the compiled single-tensor update instead,
-#                     the same in one pass
+#   nesterov and      the same call with nesterov=True and lr = L*k (w -= L*k*(d + mu*buf)),
+#   look-ahead        then w -= L*mu*(1-k)*buf: together w -= L*(k*d + mu*buf)
 #   no momentum       _fused_sgd_(lr=L*k) without buffers
-#   LAMB              _fused_adamw_(lr=lr*trust, weight_decay=wd): AdamW's decoupled decay
-#                     lr*trust*wd*w is LAMB's lr*trust*(wd*w) term, and its bias-corrected
-#                     direction is m_hat / (sqrt(v_hat) + eps); a constant step count of 1e30
-#                     makes both corrections exactly 1 (bias_correction=False).
 #
 # with k = scale and L = lr (look-ahead: k = lr*trust*phi, L = 1). The kernels take
 # 1 - dampening, which represents k to within 2^-54 absolutely: an error of at most 2^-54*|d|
-# per element, below the rounding of k*d.
+# per element, below the rounding of k*d. LARS measures every layer first, last layer first,
+# so that the update starts on data still in cache: ||g||^2, ||w||^2 and <g, w> by BLAS dots,
+# ||g + wd*w||^2 = ||g||^2 + 2 wd <g,w> + wd^2 ||w||^2, computed from g + wd*w itself when that
+# sum cancels (< 1/16 of its terms) or is not finite; a layer that does not adapt is measured
+# by ||g|| alone (what the decision needs), unless telemetry is on.
 #
-# Measuring reads each layer once, from the last (so that the update starts on data still in
-# cache): layers of _LARGE elements or more by the single-tensor path's compiled kernel (the
-# one fused=True uses; its 40 us of call overhead is then less than the extra reads of BLAS
-# dots), smaller ones (in cache) by BLAS dots, ||w||^2, ||g||^2 and <g, w> (LAMB: the
-# single-tensor code). A layer that does not adapt (trust 1) is measured by
-# ||g|| alone, which decides the step, unless telemetry is on. Layers in a row that share
-# their scalars (all of a group that does not adapt) are updated by one kernel call. Without
-# a C++ compiler the kernels run eagerly. The
-# coupled norm is ||g + wd*w||^2 = ||g||^2 + 2 wd <g,w> + wd^2 ||w||^2, computed exactly from
-# g + wd*w when that sum cancels (< 1/16 of its terms) or is not finite. Other dtypes and
-# non-contiguous layers take the single-tensor code.
+#   LAMB              its ||u|| needs this step's moments, which no eager kernel computes
+#                     without writing them. So LAMB decides on ||g|| first (a step with
+#                     finite gradients is taken), then goes chunk by chunk: a workspace
+#                     holds wd*w, to which _fused_adamw_ (the workspace as its "parameter",
+#                     lr=-1, no decay) adds Adam's direction m_hat / (sqrt(v_hat) + eps)
+#                     while it writes the moments: the workspace is u; then w -= lr*trust*u.
+#                     A chunk that neither adapts nor records telemetry (trust 1) takes one
+#                     _fused_adamw_(lr=lr, weight_decay=wd): AdamW's decoupled lr*wd*w is
+#                     LAMB's lr*(wd*w) term. bias_correction=False: a step count of 1e30
+#                     makes both corrections exactly 1. A chunk holds CHUNK_BYTES of layers,
+#                     so that the workspace stays small and a chunk is still in cache for its
+#                     update.
+#
+# A norm whose sum of squares is not finite is measured again in float64, so that a finite
+# layer never reads as non-finite. Layers of other dtypes or layouts (half precision,
+# channels_last) take the single-tensor functions, with the same scalars.
 
 _HOST_DTYPES = (torch.float32, torch.float64)
 _NO_BIAS_CORRECTION_STEP = 1e30  # beta ** 1e30 == 0.0 for every beta in [0, 1)
-_LARGE = 1 << 16
+CHUNK_BYTES = 4 << 20
 
 
 def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) -> bool:
-    """Whether torch's fused kernels take these tensors as they are (float32/float64,
-    contiguous, one dtype); the others take the single-tensor code."""
+    """Whether torch's fused kernels and BLAS take these tensors as they are (float32 or
+    float64, contiguous, one dtype); the others take the single-tensor code."""
     if p.dtype not in _HOST_DTYPES or not p.is_contiguous():
         return False
     if g is not None and (g.dtype != p.dtype or not g.is_contiguous()):
@@ -743,116 +735,69 @@ def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) ->
     return all(t is None or (t.dtype == p.dtype and t.is_contiguous()) for t in state)
 
 
-_EAGER_ONLY: set = set()  # (function, flags) whose compilation failed (no C++ compiler)
+def _norm(x: Tensor) -> float:
+    """||x|| of a host tensor: one BLAS dot, in float64 again if the sum of squares is not finite."""
+    xx = torch.dot(x.view(-1), x.view(-1)).item()
+    return math.sqrt(xx) if math.isfinite(xx) else torch.linalg.vector_norm(x, dtype=torch.float64).item()
 
 
-def _large_layer(fn, dtype: torch.dtype, **flags):
-    """The single-tensor ``fn`` compiled for ``flags`` (the kernel fused=True uses), for
-    large layers on the host path; ``fn`` itself, eagerly, where torch.compile cannot run."""
-    key = (fn.__name__, tuple(sorted(flags.items())))
-    if key in _EAGER_ONLY:
-        return functools.partial(fn, **flags)
-    compiled = _compile(fn, flags, dtype)
-
-    def call(*args, **kwargs):
-        try:
-            return compiled(*args, **kwargs)
-        except Exception:  # no working compiler: the same maths, eagerly
-            _EAGER_ONLY.add(key)
-            return fn(*args, **kwargs, **flags)
-
-    return call
-
-
-def _dot(a: Tensor, b: Tensor) -> float:
-    """<a, b> as a float: one BLAS dot, about twice as fast as ``vector_norm`` on the CPU."""
-    return torch.dot(a.view(-1), b.view(-1)).item()
-
-
-def _exact_norm(t: Tensor) -> float:
-    return torch.linalg.vector_norm(t, dtype=torch.float64).item()
-
-
-def _coupled_norm(p: Tensor, g: Tensor, gg: float, gw: float, ww: float, wd: float) -> float:
-    """||g + wd*w|| from ||g||^2, <g, w> and ||w||^2; exactly from g + wd*w when the sum
-    cancels (below 1/16 of its terms) or is not finite."""
-    terms = gg + wd * wd * ww
-    uu = terms + 2.0 * wd * gw
+def _plus_decay_norm(x: Tensor, p: Tensor, x_norm: float, w_norm: float, wd: float) -> float:
+    """||x + wd*w|| from ||x||, ||w|| and one dot <x, w>; computed from x + wd*w itself when
+    the expansion cancels (below 1/16 of its terms) or is not finite."""
+    terms = x_norm * x_norm + wd * wd * w_norm * w_norm
+    uu = terms + 2.0 * wd * torch.dot(x.view(-1), p.view(-1)).item()
     if 16.0 * uu >= terms and math.isfinite(uu):
         return math.sqrt(uu)
-    return _exact_norm(g + wd * p)
-
-
-def _host_lars_measure(params, grads, o: LARSOptions, scratch=None):
-    w_norms, u_norms = [0.0] * len(params), [0.0] * len(params)
-    wd = o.weight_decay
-    coupled = o.coupled and o.decay
-    for i in reversed(range(len(params))):
-        p, g = params[i], grads[i]
-        if not _host_ok(p, g):
-            w_norms[i], u_norms[i] = _lars_layer_norms(p, g, (wd,), ndt=torch.float64, decay=o.decay,
-                                                       coupled=o.coupled).tolist()
-            continue
-        if not (o.adapt or o.stats):  # the skip decision needs ||g|| alone
-            gg = _dot(g, g)
-            u_norms[i] = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
-            continue
-        if p.numel() >= _LARGE:
-            kernel = _large_layer(_lars_layer_norms, p.dtype, decay=o.decay, coupled=o.coupled)
-            w_norms[i], u_norms[i] = kernel(p.view(-1), g.view(-1), _numbers(True, [p], wd)[p.device],
-                                            ndt=torch.float64).tolist()
-            continue
-        gg, ww = _dot(g, g), _dot(p, p)
-        gw = _dot(g, p) if coupled else 0.0
-        w_norms[i] = math.sqrt(ww) if math.isfinite(ww) else _exact_norm(p)
-        if coupled:
-            u_norms[i] = _coupled_norm(p, g, gg, gw, ww, wd)
-        else:
-            u_norms[i] = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
-    return torch.tensor([w_norms, u_norms], dtype=torch.float64), None
+    return torch.linalg.vector_norm(x + wd * p, dtype=torch.float64).item()
 
 
 def _runs(scales: list[float], eligible) -> list[tuple[int, int]]:
-    """[start, end) ranges of consecutive layers that ``eligible(i, j)`` lets share layer i's
-    kernel call (same scalar, dtype, buffers): a group that does not adapt is one call."""
+    """[start, end) ranges of consecutive layers that ``eligible(i)`` lets share a kernel call
+    when their scalars are equal: a group that does not adapt is one call."""
     runs, i = [], 0
     while i < len(scales):
         j = i + 1
-        if eligible(i, i):
-            while j < len(scales) and scales[j] == scales[i] and eligible(i, j):
+        if eligible(i):
+            while j < len(scales) and scales[j] == scales[i] and eligible(j):
                 j += 1
         runs.append((i, j))
         i = j
     return runs
 
 
-def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work=None, scratch=None) -> None:
+def _host_lars_measure(params, grads, o: LARSOptions):
+    n = len(params)
+    w_norms, u_norms = [0.0] * n, [0.0] * n
+    wd, measured = o.weight_decay, o.adapt or o.stats
+    for i in reversed(range(n)):
+        p, g = params[i], grads[i]
+        if not _host_ok(p, g):
+            w_norms[i], u_norms[i] = _lars_layer_norms(p, g, (wd,), ndt=torch.float64, decay=o.decay,
+                                                       coupled=o.coupled).tolist()
+            continue
+        u_norms[i] = g_norm = _norm(g)
+        if measured:
+            w_norms[i] = _norm(p)
+            if o.coupled and o.decay:
+                u_norms[i] = _plus_decay_norm(g, p, g_norm, w_norms[i], wd)
+    return torch.tensor([w_norms, u_norms], dtype=torch.float64), None
+
+
+def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars) -> None:
     if not bool(s.ok):
         return
     lr = float(_on(o.lr, torch.device("cpu")))
     outer = 1.0 if o.momentum_form == LOOK_AHEAD else lr
-    mu, wd = o.momentum, o.weight_decay
+    wd, mu = o.weight_decay, o.momentum
     scales = s.scale.tolist()
-    one_pass = [buf is not None and o.momentum_form != HEAVY_BALL and p.numel() >= _LARGE
-                for p, buf in zip(params, bufs)]
-    host = [_host_ok(p, g, buf) for p, g, buf in zip(params, grads, bufs)]
-
-    def eligible(i, j):
-        return host[j] and not one_pass[j] and params[j].dtype == params[i].dtype
-
+    host = [_host_ok(p, g, buf) and p.dtype == params[0].dtype for p, g, buf in zip(params, grads, bufs)]
     counted = []
-    for a, b in _runs(scales, eligible):
-        k = scales[a]
-        if not host[a]:
-            _lars_layer_update(params[a], grads[a], bufs[a], steps[a], s.ok.reshape(1), s.scale[a:b], (wd, mu, outer),
+    for i, j in _runs(scales, lambda i: host[i] and params[i].dtype == params[0].dtype):
+        if not host[i]:
+            _lars_layer_update(params[i], grads[i], bufs[i], steps[i], s.ok.reshape(1), s.scale[i:j], (wd, mu, outer),
                                decay=o.decay, form=o.momentum_form)
-            continue
-        ps, gs, bs = params[a:b], grads[a:b], bufs[a:b]
-        if one_pass[a]:
-            kernel = _large_layer(_lars_layer_update, ps[0].dtype, decay=o.decay, form=o.momentum_form)
-            kernel(ps[0].view(-1), gs[0].view(-1), bs[0].view(-1), steps[a], s.ok.reshape(1), s.scale[a:b],
-                   _numbers(True, ps, wd, mu, outer)[ps[0].device])
-            continue  # the kernel counts the step
+            continue  # it counts its step
+        ps, gs, bs, k = params[i:j], grads[i:j], bufs[i:j], scales[i]
         if bs[0] is None:
             torch._fused_sgd_(ps, gs, [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
                               nesterov=False, maximize=False, is_first_step=False)
@@ -860,60 +805,91 @@ def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, wor
             torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=outer, dampening=1.0 - k,
                               nesterov=False, maximize=False, is_first_step=False)
         else:
-            # The kernel steps by outer*k*(d + mu*buf); the rest of outer*mu*buf follows.
             torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=outer * k, dampening=1.0 - k,
                               nesterov=True, maximize=False, is_first_step=False)
             if k != 1.0:
                 torch._foreach_add_(ps, bs, alpha=-outer * mu * (1.0 - k))
-        counted += steps[a:b]
+        counted += steps[i:j]
     if counted:
         torch._foreach_add_(counted, 1.0)
 
 
-def _host_lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, scratch=None):
-    bc = torch.stack(lamb_bias_corrections(torch.stack(steps), o), dim=1) if steps else torch.zeros(0, 2)
+def _host_grad_norms(grads: list[Tensor]) -> Tensor:
+    """[1, layers]: ||g|| of every layer, what the host LAMB decides the step on."""
+    norms = [_norm(g) if _host_ok(g) else torch.linalg.vector_norm(g, dtype=torch.float64).item() for g in grads]
+    return torch.tensor([norms], dtype=torch.float64)
+
+
+def _chunks(params: list[Tensor]) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive layers of one (device, dtype) bucket holding at most
+    CHUNK_BYTES (a larger layer is a chunk of its own)."""
+    ranges = []
+    for a, b in _buckets(params):
+        start, size = a, 0
+        for i in range(a, b):
+            n = params[i].numel() * params[i].element_size()
+            if i > start and size + n > CHUNK_BYTES:
+                ranges.append((start, i))
+                start, size = i, 0
+            size += n
+        ranges.append((start, b))
+    return ranges
+
+
+def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, ok: Tensor, g_norms: Tensor) -> Scalars:
+    if not bool(ok):
+        return lamb_scalars(torch.zeros_like(g_norms), g_norms, o, ok)
+    lr = float(_on(o.lr, torch.device("cpu")))
     h = (o.beta1, o.beta2, o.eps, o.weight_decay)
-    w_norms, u_norms = [0.0] * len(params), [0.0] * len(params)
-    for i in reversed(range(len(params))):
-        p, g, m, v = params[i], grads[i], ms[i], vs[i]
-        if not (o.adapt or o.stats) and _host_ok(p, g):  # the skip decision needs ||g|| alone
-            gg = _dot(g, g)
-            u_norms[i] = math.sqrt(gg) if math.isfinite(gg) else _exact_norm(g)
-        elif _host_ok(p, g, m, v) and p.numel() >= _LARGE:
-            kernel = _large_layer(_lamb_layer_norms, p.dtype, decay=o.decay)
-            w_norms[i], u_norms[i] = kernel(p.view(-1), g.view(-1), m.view(-1), v.view(-1), _static(bc[i]),
-                                            _numbers(True, [p], *h)[p.device], ndt=torch.float64).tolist()
-        else:
-            w_norms[i], u_norms[i] = _lamb_layer_norms(p, g, m, v, bc[i], h, ndt=torch.float64,
-                                                       decay=o.decay).tolist()
-    return torch.tensor([w_norms, u_norms], dtype=torch.float64), bc
-
-
-def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, scratch=None) -> None:
-    if not bool(s.ok):
-        return
-    bc = work
-    gammas = s.scale.tolist()
-    host = [_host_ok(p, g, m, v) for p, g, m, v in zip(params, grads, ms, vs)]
-
-    def eligible(i, j):
-        return host[j] and params[j].dtype == params[i].dtype
-
+    adam = dict(beta1=o.beta1, beta2=o.beta2, eps=o.eps, amsgrad=False, maximize=False)
     no_bc = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
-    for a, b in _runs(gammas, eligible):
-        if not host[a]:
-            _lamb_layer_update(params[a], grads[a], ms[a], vs[a], steps[a], s.ok.reshape(1), s.scale[a:b], bc[a],
-                               (o.beta1, o.beta2, o.eps, o.weight_decay), decay=o.decay)
+    parts = []
+    for a, b in _chunks(params):
+        ps, gs, m, v, st = params[a:b], grads[a:b], ms[a:b], vs[a:b], steps[a:b]
+        n = b - a
+        host = [_host_ok(*t) for t in zip(ps, gs, m, v)]
+        if not (o.adapt or o.stats) and all(host):  # trust 1: AdamW's step is LAMB's
+            zeros = torch.zeros(n, dtype=torch.float64)
+            parts.append(lamb_scalars(zeros, zeros, o, ok))
+            torch._foreach_add_(st, 1.0)
+            torch._fused_adamw_(ps, gs, m, v, [], st if o.bias_correction else [no_bc] * n, lr=lr,
+                                weight_decay=o.weight_decay, **adam)
             continue
-        torch._foreach_add_(steps[a:b], 1.0)
-        torch._fused_adamw_(params[a:b], grads[a:b], ms[a:b], vs[a:b], [],
-                            steps[a:b] if o.bias_correction else [no_bc] * (b - a), lr=gammas[a],
-                            beta1=o.beta1, beta2=o.beta2, weight_decay=o.weight_decay, eps=o.eps,
-                            amsgrad=False, maximize=False)
+        bc = torch.stack(lamb_bias_corrections(torch.stack(st), o), dim=1)  # for the single-tensor layers
+        hosted = [i for i in range(n) if host[i]]
+        w_norms, u_norms = [0.0] * n, [0.0] * n
+        if hosted:
+            workspace = _Flat.like([ps[i] for i in hosted])
+            directions = workspace.views  # wd*w, to which the kernel adds Adam's direction: u
+            torch._foreach_copy_(directions, [ps[i] for i in hosted])
+            workspace.data.mul_(o.weight_decay)
+            counted = [st[i] for i in hosted]
+            torch._foreach_add_(counted, 1.0)
+            torch._fused_adamw_(directions, [gs[i] for i in hosted], [m[i] for i in hosted], [v[i] for i in hosted],
+                                [], counted if o.bias_correction else [no_bc] * len(hosted), lr=-1.0,
+                                weight_decay=0.0, **adam)
+            for i, u in zip(hosted, directions):
+                w_norms[i], u_norms[i] = _norm(ps[i]), _norm(u)
+        for i in range(n):
+            if not host[i]:
+                w_norms[i], u_norms[i] = _lamb_layer_norms(ps[i], gs[i], m[i], v[i], bc[i], h, ndt=torch.float64,
+                                                           decay=o.decay).tolist()
+        s = lamb_scalars(torch.tensor(w_norms, dtype=torch.float64), torch.tensor(u_norms, dtype=torch.float64), o, ok)
+        parts.append(s)
+        gammas = s.scale.tolist()
+        where = {i: k for k, i in enumerate(hosted)}
+        for i, j in _runs(gammas, lambda i: host[i]):
+            if not host[i]:
+                _lamb_layer_update(ps[i], gs[i], m[i], v[i], st[i], ok.reshape(1), s.scale[i:j], bc[i], h,
+                                   decay=o.decay)
+                continue
+            torch._foreach_add_(ps[i:j], directions[where[i]:where[i] + j - i], alpha=-gammas[i])
+    fields = ("w_norm", "u_norm", "trust", "step_size", "scale")
+    return Scalars(ok, *(torch.cat([getattr(p, f) for p in parts]) for f in fields))
 
 
 # =======================================================================================
-# Dispatch: one table per algorithm
+# Dispatch
 # =======================================================================================
 
 
@@ -926,38 +902,44 @@ def _by_device(tensors: list[Tensor]) -> dict:
 
 SINGLE, MULTI, FUSED, HOST = "single", "multi", "fused", "host"
 
-_LARS = {
-    SINGLE: (_single_tensor_lars_measure, _single_tensor_lars_apply),
-    FUSED: (functools.partial(_single_tensor_lars_measure, compiled=True),
-            functools.partial(_single_tensor_lars_apply, compiled=True)),
-    MULTI: (_multi_tensor_lars_measure, _multi_tensor_lars_apply),
-    HOST: (_host_lars_measure, _host_lars_apply),
-}
-_LAMB = {
-    SINGLE: (_single_tensor_lamb_measure, _single_tensor_lamb_apply),
-    FUSED: (functools.partial(_single_tensor_lamb_measure, compiled=True),
-            functools.partial(_single_tensor_lamb_apply, compiled=True)),
-    MULTI: (_multi_tensor_lamb_measure, _multi_tensor_lamb_apply),
-    HOST: (_host_lamb_measure, _host_lamb_apply),
-}
+
+def lars_measure(params, grads, o: LARSOptions, path: str) -> tuple[Tensor, Any]:
+    """Reads only: (what decides the step, the path's workspace for ``lars_apply``)."""
+    if path == HOST:
+        return _host_lars_measure(params, grads, o)
+    if path == MULTI:
+        return _multi_tensor_lars_measure(params, grads, o)
+    return _single_tensor_lars_measure(params, grads, o, compiled=path == FUSED)
 
 
-def lars_measure(params, grads, o: LARSOptions, path: str, scratch: Optional[dict] = None):
-    """Stage 1: ([||w||; ||u||] as a [2, layers] float64 tensor, the path's workspace).
-    ``scratch``: a dict the optimizer keeps for buffers worth reusing between steps."""
-    return _LARS[path][0](params, grads, o, scratch)
+def lars_apply(params, grads, bufs, steps, o: LARSOptions, ok: Tensor, measured: Tensor, phi: Optional[Tensor],
+               work, path: str) -> Scalars:
+    """The update of ``params``, their buffers and step counters from the whole-layer
+    ``measured`` norms, times ``phi`` per layer (TVLARS); returns the scalars it used."""
+    s = lars_scalars(measured[0], measured[1], o, ok, phi)
+    if path == HOST:
+        _host_lars_apply(params, grads, bufs, steps, o, s)
+    elif path == MULTI:
+        _multi_tensor_lars_apply(params, grads, bufs, steps, o, s, work)
+    else:
+        _single_tensor_lars_apply(params, grads, bufs, steps, o, s, work, compiled=path == FUSED)
+    return s
 
 
-def lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars, work, path: str,
-               scratch: Optional[dict] = None) -> None:
-    """Stage 3: the update of ``params``, their buffers and step counters, with ``s``."""
-    _LARS[path][1](params, grads, bufs, steps, o, s, work, scratch)
+def lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, path: str) -> tuple[Tensor, Any]:
+    if path == HOST:
+        return _host_grad_norms(grads), None
+    if path == MULTI:
+        return _multi_tensor_lamb_measure(params, grads, ms, vs, steps, o)
+    return _single_tensor_lamb_measure(params, grads, ms, vs, steps, o, compiled=path == FUSED)
 
 
-def lamb_measure(params, grads, ms, vs, steps, o: LAMBOptions, path: str, scratch: Optional[dict] = None):
-    return _LAMB[path][0](params, grads, ms, vs, steps, o, scratch)
-
-
-def lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, s: Scalars, work, path: str,
-               scratch: Optional[dict] = None) -> None:
-    _LAMB[path][1](params, grads, ms, vs, steps, o, s, work, scratch)
+def lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, ok: Tensor, measured: Tensor, work, path: str) -> Scalars:
+    if path == HOST:
+        return _host_lamb_apply(params, grads, ms, vs, steps, o, ok, measured[0])
+    s = lamb_scalars(measured[0], measured[1], o, ok)
+    if path == MULTI:
+        _multi_tensor_lamb_apply(params, grads, ms, vs, steps, o, s, work)
+    else:
+        _single_tensor_lamb_apply(params, grads, ms, vs, steps, o, s, work, compiled=path == FUSED)
+    return s

@@ -26,14 +26,18 @@ except ImportError:  # torch built without distributed
 
 def local(t: Optional[Tensor]) -> Optional[Tensor]:
     """The tensor the update writes: a DTensor's local shard (an alias of its data), else ``t``."""
-    if DTensor is not None and isinstance(t, DTensor):
+    if is_distributed(t):
         return t.to_local()
     return t
 
 
+def is_distributed(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def shard_key(p: Tensor) -> Optional[tuple]:
     """(mesh, mesh dimensions that shard ``p``) for a sharded DTensor; None for a whole tensor."""
-    if DTensor is None or not isinstance(p, DTensor):
+    if not is_distributed(p):
         return None
     placements = p.placements
     if any(isinstance(pl, Partial) for pl in placements):

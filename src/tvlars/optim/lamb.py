@@ -27,9 +27,9 @@ class LAMB(LayerwiseOptimizer):
 
     The first step moves each adapted layer by exactly lr * ||w||. Without bias correction
     the divisions by 1 - b^t are dropped. See :class:`tvlars.LARS` for ``foreach``,
-    ``fused``, ``stats`` and the non-finite policy; the default CPU path measures ||u|| with a
-    compiled read-only reduction (compiled once per process, eager without a C++ compiler)
-    and updates each layer with torch's fused AdamW kernel.
+    ``fused``, ``stats`` and the non-finite policy; the default CPU path, eager, lets torch's
+    fused AdamW kernel write the moments and Adam's direction, and its fused SGD kernel take
+    the step.
     """
 
     _keys_since_0_1_0 = ("max_weight_norm",)
@@ -66,11 +66,9 @@ class LAMB(LayerwiseOptimizer):
         ps, grads = [local(p) for p in params], [local(p.grad) for p in params]
 
         def measure():
-            return F.lamb_measure(ps, grads, ms, vs, steps, o, path, self._scratch)
+            return F.lamb_measure(ps, grads, ms, vs, steps, o, path)
 
-        def apply(ok, norms, work):
-            s = F.lamb_scalars(norms[0], norms[1], o, ok)
-            F.lamb_apply(ps, grads, ms, vs, steps, o, s, work, path, self._scratch)
-            return s
+        def apply(ok, measured, work):
+            return F.lamb_apply(ps, grads, ms, vs, steps, o, ok, measured, work, path)
 
         return measure, apply

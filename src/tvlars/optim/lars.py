@@ -31,7 +31,7 @@ class LARS(LayerwiseOptimizer):
 
     Args:
         foreach, fused: the execution path, all exact. Default (both None): on the CPU, per-layer
-            scalars computed on the host and torch's fused SGD kernel doing each layer's update
+            scalars computed on the host and torch's fused SGD kernel doing the update, eagerly
             (fastest there); on CUDA the multi-tensor path. ``foreach=True``: multi-tensor;
             ``foreach=False``: one tensor at a time with no host reads; ``fused=True``: the
             per-layer code compiled by ``torch.compile`` once per process (the first step pays
@@ -86,11 +86,10 @@ class LARS(LayerwiseOptimizer):
         steps = [self._counters(p)[0] for p in params]
 
         def measure():
-            return F.lars_measure(ps, grads, o, path, self._scratch)
+            return F.lars_measure(ps, grads, o, path)
 
-        def apply(ok, norms, work):
-            s = F.lars_scalars(norms[0], norms[1], o, ok, self._phi(group, steps, norms.device))
-            F.lars_apply(ps, grads, bufs, steps, o, s, work, path, self._scratch)
-            return s
+        def apply(ok, measured, work):
+            phi = self._phi(group, steps, measured.device)
+            return F.lars_apply(ps, grads, bufs, steps, o, ok, measured, phi, work, path)
 
         return measure, apply
