@@ -1,7 +1,8 @@
 """``tvlars plot RUN_OR_SWEEP_DIR``: the paper's figures for one run or a whole sweep.
 
 Figures (written atomically into ``--out``, default ``<dir>/figures/``, one file per
-``--format``: png, svg, pdf):
+``--format``: png, svg, pdf; default png and svg). A series of a few points (a 1-epoch run,
+layers.csv with one row, kNN every few epochs) has its points marked: a line needs two.
 
 ``curves_B<batch>``   test accuracy and test loss against epochs for one batch size, a
                       line per optimizer variant and learning rate (mean over seeds):
@@ -49,7 +50,11 @@ from tvlars.study.runs import (UNTRAINED, best_per_batch, epochs_to_accuracy, gr
 
 FIGURES = ("curves", "layers", "tv-factor", "lam", "epochs")
 FORMATS = ("png", "svg", "pdf")
+DEFAULT_FORMATS = ("png", "svg")  # a raster to look at and a vector to print
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+#: Series of at most this many points are drawn with their points marked: one point alone
+#: draws no line at all, and a few read better as points.
+MARKED_UP_TO = 20
 
 
 # --------------------------------------------------------------------------- CLI
@@ -58,7 +63,8 @@ LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_OR_SWEEP_DIR", help="a run folder or a sweep folder")
     parser.add_argument("--out", metavar="DIR", default=None, help="where the figures go (default DIR/figures)")
-    parser.add_argument("--format", default="png", metavar="LIST", help="comma-separated: png, svg, pdf (default png)")
+    parser.add_argument("--format", default=",".join(DEFAULT_FORMATS), metavar="LIST",
+                        help=f"comma-separated: {', '.join(FORMATS)} (default {','.join(DEFAULT_FORMATS)})")
     parser.add_argument("--figures", default=",".join(FIGURES), metavar="LIST",
                         help=f"comma-separated subset of {', '.join(FIGURES)} (default all)")
     parser.add_argument("--layers", default="auto", metavar="LIST",
@@ -115,6 +121,13 @@ def save(fig, out: Path, stem: str, formats: Sequence[str], dpi: int = 120, tigh
         paths.append(path)
     _pyplot().close(fig)
     return paths
+
+
+def _plot(ax, xs, ys, **style) -> None:
+    """``ax.plot``, with markers on a short series (MARKED_UP_TO)."""
+    if len(xs) <= MARKED_UP_TO:
+        style = {"marker": "o", "markersize": 3.5, **style}
+    ax.plot(xs, ys, **style)
 
 
 def _slug(text: str) -> str:
@@ -244,11 +257,11 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Pa
                 name = f"{label}, lr {format_value(lr)}" + (f" (mean of {n})" if n > 1 else "")
                 xs, ys = _mean_curve(members, acc_column)
                 if xs:
-                    ax_acc.plot(xs, ys, label=name, **style)
+                    _plot(ax_acc, xs, ys, label=name, **style)
                 xs, ys = _mean_curve(members, loss_column)
                 pos = [(x, y) for x, y in zip(xs, ys) if y > 0]
                 if pos:
-                    ax_loss.plot([p[0] for p in pos], [p[1] for p in pos], **style)
+                    _plot(ax_loss, [p[0] for p in pos], [p[1] for p in pos], **style)
         if acc_column == "knn_acc":
             if untrained is not None:
                 ax_acc.axhline(untrained, color="grey", linestyle="--", linewidth=1.2,
@@ -314,15 +327,14 @@ def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=
                 color = cmap(j / max(1, len(names) - 1) * 0.85)
                 steps = series["step"]
                 ratio = [w / g if g and g > 0 else float("nan") for w, g in zip(series["weight_norm"], series["grad_norm"])]
-                axes[row, 0].plot(steps, series["weight_norm"], color=color, label=name, linewidth=1.3)
-                axes[row, 1].plot(steps, series["grad_norm"], color=color, label=name, linewidth=1.3)
-                axes[row, 2].plot(steps, ratio, color=color, label=name, linewidth=1.3)
+                for col, ys in enumerate((series["weight_norm"], series["grad_norm"], ratio)):
+                    _plot(axes[row, col], steps, ys, color=color, label=name, linewidth=1.3)
             if r.metrics and all(m.get("step") is not None for m in r.metrics):
                 pairs = [(m["step"], m.get(loss_column)) for m in r.metrics if m.get(loss_column) is not None]
                 xs, ys, loss_x = [p[0] for p in pairs], [p[1] for p in pairs], "step"
             else:
                 (xs, ys), loss_x = r.curve(loss_column), "epoch"
-            axes[row, 3].plot(xs, ys, color="black", linewidth=1.4)
+            _plot(axes[row, 3], xs, ys, color="black", linewidth=1.4)
             suffix = f" (lr {format_value(lr)})"
             loss_name = ("Barlow Twins loss", "training loss (Barlow Twins)") if loss_column == "train_loss" else \
                 ("test loss", "test loss (cross-entropy)")
@@ -482,7 +494,7 @@ def figure_epochs_to_target(runs, out: Path, formats, fraction=0.95, dpi=120) ->
 # --------------------------------------------------------------------------- driver
 
 
-def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Sequence[str] = ("png",),
+def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Sequence[str] = DEFAULT_FORMATS,
                  figures: Sequence[str] = FIGURES, layers: str = "auto", lams: Sequence[float] = (),
                  delay: float = 0.0, target: float = 0.95, dpi: int = 120) -> list[Path]:
     folder = Path(path)
