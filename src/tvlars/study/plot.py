@@ -21,7 +21,8 @@ layers.csv with one row, kNN every few epochs) has its points marked: a line nee
 ``tv-factor``         phi_t (Eq. 4, ``tvlars.tv_factor``) against steps for several lam
                       (``--lams``, default the paper's 1e-2 .. 1e-6): Figure 3. For a sweep,
                       the span of steps its runs trained is shaded.
-``accuracy-vs-lam``   best test accuracy against lam, when the sweep varies lam: Figure 4.
+``accuracy-vs-lam``   best test accuracy (ssl: the linear probe's) against lam, when the sweep
+                      varies lam: Figure 4.
 ``epochs-to-target``  per batch size and optimizer variant (each at its best lr), the
                       epochs to reach ``--target`` % of the best accuracy any run reached at
                       that batch size; bars that never get there are marked (classification
@@ -45,8 +46,8 @@ from tvlars.cli import parse_formats
 from tvlars.errors import UserError
 from tvlars.runfolder import number
 from tvlars.study.grid import format_value
-from tvlars.study.runs import (UNTRAINED, best_per_batch, epochs_to_accuracy, group_by_setting, label_order,
-                               load_runs, mean_std, run_accuracy, variant)
+from tvlars.study.runs import (UNTRAINED, best_per_batch, epochs_to_accuracy, group_by_setting, headline_metric,
+                               is_ssl, label_order, load_runs, mean_std, run_accuracy, variant)
 
 FIGURES = ("curves", "layers", "tv-factor", "lam", "epochs")
 FORMATS = ("png", "svg", "pdf")
@@ -212,10 +213,6 @@ def _colors(labels: Sequence[str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def is_ssl(runs) -> bool:
-    return any(str(r.get("command", "train")).lower() == "ssl" for r in runs)
 
 
 def _curve_columns(runs) -> tuple[str, str]:
@@ -390,13 +387,15 @@ def figure_tv_factor(out: Path, formats, lams: Sequence[float], delay: float = 0
 
 
 def figure_accuracy_vs_lam(runs, out: Path, formats, dpi=120) -> list[Path]:
-    """Best test accuracy against lam, for the TVLARS runs of a sweep that varies lam (Figure 4)."""
+    """Test accuracy (best epoch; ssl: the final linear probe) against lam, for the TVLARS
+    runs of a sweep that varies lam (Figure 4)."""
+    metric = headline_metric(runs)
     points: dict[tuple[int, float], dict[float, list[float]]] = {}
     for r in runs:
         if not r.finished or str(r.get("optimizer", "")).lower() != "tvlars":
             continue
         lam, batch, lr = (number(r.get(k)) for k in ("lam", "batch_size", "lr"))
-        acc = run_accuracy(r, "best")
+        acc = run_accuracy(r, metric)
         if None in (lam, batch, lr) or acc is None or lam <= 0:
             continue
         points.setdefault((int(batch), lr), {}).setdefault(lam, []).append(acc)
@@ -416,7 +415,8 @@ def figure_accuracy_vs_lam(runs, out: Path, formats, dpi=120) -> list[Path]:
                     color=colors[str(batch)], linestyle=LINESTYLES[lrs.index(lr) % len(LINESTYLES)],
                     label=f"B = {batch}, lr {format_value(lr)}")
     ax.set_xscale("log")
-    ax.set(xlabel="decay coefficient λ (log scale)", ylabel="best test accuracy (%)",
+    ax.set(xlabel="decay coefficient λ (log scale)",
+           ylabel="linear probe accuracy (%)" if metric == "final" else "best test accuracy (%)",
            title="TVLARS: accuracy against λ (mean ± std over seeds)")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)

@@ -12,7 +12,10 @@ setting: mean ± sample standard deviation over seeds, with n when there are sev
 "—" where no finished run exists; "†" when some of its runs diverged (their accuracy is
 the one the run recorded). Only finished runs (summary.json "completed" or "diverged")
 count. ``--metric best`` (default) uses each run's best test accuracy over epochs,
-``final`` the last epoch's; the report holds both tables, the chosen one first. When the
+``final`` the last epoch's; the report holds both tables, the chosen one first. A
+``tvlars ssl`` sweep has one table: each run's linear probe after the probe's last epoch (the
+probe's best epoch is chosen on the test set, so it is no run's accuracy), and no
+epochs-to-target table (an ssl run tests once). When the
 sweep's dataset and task match a column of the paper's Table 1 (cifar10 / tinyimagenet,
 train / ssl), the published numbers are shown beside the measured ones.
 
@@ -40,8 +43,8 @@ from tvlars.cli import parse_formats
 from tvlars.errors import UserError
 from tvlars.runfolder import number
 from tvlars.study.grid import format_value
-from tvlars.study.runs import (RunData, best_per_batch, epochs_to_accuracy, group_by_setting, label_order,
-                               load_runs, mean_std, run_accuracy, variant)
+from tvlars.study.runs import (RunData, best_per_batch, epochs_to_accuracy, group_by_setting, headline_metric,
+                               label_order, load_runs, mean_std, run_accuracy, variant)
 
 # --------------------------------------------------------------------------- CLI
 
@@ -49,8 +52,10 @@ from tvlars.study.runs import (RunData, best_per_batch, epochs_to_accuracy, grou
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", metavar="SWEEP_DIR", help="a sweep folder (or one run folder)")
     parser.add_argument("--out", metavar="DIR", default=None, help="where report.md/report.csv go (default SWEEP_DIR)")
-    parser.add_argument("--metric", choices=("best", "final"), default="best",
-                        help="test accuracy of a run: best over epochs (default) or the final epoch's")
+    parser.add_argument("--metric", choices=("best", "final"), default=None,
+                        help="test accuracy of a run: best over epochs (the default) or the final epoch's; "
+                             "a tvlars ssl run has only the final one, its linear probe's after the probe's "
+                             "last epoch")
     parser.add_argument("--format", default="md,csv", metavar="LIST", help="comma-separated: md, csv (default md,csv)")
     parser.add_argument("--target", type=float, default=95.0, metavar="PERCENT",
                         help="epochs-to-target table: first epoch reaching this %% of the best accuracy at the "
@@ -89,6 +94,14 @@ class Table:
     paper_optimizer: dict[str, str]       # row label -> lars/lamb/tvlars for Table 1
     unfinished: int = 0
     total: int = 0
+    headline: str = "best"                # the metric runs are compared by (runs.headline_metric)
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """The accuracies a run of this table has, and what each is."""
+        if self.headline == "final":  # tvlars ssl
+            return {"final": "linear probe top-1 after its last epoch"}
+        return {"best": "best test accuracy over epochs", "final": "final test accuracy"}
 
     @property
     def seeded(self) -> bool:
@@ -132,7 +145,8 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
     rows = sorted({label for label, _, _ in groups}, key=label_order)
     return Table(dataset=",".join(sorted(datasets)), task=",".join(sorted(tasks)), rows=rows,
                  batch_sizes=sorted(lrs), lrs={b: sorted(v) for b, v in lrs.items()}, cells=cells,
-                 paper_optimizer=paper_optimizer, unfinished=sum(not r.finished for r in runs), total=len(runs))
+                 paper_optimizer=paper_optimizer, unfinished=sum(not r.finished for r in runs), total=len(runs),
+                 headline=headline_metric(runs))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -274,11 +288,11 @@ def markdown_best(table: Table, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(table: Table, metric: str = "best", target: float = 0.95, title: str = "") -> str:
+def render_markdown(table: Table, metric: str | None = None, target: float = 0.95, title: str = "") -> str:
     from tvlars.study import paper
 
-    other = "final" if metric == "best" else "best"
-    words = {"best": "best test accuracy over epochs", "final": "final test accuracy"}
+    metric = checked_metric(table, metric)
+    words = table.metrics
     finished = sum(c.runs for c in table.cells.values())
     diverged = sum(c.diverged for c in table.cells.values())
     parts = [f"# {title or 'Report'}\n",
@@ -287,18 +301,26 @@ def render_markdown(table: Table, metric: str = "best", target: float = 0.95, ti
              "Cells: accuracy in %, mean ± sample std over seeds (n) where there are several; "
              "— no finished run; † some runs diverged.\n"]
     with_paper = has_paper(table)
+    if table.headline == "final":
+        parts.append("An ssl run's accuracy is its linear probe's, on the whole test set after the probe's last "
+                     "epoch; the probe's best epoch, chosen on the test set, stays in summary.json "
+                     "(probe_best_acc).\n")
     parts.append(f"\n## Table 1: {words[metric]} (%)\n")
     if with_paper:
         parts.append(f"\nBeside it, the paper's Table 1 ({paper.TITLES[(table.dataset, table.task)]}); "
                      "the paper does not say whether its LARS/LAMB rows used warm-up, so they stand beside both.\n")
     parts.append("\n" + markdown_accuracy(table, metric, with_paper))
-    parts.append(f"\n## Table 1: {words[other]} (%)\n\n" + markdown_accuracy(table, other, False))
+    for other in words:
+        if other != metric:
+            parts.append(f"\n## Table 1: {words[other]} (%)\n\n" + markdown_accuracy(table, other, False))
     if any(c.knn[0] is not None for c in table.cells.values()):
         parts.append("\n## kNN accuracy of the final encoder (%)\n\nA second reading of the same encoders "
                      "that trains nothing: the weighted kNN vote (--knn-k) on features of the un-augmented "
                      "images.\n\n" + _markdown_lr_table(
                          table, lambda c: fmt_stat(c.knn, show_n=table.seeded) if c else "—"))
     parts.append(f"\n## Best over learning rates: {words[metric]} (%)\n\n" + markdown_best(table, metric))
+    if table.headline == "final":
+        return "".join(parts)
     parts.append(f"\n## Epochs to reach {target * 100:g}% of the best test accuracy at the batch size\n\n"
                  "The goal is the same for every optimizer at a batch size: "
                  f"{target * 100:g}% of the best accuracy any run reached at it; "
@@ -327,7 +349,7 @@ def render_csv(table: Table) -> str:
                         continue
                     cell = Cell((None, None, 0), (None, None, 0), (None, None, 0))
                 writer.writerow([table.dataset, table.task, label, table.paper_optimizer.get(label, ""), batch,
-                                 num(lr), _letters(i + 1)[-1], cell.best[2], cell.diverged,
+                                 num(lr), _letters(i + 1)[-1], getattr(cell, table.headline)[2], cell.diverged,
                                  num(cell.best[0]), num(cell.best[1]), num(cell.final[0]), num(cell.final[1]),
                                  num(cell.epochs[0]), num(cell.epochs[1]), cell.reached,
                                  num(papers[i] if i < len(papers) else None), num(cell.peak_lr),
@@ -335,7 +357,16 @@ def render_csv(table: Table) -> str:
     return buf.getvalue()
 
 
-def write_report(folder: str | Path, *, out: str | Path | None = None, metric: str = "best",
+def checked_metric(table: Table, metric: str | None) -> str:
+    """``metric``, or the table's headline when None; one the table's runs do not have is a UserError."""
+    metric = metric or table.headline
+    if metric not in table.metrics:
+        raise UserError(f"--metric {metric}: a tvlars ssl run has one test accuracy, its linear probe's after "
+                        "the probe's last epoch (--metric final, the default)")
+    return metric
+
+
+def write_report(folder: str | Path, *, out: str | Path | None = None, metric: str | None = None,
                  formats: Sequence[str] = ("md", "csv"), target: float = 0.95) -> str:
     """Build the report of a sweep folder, write report.md / report.csv, return the markdown."""
     folder = Path(folder)

@@ -53,6 +53,11 @@ class RunData:
     def finished(self) -> bool:
         return self.status in FINISHED
 
+    @property
+    def ssl(self) -> bool:
+        """A tvlars ssl run: its one test accuracy is its linear probe's, after pre-training."""
+        return str(self.get("command", "train")).lower() == "ssl"
+
     def get(self, key: str, default: Any = None) -> Any:
         value = self.config.get(key)
         return default if value is None else value
@@ -116,8 +121,23 @@ def mean_std(values: Iterable[float]) -> tuple[float | None, float | None, int]:
     return mean, math.sqrt(var), n
 
 
+def is_ssl(runs: Sequence[RunData]) -> bool:
+    return any(r.ssl for r in runs)
+
+
+def headline_metric(runs: Sequence[RunData]) -> str:
+    """What a sweep's runs are compared by: classification, the best epoch's test accuracy
+    (the paper's Table 1); ssl, the linear probe after its last epoch (its best epoch would
+    be chosen on the test set)."""
+    return "final" if is_ssl(runs) else "best"
+
+
 def run_accuracy(run: RunData, metric: str = "best") -> float | None:
-    """A run's test accuracy (percent): summary.json's best/final, else from metrics.csv."""
+    """A run's test accuracy (percent), summary.json's else from metrics.csv: ``final``, the
+    finished model's (ssl: the linear probe after its last epoch), or ``best``, the best
+    epoch's (tvlars train; None for an ssl run, which tests once)."""
+    if metric == "best" and run.ssl:
+        return None
     key = "best_test_acc" if metric == "best" else "final_test_acc"
     value = _finite(run.summary.get(key))
     if value is not None:
