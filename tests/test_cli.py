@@ -141,3 +141,11 @@ def test_the_configuration_is_immutable():
         resolved.lr = 2.0
     assert resolved.betas == (0.9, 0.999) and resolved.out == "runs/digits-mlp-lars-b256-lr1-s0"
 
+
+
+def test_version(capsys):
+    import tvlars
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"tvlars {tvlars.__version__}\n"

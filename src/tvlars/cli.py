@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import tvlars
 from tvlars.errors import UserError
 
 COMMANDS = {
@@ -71,6 +72,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = _Parser(prog="tvlars", description="Large-batch training with layer-wise adaptive optimizers.")
+    parser.add_argument("--version", action="version", version=f"tvlars {tvlars.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers = {}
     for name, (module, summary) in COMMANDS.items():
