@@ -110,6 +110,33 @@ def test_best_and_final_and_fallback_to_metrics(tmp_path):
     assert not bare.finished
 
 
+def test_exploded_runs_are_flagged_and_keep_their_status(tmp_path):
+    def classified(name, **kw):  # config.yaml records num_classes: ln 10 = 2.30, exploded from 23.03 on
+        d = make_run(tmp_path, name, **kw)
+        config = yaml.safe_load((d / "config.yaml").read_text())
+        (d / "config.yaml").write_text(yaml.safe_dump({**config, "num_classes": 10}))
+
+    classified("fine", accs=(50.0, 70.0, 80.0), losses=(2.0, 1.0, 0.5))
+    classified("came-back", lr=2.0, accs=(10.0, 30.0, 60.0), losses=(1e4, 50.0, 2.0))
+    classified("just-below", lr=3.0, accs=(10.0, 10.0, 10.0), losses=(2.3, 9.0, 23.0))
+    classified("blew-up", lr=4.0, accs=(60.0, 83.0, 10.0), losses=(1.5, 0.9, 1e4))
+    make_run(tmp_path, "old-folder", lr=5.0, accs=(60.0, 50.0, 10.0), losses=(2.0, 30.0, 20.0))  # 10x epoch 1
+    make_run(tmp_path, "old-at-once", lr=6.0, accs=(10.0, 10.0, 10.0), losses=(1e4, 1e4, 1e4))  # unseen: no classes
+    (tmp_path / "sweep.json").write_text("{}")
+    found = {r.name: runs.exploded(r) for r in runs.load_runs(tmp_path)}
+    assert found == {"fine": False, "came-back": False, "just-below": False, "blew-up": True, "old-folder": True,
+                     "old-at-once": False}
+    table = report.build_table(runs.load_runs(tmp_path))
+    assert all(r.status == "completed" for r in runs.load_runs(tmp_path))
+    md = report.render_markdown(table)
+    assert "6 finished (0 diverged, 2 exploded)" in md and "‡ some runs exploded" in md
+    # the best epoch of the blown-up run (83) is marked wherever it shows
+    assert "| LARS (warm-up) | 512 (1/2/3/4/5/6) | 80.00 | 60.00 | 10.00 | 83.00 ‡ | 60.00 ‡ | 10.00 |" in md
+    assert "83.00 (lr 4) ‡" in md
+    rows = list(csv.DictReader(io.StringIO(report.render_csv(table))))
+    assert [r["n_exploded"] for r in rows] == ["0", "0", "0", "1", "1", "0"]
+
+
 def test_cells_against_hand_computed(tmp_path):
     # three seeds of one setting: best 80/82/84, final 77/80/83
     for seed, accs in enumerate([(50.0, 80.0, 77.0), (60.0, 82.0, 80.0), (84.0, 83.0, 83.0)]):

@@ -57,4 +57,4 @@ def test_a_run_folder_of_2026_11_30_resumes_and_reports(tmp_path, command):
     (sweep / "sweep.json").write_text("{}")
     (run,) = runs.load_runs(sweep)
     assert run.finished and runs.run_accuracy(run, "final") == pytest.approx(summary["final_test_acc"])
-    assert "1 finished (0 diverged)" in report.write_report(sweep)
+    assert "1 finished (0 diverged, 0 exploded)" in report.write_report(sweep)

@@ -251,7 +251,8 @@ def run_record(cfg: TrainConfig, runtime, *, micro: int, per_rank: int, steps_pe
                       world_size=runtime.world_size, torch_version=torch.__version__, tvlars_version=package_version(),
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                       delay_steps_resolved=cfg.delay_in_steps(steps_per_epoch), peak_lr=cfg.peak_lr,
-                      train_size=len(data.train_labels), test_size=len(data.test_labels), **extra)
+                      train_size=len(data.train_labels), test_size=len(data.test_labels),
+                      num_classes=data.num_classes, **extra)
 
 
 def package_version() -> str:

@@ -10,7 +10,9 @@ Layout, as Table 1: rows are optimizer variants ("LARS (warm-up)", "LARS (no war
 increasing order ("lr a/b/c"). A cell is the test accuracy (percent) of the runs with that
 setting: mean ± sample standard deviation over seeds, with n when there are several;
 "—" where no finished run exists; "†" when some of its runs diverged (their accuracy is
-the one the run recorded). Only finished runs (summary.json "completed" or "diverged")
+the one the run recorded), "‡" when some exploded: completed, but with a training loss that
+ended non-finite or at least 10 times an untrained classifier's (runs.exploded), so that its
+accuracy is a broken network's or from before the blow-up. Only finished runs (summary.json "completed" or "diverged")
 count. ``--metric best`` (default) uses each run's best test accuracy over epochs,
 ``final`` the last epoch's; the report holds both tables, the chosen one first. A
 ``tvlars ssl`` sweep has one table: each run's linear probe after the probe's last epoch (the
@@ -43,8 +45,9 @@ from tvlars.cli import parse_formats
 from tvlars.errors import UserError
 from tvlars.runfolder import number
 from tvlars.study.grid import format_value
-from tvlars.study.runs import (RunData, best_per_batch, epochs_to_accuracy, group_by_setting, headline_metric,
-                               label_order, load_runs, mean_std, run_accuracy, variant)
+from tvlars.study.runs import (EXPLODED_FACTOR, RunData, best_per_batch, epochs_to_accuracy, exploded,
+                               group_by_setting, headline_metric, label_order, load_runs, mean_std, run_accuracy,
+                               variant)
 
 # --------------------------------------------------------------------------- CLI
 
@@ -77,6 +80,7 @@ class Cell:
     final: tuple[float | None, float | None, int]
     epochs: tuple[float | None, float | None, int]
     diverged: int = 0
+    exploded: int = 0   # completed runs whose loss blew up (runs.exploded)
     runs: int = 0
     reached: int = 0   # runs that reached the epochs-to-target goal
     peak_lr: float | None = None   # the schedule's peak (config.yaml's peak_lr: lr after --lr-scaling)
@@ -135,6 +139,7 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
             final=mean_std(run_accuracy(r, "final") for r in members),
             epochs=mean_std(e for e in epochs if e is not None),
             diverged=sum(r.status == "diverged" for r in members),
+            exploded=sum(exploded(r) for r in members),
             runs=len(members),
             reached=sum(e is not None for e in epochs),
             peak_lr=number(members[0].get("peak_lr")),
@@ -153,7 +158,7 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
 
 
 def fmt_stat(stat: tuple[float | None, float | None, int], digits: int = 2, diverged: int = 0,
-             show_n: bool = False) -> str:
+             show_n: bool = False, exploded: int = 0) -> str:
     """``mean ± std (n)``; a single value shows ``(1)`` only with ``show_n`` (a table with seeds)."""
     mean, std, n = stat
     if mean is None:
@@ -163,7 +168,7 @@ def fmt_stat(stat: tuple[float | None, float | None, int], digits: int = 2, dive
         text += f" ± {std:.{digits}f} ({n})"
     elif show_n:
         text += f" ({n})"
-    return text + (" †" if diverged else "")
+    return text + (" †" if diverged else "") + (" ‡" if exploded else "")
 
 
 def fmt_epochs(cell: Cell | None) -> str:
@@ -233,7 +238,8 @@ def _peak_text(table: Table, label: str, batch: int) -> str:
 
 def markdown_accuracy(table: Table, metric: str, with_paper: bool) -> str:
     def text(cell):
-        return fmt_stat(getattr(cell, metric), diverged=cell.diverged, show_n=table.seeded) if cell else "—"
+        return fmt_stat(getattr(cell, metric), diverged=cell.diverged, show_n=table.seeded,
+                        exploded=cell.exploded) if cell else "—"
 
     return _markdown_lr_table(table, text, (lambda label, batch: paper_values(table, label, batch))
                               if with_paper else None)
@@ -279,7 +285,8 @@ def markdown_best(table: Table, metric: str) -> str:
                 row.append("—")
                 continue
             std = getattr(cell, metric)[1]
-            row.append(f"{acc:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (lr {format_value(lr)})")
+            row.append(f"{acc:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (lr {format_value(lr)})"
+                       + (" †" if cell.diverged else "") + (" ‡" if cell.exploded else ""))
         for _, first, others in claims:
             a = best[(first, batch)][0]
             b = [best[(o, batch)][0] for o in others if best[(o, batch)][0] is not None]
@@ -295,11 +302,14 @@ def render_markdown(table: Table, metric: str | None = None, target: float = 0.9
     words = table.metrics
     finished = sum(c.runs for c in table.cells.values())
     diverged = sum(c.diverged for c in table.cells.values())
+    blown = sum(c.exploded for c in table.cells.values())
     parts = [f"# {title or 'Report'}\n",
-             f"{table.total} run{'s' if table.total != 1 else ''}: {finished} finished ({diverged} diverged), {table.unfinished} not finished "
+             f"{table.total} run{'s' if table.total != 1 else ''}: {finished} finished ({diverged} diverged, "
+             f"{blown} exploded), {table.unfinished} not finished "
              f"(not counted). Dataset {table.dataset}, tvlars {table.task}.\n",
              "Cells: accuracy in %, mean ± sample std over seeds (n) where there are several; "
-             "— no finished run; † some runs diverged.\n"]
+             "— no finished run; † some runs diverged; ‡ some runs exploded (completed, but the training loss "
+             f"ended non-finite or at least {EXPLODED_FACTOR:g}x an untrained classifier's).\n"]
     with_paper = has_paper(table)
     if table.headline == "final":
         parts.append("An ssl run's accuracy is its linear probe's, on the whole test set after the probe's last "
@@ -334,7 +344,8 @@ def render_csv(table: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["dataset", "task", "row", "optimizer", "batch_size", "lr", "lr_index", "n", "n_diverged",
                      "best_mean", "best_std", "final_mean", "final_std", "epochs_to_target_mean",
-                     "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr", "knn_mean", "knn_std"])
+                     "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr", "knn_mean", "knn_std",
+                     "n_exploded"])
 
     def num(x):
         return "" if x is None else f"{x:.6g}"
@@ -353,7 +364,7 @@ def render_csv(table: Table) -> str:
                                  num(cell.best[0]), num(cell.best[1]), num(cell.final[0]), num(cell.final[1]),
                                  num(cell.epochs[0]), num(cell.epochs[1]), cell.reached,
                                  num(papers[i] if i < len(papers) else None), num(cell.peak_lr),
-                                 num(cell.knn[0]), num(cell.knn[1])])
+                                 num(cell.knn[0]), num(cell.knn[1]), cell.exploded])
     return buf.getvalue()
 
 

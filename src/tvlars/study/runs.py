@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 from tvlars import runfolder
 from tvlars.errors import UserError
-from tvlars.runfolder import FINISHED, number
+from tvlars.runfolder import COMPLETED, FINISHED, number
 from tvlars.study.grid import format_value
 
 ORDER = ("lars", "lamb", "tvlars", "sgd", "adamw")
@@ -27,7 +27,7 @@ IGNORED = {
     "eval_every", "eval_batch_size", "layer_stats_every", "seed", "data_on_device", "compile",
     "channels_last", "micro_batch_size", "stop_after_epochs", "command", "batch_size", "lr",
     "optimizer", "warmup_epochs", "schedule", "delay_steps", "world_size", "tb", "tensorboard",
-    "cache_dir", "log_every", "name", "peak_lr",
+    "cache_dir", "log_every", "name", "peak_lr", "num_classes",
 }
 
 #: A setting of Table 1: (row label, batch size, learning rate).
@@ -147,6 +147,30 @@ def run_accuracy(run: RunData, metric: str = "best") -> float | None:
     if not accs:
         return None
     return max(accs) if metric == "best" else accs[-1]
+
+
+#: How far above an untrained classifier's loss a run's training loss must end to count as
+#: exploded (see exploded).
+EXPLODED_FACTOR = 10.0
+
+
+def exploded(run: RunData) -> bool:
+    """Whether a completed classification run blew up without diverging: its last training
+    loss is non-finite or at least EXPLODED_FACTOR times an untrained classifier's, ln(number
+    of classes), the loss of a uniform guess (config.yaml's num_classes; the run's first-epoch
+    loss for folders older than that record, which misses a blow-up inside the first epoch).
+    Its recorded accuracies are then those of a broken network or of epochs before the
+    blow-up. The harness stops only on non-finite values (status "diverged"); a finite blow-up
+    may come back down, so the study judges the whole run, and its status stays as written.
+    tvlars ssl runs never count: the Barlow Twins loss is bounded."""
+    if run.ssl or run.status != COMPLETED:
+        return False
+    losses = [m.get("train_loss") for m in run.metrics if m.get("train_loss") is not None]
+    if not losses:
+        return False
+    classes = number(run.get("num_classes"))
+    untrained = math.log(classes) if classes and classes > 1 else losses[0]
+    return not math.isfinite(losses[-1]) or losses[-1] >= EXPLODED_FACTOR * untrained
 
 
 def epochs_to_fraction(epochs: Sequence[float], accs: Sequence[float], fraction: float) -> float | None:
