@@ -68,5 +68,6 @@ def _sync_bn_notes(rank, world):
 def test_the_sync_bn_note_only_where_batch_norm_is(tmp_path):
     (mlp, mlp_bn), (quiet, also_quiet) = run_gloo(2, _sync_bn_notes, tmp_path)
     assert mlp == ""  # nothing about batch norm, and no warning, for a model without
-    assert mlp_bn.startswith("tvlars: note: batch norm statistics stay per process: --sync-bn") and mlp_bn.count("\n") == 1
+    assert mlp_bn.startswith("tvlars: note: batch norm statistics stay per process: --sync-bn")
+    assert mlp_bn.count("\n") == 1
     assert quiet == also_quiet == ""

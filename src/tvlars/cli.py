@@ -44,7 +44,8 @@ def file_flag(actions: dict[str, argparse.Action], key: Any, value: Any, where: 
         close = difflib.get_close_matches(dest.replace("_", "-"), flags, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f" (see {command} --help)"
         raise UserError(f"{where}: unknown flag '{key}' for {command}{hint}")
-    flag = next((o for o in action.option_strings if o.lstrip("-").replace("-", "_") == dest), action.option_strings[-1])
+    flag = next((o for o in action.option_strings if o.lstrip("-").replace("-", "_") == dest),
+                action.option_strings[-1])
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise UserError(f"{where}: {flag} takes true or false, not {value!r}")

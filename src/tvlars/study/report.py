@@ -12,8 +12,8 @@ setting: mean ± sample standard deviation over seeds, with n when there are sev
 "—" where no finished run exists; "†" when some of its runs diverged (their accuracy is
 the one the run recorded), "‡" when some exploded: completed, but with a training loss that
 ended non-finite or at least 10 times an untrained classifier's (runs.exploded), so that its
-accuracy is a broken network's or from before the blow-up. Only finished runs (summary.json "completed" or "diverged")
-count. ``--metric best`` (default) uses each run's best test accuracy over epochs,
+accuracy is a broken network's or from before the blow-up. Only finished runs (summary.json
+"completed" or "diverged") count. ``--metric best`` (default) uses each run's best test accuracy over epochs,
 ``final`` the last epoch's; the report holds both tables, the chosen one first. A
 ``tvlars ssl`` sweep has one table: each run's linear probe after the probe's last epoch (the
 probe's best epoch is chosen on the test set, so it is no run's accuracy), and no
@@ -168,7 +168,11 @@ def fmt_stat(stat: tuple[float | None, float | None, int], digits: int = 2, dive
         text += f" ± {std:.{digits}f} ({n})"
     elif show_n:
         text += f" ({n})"
-    return text + (" †" if diverged else "") + (" ‡" if exploded else "")
+    return text + _marks(diverged, exploded)
+
+
+def _marks(diverged: int, exploded: int) -> str:
+    return (" †" if diverged else "") + (" ‡" if exploded else "")
 
 
 def fmt_epochs(cell: Cell | None) -> str:
@@ -286,7 +290,7 @@ def markdown_best(table: Table, metric: str) -> str:
                 continue
             std = getattr(cell, metric)[1]
             row.append(f"{acc:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (lr {format_value(lr)})"
-                       + (" †" if cell.diverged else "") + (" ‡" if cell.exploded else ""))
+                       + _marks(cell.diverged, cell.exploded))
         for _, first, others in claims:
             a = best[(first, batch)][0]
             b = [best[(o, batch)][0] for o in others if best[(o, batch)][0] is not None]
