@@ -20,5 +20,5 @@ for grid in $grids; do
   dest="$docs/${grid#fashion-mnist-}"      # docs/study/fashion-mnist/paper, .../barlowtwins, ...
   "$tvlars" report "$runs/$grid" --out "$dest"
   "$tvlars" report "$runs/$grid" --out "$dest/final" --metric final
-  "$tvlars" plot "$runs/$grid" --out "$dest/figures"
+  "$tvlars" plot "$runs/$grid" --out "$dest/figures" --format png   # the docs show PNGs
 done

@@ -8,4 +8,4 @@ tvlars=${TVLARS:-.venv/bin/tvlars}
 "$tvlars" sweep grids/digits.yaml --out runs/digits
 "$tvlars" report runs/digits --out docs/study
 "$tvlars" report runs/digits --out docs/study/final --metric final
-"$tvlars" plot runs/digits --out docs/study/figures
+"$tvlars" plot runs/digits --out docs/study/figures --format png   # the docs show PNGs

@@ -99,12 +99,25 @@ def test_config_file_gives_defaults_and_flags_override(tmp_path):
     assert saved["epochs"] == 1 and saved["command"] == "train"
 
 
-def test_config_file_with_an_unknown_key(tmp_path, capsys):
+@pytest.mark.parametrize("text, message", [
+    ("batch-sise: 128\n", "unknown flag 'batch-sise' for tvlars train; did you mean 'batch-size'?"),
+    ("warmup_epoch: 2\n", "unknown flag 'warmup_epoch' for tvlars train; did you mean 'warmup-epochs'?"),
+    ("lr: fast\n", "--lr takes a number, not 'fast'"),
+    ("batch-size: 4k\n", "--batch-size takes an integer, not '4k'"),
+    ("schedule: cosine\n", "--schedule must be one of warmup-cosine, poly, constant, none, not 'cosine'"),
+    ("progress: 3\n", "--progress takes true or false, not 3"),
+    ("lr: -1\n", "--lr must be positive"),  # checked where the flag is, still the file's
+])
+def test_config_file_errors_name_the_file_and_the_setting(tmp_path, capsys, text, message):
     config = tmp_path / "run.yaml"
-    config.write_text("batch-sise: 128\n")
-    assert cli.main(["train", "--config", str(config)]) == 2
+    config.write_text(text)
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "batch-sise" in err[0]
+    assert len(err) == 1 and err[0].startswith(f"tvlars: error: config file {config}: {message}"), err
+    # the same value on the command line is not the file's
+    if text.startswith("lr: -1"):
+        assert cli.main(["train", "--lr", "-1", "--out", str(tmp_path / "run")]) == 2
+        assert "config file" not in capsys.readouterr().err
 
 
 def test_resume_merge_rule():
@@ -141,3 +154,11 @@ def test_the_configuration_is_immutable():
         resolved.lr = 2.0
     assert resolved.betas == (0.9, 0.999) and resolved.out == "runs/digits-mlp-lars-b256-lr1-s0"
 
+
+
+def test_version(capsys):
+    import tvlars
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"tvlars {tvlars.__version__}\n"

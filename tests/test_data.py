@@ -215,6 +215,18 @@ def test_cifar10_missing_folder(tmp_path):
     expect_user_error(tmp_path, load_data, "cifar10", tmp_path)  # exists but holds no CIFAR-10
 
 
+@pytest.mark.parametrize("dataset, fix", [("cifar10", "--download"), ("tinyimagenet", "tiny-imagenet-200.zip")])
+def test_a_missing_data_folder_says_how_to_get_one(tmp_path, monkeypatch, capsys, dataset, fix):
+    from tvlars import cli
+
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no ./data
+    (tmp_path / "empty").mkdir()
+    for where in ([], ["--data-dir", "nowhere"], ["--data-dir", "empty"]):
+        assert cli.main(["train", "--dataset", dataset, "--out", "run", *where]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--data-dir" in err[0] and fix in err[0], err
+
+
 def test_cifar10_missing_file(tmp_path):
     folder, _, _ = write_cifar10(tmp_path)
     (folder / "data_batch_3").unlink()

@@ -72,8 +72,9 @@ def test_single_run_and_cli(tmp_path, capsys):
     out = tmp_path / "figs"
     assert plot.run(parser.parse_args([str(run), "--out", str(out), "--layers", "conv1,fc.weight,2"])) == 0
     printed = capsys.readouterr().out.split()
-    assert sorted(Path(p).name for p in printed) == ["curves_B512.png", "layers.png", "tv-factor.png"]
-    for p in printed:
+    assert sorted(Path(p).name for p in printed) == ["curves_B512.png", "curves_B512.svg", "layers.png", "layers.svg",
+                                                     "tv-factor.png", "tv-factor.svg"]  # README: PNG + SVG
+    for p in printed[::2]:
         check_png(Path(p))
     with pytest.raises(UserError, match="no layer matches 'nope'"):
         plot.run(parser.parse_args([str(run), "--out", str(out), "--layers", "nope", "--figures", "layers"]))
@@ -142,3 +143,41 @@ def test_ssl_sweep_curves_show_knn_against_the_untrained_encoder(tmp_path, monke
     assert layer_axes[3][0] == "training loss (Barlow Twins)" and list(layer_axes[3][1].values())[0] == [300, 150, 100]
     for p in written:
         check_png(p)
+
+
+def test_a_one_epoch_ssl_run_draws_every_series_in_png_and_svg(tmp_path, monkeypatch):
+    """tvlars ssl --epochs 1 with one layers.csv row per layer: every series has one point,
+    which a line alone does not show. The default formats are the README's, PNG and SVG."""
+    import torch
+
+    from helpers import read_csv, run_command
+    from test_ssl import TINY
+    from tvlars import cli
+    from tvlars.harness.ssl import pretrain
+
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_command(pretrain, run, *TINY, "--epochs", "1", "--layer-stats-every", "4") == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert {r["step"] for r in read_csv(run / "layers.csv")} == {"4"}
+
+    drawn = {}
+    real_save = plot.save
+
+    def capture(fig, out, stem, formats, *args, **kwargs):
+        drawn[stem] = [line for ax in fig.axes for line in ax.get_lines()]
+        return real_save(fig, out, stem, formats, *args, **kwargs)
+
+    monkeypatch.setattr(plot, "save", capture)
+    assert cli.main(["plot", str(run), "--figures", "curves,layers"]) == 0
+    assert sorted(p.name for p in (run / "figures").iterdir()) == [
+        "curves_B16.png", "curves_B16.svg", "layers.png", "layers.svg"]
+    assert set(drawn) == {"curves_B16", "layers"}
+    for stem, lines in drawn.items():
+        shown = [line for line in lines if len(line.get_xdata())]
+        assert len(shown) >= (2 if stem.startswith("curves") else 4), stem
+        for line in shown:
+            assert len(line.get_xdata()) >= 2 or line.get_marker() not in (None, "None", "", " "), (stem, line)

@@ -110,6 +110,33 @@ def test_best_and_final_and_fallback_to_metrics(tmp_path):
     assert not bare.finished
 
 
+def test_exploded_runs_are_flagged_and_keep_their_status(tmp_path):
+    def classified(name, **kw):  # config.yaml records num_classes: ln 10 = 2.30, exploded from 23.03 on
+        d = make_run(tmp_path, name, **kw)
+        config = yaml.safe_load((d / "config.yaml").read_text())
+        (d / "config.yaml").write_text(yaml.safe_dump({**config, "num_classes": 10}))
+
+    classified("fine", accs=(50.0, 70.0, 80.0), losses=(2.0, 1.0, 0.5))
+    classified("came-back", lr=2.0, accs=(10.0, 30.0, 60.0), losses=(1e4, 50.0, 2.0))
+    classified("just-below", lr=3.0, accs=(10.0, 10.0, 10.0), losses=(2.3, 9.0, 23.0))
+    classified("blew-up", lr=4.0, accs=(60.0, 83.0, 10.0), losses=(1.5, 0.9, 1e4))
+    make_run(tmp_path, "old-folder", lr=5.0, accs=(60.0, 50.0, 10.0), losses=(2.0, 30.0, 20.0))  # 10x epoch 1
+    make_run(tmp_path, "old-at-once", lr=6.0, accs=(10.0, 10.0, 10.0), losses=(1e4, 1e4, 1e4))  # unseen: no classes
+    (tmp_path / "sweep.json").write_text("{}")
+    found = {r.name: runs.exploded(r) for r in runs.load_runs(tmp_path)}
+    assert found == {"fine": False, "came-back": False, "just-below": False, "blew-up": True, "old-folder": True,
+                     "old-at-once": False}
+    table = report.build_table(runs.load_runs(tmp_path))
+    assert all(r.status == "completed" for r in runs.load_runs(tmp_path))
+    md = report.render_markdown(table)
+    assert "6 finished (0 diverged, 2 exploded)" in md and "‡ some runs exploded" in md
+    # the best epoch of the blown-up run (83) is marked wherever it shows
+    assert "| LARS (warm-up) | 512 (1/2/3/4/5/6) | 80.00 | 60.00 | 10.00 | 83.00 ‡ | 60.00 ‡ | 10.00 |" in md
+    assert "83.00 (lr 4) ‡" in md
+    rows = list(csv.DictReader(io.StringIO(report.render_csv(table))))
+    assert [r["n_exploded"] for r in rows] == ["0", "0", "0", "1", "1", "0"]
+
+
 def test_cells_against_hand_computed(tmp_path):
     # three seeds of one setting: best 80/82/84, final 77/80/83
     for seed, accs in enumerate([(50.0, 80.0, 77.0), (60.0, 82.0, 80.0), (84.0, 83.0, 83.0)]):
@@ -184,27 +211,55 @@ def test_extra_varying_flag_splits_rows(tmp_path):
     assert table.rows == ["TVLARS [lam=0.0001]", "TVLARS [lam=0.001]"]
 
 
-def test_ssl_sweep_untrained_row_and_knn_table(tmp_path):
+def ssl_summary(probe: float, knn: float, *, epochs: int = 1, written_before_2026_12_05: bool = False) -> dict:
+    """summary.json of a completed tvlars ssl run (the probe's best epoch 2 points above its last),
+    today's or as written before the probe's numbers had their own names."""
+    summary = {"status": "completed", "epochs_done": epochs, "final_test_acc": probe, "wall_time_s": 1.0,
+               "world_size": 1, "knn_acc": knn, "knn20_acc": knn, "online_acc": None, "linear_top5": 99.0,
+               "probe_best_epoch": 40, "probe_lr": 0.3}
+    if written_before_2026_12_05:
+        return {**summary, "best_test_acc": probe + 2, "best_epoch": epochs}
+    return {**summary, "probe_best_acc": probe + 2}
+
+
+def test_ssl_sweep_reports_the_final_probe_untrained_row_and_knn_table(tmp_path):
     (tmp_path / "sweep.json").write_text("{}")
 
-    def ssl_run(name, knn, probe, **kw):
+    def ssl_run(name, knn, probe, old=False, **kw):
         d = make_run(tmp_path, name, command="ssl", dataset="fashion-mnist", accs=(probe,), **kw)
-        summary = json.loads((d / "summary.json").read_text())
-        (d / "summary.json").write_text(json.dumps({**summary, "knn_acc": knn}))
+        (d / "summary.json").write_text(json.dumps(ssl_summary(probe, knn, written_before_2026_12_05=old)))
 
     ssl_run("untrained", 74.0, 76.0, extra={"epochs": 0})
     for seed, (knn, probe) in enumerate([(82.0, 84.0), (84.0, 86.0)]):
-        ssl_run(f"lars{seed}", knn, probe, seed=seed)
+        ssl_run(f"lars{seed}", knn, probe, old=seed == 1, seed=seed)
     table = report.build_table(runs.load_runs(tmp_path))
     assert table.rows == ["LARS (warm-up)", "Untrained encoder"]  # not a row of the optimizer it was given
     text = report.render_markdown(table)
+    probe = text.split("## Table 1: linear probe top-1 after its last epoch (%)")[1].split("##")[0]
+    # the probe after its last epoch, never its best epoch (chosen on the test set), old folders too
+    assert "| LARS (warm-up) | 512 (1) | 85.00 ± 1.41 (2) |" in probe
+    assert "| Untrained encoder | 512 (1) | 76.00 (1) |" in probe
+    assert "best test accuracy" not in text and "Epochs to reach" not in text
     knn = text.split("## kNN accuracy of the final encoder (%)")[1].split("##")[0]
     assert "| LARS (warm-up) | 512 (1) | 83.00 ± 1.41 (2) |" in knn
     assert "| Untrained encoder | 512 (1) | 74.00 (1) |" in knn
     rows = {r["row"]: r for r in csv.DictReader(io.StringIO(report.render_csv(table)))}
-    assert (rows["LARS (warm-up)"]["knn_mean"], rows["Untrained encoder"]["best_mean"]) == ("83", "76")
+    assert rows["LARS (warm-up)"]["knn_mean"] == "83" and rows["LARS (warm-up)"]["n"] == "2"
+    assert (rows["Untrained encoder"]["final_mean"], rows["Untrained encoder"]["best_mean"]) == ("76", "")
+    with pytest.raises(UserError, match="--metric best: a tvlars ssl run has one test accuracy"):
+        report.render_markdown(table, "best")
     # a classification sweep has no kNN section
     assert "kNN" not in report.render_markdown(report.build_table(runs.load_runs(fabricate_sweep(tmp_path / "c"))))
+
+
+def test_an_old_ssl_summary_is_read_under_todays_names(tmp_path):
+    from tvlars import runfolder
+
+    (tmp_path / "summary.json").write_text(json.dumps(ssl_summary(80.0, 70.0, epochs=20,
+                                                                  written_before_2026_12_05=True)))
+    summary = runfolder.read_summary(tmp_path)
+    assert summary["probe_best_acc"] == 82.0 and summary["final_test_acc"] == 80.0
+    assert "best_test_acc" not in summary and "best_epoch" not in summary
 
 
 def test_cli(tmp_path, capsys):

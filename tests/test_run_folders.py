@@ -45,6 +45,8 @@ def test_a_run_folder_of_2026_11_30_resumes_and_reports(tmp_path, command):
     assert run_command(module, out, "--resume") == 0  # the settings come from the old config.yaml
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_done"] == 2 and summary["world_size"] == 1
+    if command == "ssl":  # the probe's best epoch by its own name; no best over pre-training epochs
+        assert "probe_best_acc" in summary and "best_test_acc" not in summary and "best_epoch" not in summary
     rows = read_csv(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[0] == read_csv(FIXTURES / command / "metrics.csv")[0]  # the old row is kept as it was
@@ -55,4 +57,4 @@ def test_a_run_folder_of_2026_11_30_resumes_and_reports(tmp_path, command):
     (sweep / "sweep.json").write_text("{}")
     (run,) = runs.load_runs(sweep)
     assert run.finished and runs.run_accuracy(run, "final") == pytest.approx(summary["final_test_acc"])
-    assert "1 finished (0 diverged)" in report.write_report(sweep)
+    assert "1 finished (0 diverged, 0 exploded)" in report.write_report(sweep)

@@ -496,20 +496,23 @@ def test_end_to_end_real_train(tmp_path):
         "command": "train",
         "base": {"dataset": "synthetic", "model": "mlp", "epochs": 2, "batch_size": 32, "device": "cpu",
                  "synthetic_train": 256, "synthetic_test": 128, "synthetic_image_size": 8},
-        "grid": [{"optimizer": ["lars", "tvlars"], "lr": [1.0]}],
+        # LARS at lr 100 blows up without a non-finite value: training loss ~100 at chance (10 classes)
+        "grid": [{"optimizer": ["lars", "tvlars"], "lr": [1.0]}, {"optimizer": ["lars"], "lr": [100.0]}],
     })
     out = tmp_path / "e2e"
     env = {k: v for k, v in os.environ.items() if k != sweep.LAUNCHER_ENV}
     cmd = [sys.executable, "-m", "tvlars", "sweep", str(path), "--out", str(out), "--workers", "2", "--report"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in ("optimizer-lars_lr-1", "optimizer-tvlars_lr-1"):
+    for name in ("optimizer-lars_lr-1", "optimizer-tvlars_lr-1", "optimizer-lars_lr-100"):
         summary = json.loads((out / name / "summary.json").read_text())
-        assert summary["status"] in ("completed", "diverged")
+        assert summary["status"] == "completed"  # the run's own word stays
         assert (out / name / "metrics.csv").is_file()
-    assert (out / "report.md").is_file()
+    assert "3 completed (1 with an exploded loss)" in done.stdout
+    report = (out / "report.md").read_text()
+    assert "3 finished (0 diverged, 1 exploded)" in report and " ‡ |" in report
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 0 and "2 already finished, 0 to run" in again.stdout
+    assert again.returncode == 0 and "3 already finished, 0 to run" in again.stdout
 
 
 def test_help_names_every_shipped_grid():

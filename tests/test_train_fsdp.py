@@ -4,7 +4,7 @@ resumed from the (whole) checkpoint, end where 1 process training the unsharded 
 import pytest
 import torch
 
-from helpers import read_csv, torchrun, tvlars_cli, tvlars_torchrun
+from helpers import read_csv, run_gloo, torchrun, tvlars_cli, tvlars_torchrun
 from test_train_ddp import FLAGS
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -19,6 +19,7 @@ def test_two_sharded_processes_stopped_and_resumed_match_one(tmp_path):
     assert one.returncode == 0, one.stderr[-4000:]
     first = tvlars_torchrun(2, *flags, "--fsdp", "--stop-after-epochs", "1", "--out", str(tmp_path / "two"), env=ENV)
     assert first.returncode == 0, first.stderr[-4000:]
+    assert "sync-bn" not in first.stderr  # an MLP has no batch norm to synchronise
     # the checkpoint is whole: parameters keyed as without sharding, full shapes
     saved = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     reference = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
@@ -41,3 +42,32 @@ def test_two_sharded_processes_stopped_and_resumed_match_one(tmp_path):
 def test_ssl_refuses_fsdp(tmp_path):
     done = tvlars_cli("ssl", "--dataset", "digits", "--fsdp", "--out", str(tmp_path / "run"), env=ENV)
     assert done.returncode == 2 and "--fsdp" in done.stderr, done.stderr[-2000:]
+
+
+def _sync_bn_notes(rank, world):
+    """What preparing an MLP (sharded) and an MLP with batch norm (DDP) says on 2 CPU processes."""
+    import contextlib
+    import io
+    import os
+
+    from tvlars.harness.models import build_model
+    from tvlars.harness.runtime import prepare_model, setup_runtime
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
+    runtime = setup_runtime("cpu")
+    notes = []
+    for name, fsdp in (("mlp", True), ("mlp-bn", False)):
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            prepare_model(build_model(name, 10, 1, 8), runtime, sync_bn=True, fsdp=fsdp)
+        notes.append(said.getvalue())
+    return notes
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_the_sync_bn_note_only_where_batch_norm_is(tmp_path):
+    (mlp, mlp_bn), (quiet, also_quiet) = run_gloo(2, _sync_bn_notes, tmp_path)
+    assert mlp == ""  # nothing about batch norm, and no warning, for a model without
+    assert mlp_bn.startswith("tvlars: note: batch norm statistics stay per process: --sync-bn")
+    assert mlp_bn.count("\n") == 1
+    assert quiet == also_quiet == ""

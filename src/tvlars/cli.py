@@ -8,11 +8,13 @@ given on the command line override it.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+import tvlars
 from tvlars.errors import UserError
 
 COMMANDS = {
@@ -31,6 +33,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def file_flag(actions: dict[str, argparse.Action], key: Any, value: Any, where: str, command: str) -> tuple[str, Any]:
+    """(destination, value) of a flag set in a file (a --config file, a sweep's grid), checked
+    as argparse checks it on a command line: an unknown key names the closest flag; switches
+    take true or false, numbers numbers (given as strings too), choices one of theirs."""
+    dest = str(key).replace("-", "_")
+    action = actions.get(dest)
+    if action is None or not action.option_strings:
+        flags = [d.replace("_", "-") for d, a in actions.items() if a.option_strings]
+        close = difflib.get_close_matches(dest.replace("_", "-"), flags, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (see {command} --help)"
+        raise UserError(f"{where}: unknown flag '{key}' for {command}{hint}")
+    flag = next((o for o in action.option_strings if o.lstrip("-").replace("-", "_") == dest),
+                action.option_strings[-1])
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {flag} takes true or false, not {value!r}")
+        return dest, value
+    kind = action.type
+    if value is not None and kind in (int, float) and action.nargs is None:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: {flag} takes a number, not {value!r}")
+        try:
+            number = kind(value) if not (kind is int and isinstance(value, float)) else None
+        except (TypeError, ValueError):
+            number = None
+        if kind is int and isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if number is None:
+            raise UserError(f"{where}: {flag} takes {'an integer' if kind is int else 'a number'}, not {value!r}")
+        value = number
+    if action.choices is not None and value is not None:
+        values = value if isinstance(value, list) and action.nargs not in (None, "?") else [value]
+        for v in values:
+            if v not in action.choices and str(v) not in {str(c) for c in action.choices}:
+                choices = ", ".join(map(str, action.choices))
+                raise UserError(f"{where}: {flag} must be one of {choices}, not {v!r}")
+    return dest, value
+
+
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     """Flag values from a YAML file, checked against the parser's flags."""
     import yaml  # the harness extra; the optimizers never get here
@@ -47,14 +88,8 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must map flag names to values")
-    known = {a.dest for a in parser._actions}
-    normalised = {}
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
-            raise UserError(f"config file {path}: unknown setting '{key}'")
-        normalised[dest] = value
-    return normalised
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    return dict(file_flag(actions, key, value, f"config file {path}", parser.prog) for key, value in values.items())
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:
@@ -71,6 +106,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = _Parser(prog="tvlars", description="Large-batch training with layer-wise adaptive optimizers.")
+    parser.add_argument("--version", action="version", version=f"tvlars {tvlars.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers = {}
     for name, (module, summary) in COMMANDS.items():
@@ -110,10 +146,19 @@ def _dispatch(argv: list[str]) -> int:
         parser.print_help()
         return 2
     sub = subparsers[args.command]
-    if getattr(args, "config", None):
-        sub.set_defaults(**_config_defaults(sub, args.config))
-        args = parser.parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    run = importlib.import_module(COMMANDS[args.command][0]).run
+    if not getattr(args, "config", None):
+        return run(args)
+    from_file = _config_defaults(sub, args.config)
+    sub.set_defaults(**from_file)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:  # "--lr must be positive": name the file when it set --lr
+        dest = {opt: a.dest for a in sub._actions for opt in a.option_strings}.get(str(err).split(" ", 1)[0])
+        if dest in from_file and getattr(args, dest) == from_file[dest]:
+            raise UserError(f"config file {args.config}: {err}") from None
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

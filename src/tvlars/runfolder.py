@@ -45,6 +45,16 @@ SSL_METRIC_COLUMNS = METRIC_COLUMNS + ("knn_acc", "knn20_acc", "online_acc")
 LAYER_COLUMNS = ("step", "epoch", "layer", "weight_norm", "grad_norm", "trust_ratio", "step_size")
 PROBE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_top5")
 
+# summary.json: the status and the numbers the study reports (accuracies in percent).
+#   status, epochs_done, wall_time_s, world_size;
+#   final_test_acc: the finished model's test accuracy: train's last epoch; ssl's linear probe
+#       after its last epoch (the ssl headline)
+#   train: best_test_acc and best_epoch, the best epoch's test accuracy (chosen on the test set,
+#       as the paper's Table 1 does)
+#   ssl: linear_top5 (the probe after its last epoch), probe_best_acc and probe_best_epoch (the
+#       probe's best epoch, chosen on the test set: a diagnostic, never a run's accuracy),
+#       probe_lr; knn_acc, knn20_acc, online_acc of the last evaluated encoder
+
 
 # --------------------------------------------------------------------------- writing
 
@@ -113,6 +123,7 @@ def update_summary(folder: str | os.PathLike, **fields) -> None:
     summary = read_summary(folder)
     summary.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                     for k, v in plain(fields).items()})
+    _rename_old_fields(summary)  # a resumed run's summary goes by today's names too
     atomic_write(Path(folder) / SUMMARY, json.dumps(summary, indent=2, allow_nan=True) + "\n")
 
 
@@ -169,12 +180,23 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def read_summary(folder: str | os.PathLike) -> dict:
-    """summary.json, {} when missing or unreadable (a run that has not got that far)."""
+    """summary.json under today's field names, {} when missing or unreadable (a run that has
+    not got that far)."""
     try:
         data = json.loads((Path(folder) / SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
         return {}
-    return data if isinstance(data, dict) else {}
+    return _rename_old_fields(data) if isinstance(data, dict) else {}
+
+
+def _rename_old_fields(summary: dict) -> dict:
+    """An ssl summary written before 2026-12-05 held its probe's best epoch as best_test_acc
+    and the pre-training epochs as best_epoch: the probe's number goes by the probe's name."""
+    if "probe_best_epoch" in summary:  # ssl, completed
+        best = summary.pop("best_test_acc", None)
+        summary.pop("best_epoch", None)
+        summary.setdefault("probe_best_acc", best)
+    return summary
 
 
 def number(text: Any) -> float | None:

@@ -251,7 +251,8 @@ def run_record(cfg: TrainConfig, runtime, *, micro: int, per_rank: int, steps_pe
                       world_size=runtime.world_size, torch_version=torch.__version__, tvlars_version=package_version(),
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                       delay_steps_resolved=cfg.delay_in_steps(steps_per_epoch), peak_lr=cfg.peak_lr,
-                      train_size=len(data.train_labels), test_size=len(data.test_labels), **extra)
+                      train_size=len(data.train_labels), test_size=len(data.test_labels),
+                      num_classes=data.num_classes, **extra)
 
 
 def package_version() -> str:
@@ -309,12 +310,11 @@ class Session:
             return True
         return False
 
-    def diverged(self, epoch: int, *, what: str, best_test_acc=None, best_epoch=None) -> int:
-        """A non-finite loss or weight in ``epoch`` (0-based): summary.json "diverged", the
-        last good checkpoint kept, one line on stderr; returns the exit status 1."""
+    def diverged(self, epoch: int, *, what: str, **summary) -> int:
+        """A non-finite loss or weight in ``epoch`` (0-based): summary.json "diverged" (plus
+        ``summary``), the last good checkpoint kept, one line on stderr; returns the exit status 1."""
         self.log.write_summary(status=runfolder.DIVERGED, epochs_done=epoch, final_test_acc=None,
-                               best_test_acc=best_test_acc, best_epoch=best_epoch, wall_time_s=self.wall_time(),
-                               diverged_at_epoch=epoch + 1)
+                               wall_time_s=self.wall_time(), diverged_at_epoch=epoch + 1, **summary)
         self.log.close()
         kept = f"the checkpoint of epoch {epoch} is kept" if epoch > 0 else "no checkpoint was written"
         print(f"tvlars: error: {what} diverged in epoch {epoch + 1} (non-finite loss or weights); {kept} in {self.out}",
@@ -328,10 +328,10 @@ class Session:
 
 
 def start_session(opened: OpenedRun, runtime, record: dict, *, started: float, resume_epoch, resume_step: int,
-                  epochs_done: int, best_test_acc=None, best_epoch=None,
-                  metric_columns=runfolder.METRIC_COLUMNS) -> Session:
-    """config.yaml written and summary.json "running", once every rank has checked the folder.
-    ``resume_epoch``/``resume_step``: see RunLog (None starts the folder over)."""
+                  epochs_done: int, metric_columns=runfolder.METRIC_COLUMNS, **summary) -> Session:
+    """config.yaml written and summary.json "running" (plus the command's own ``summary``
+    fields), once every rank has checked the folder. ``resume_epoch``/``resume_step``: see
+    RunLog (None starts the folder over)."""
     saved = opened.saved
     if saved is not None and saved.get("world_size") not in (None, runtime.world_size):
         say(runtime, f"tvlars: note: resuming a run started with {saved['world_size']} process(es) "
@@ -343,7 +343,6 @@ def start_session(opened: OpenedRun, runtime, record: dict, *, started: float, r
         log.write_config(record)
     except OSError as err:
         raise UserError(f"cannot write the run folder {opened.out}: {err.strerror or err}") from None
-    log.write_summary(status=runfolder.RUNNING, epochs_done=epochs_done, final_test_acc=None,
-                      best_test_acc=best_test_acc, best_epoch=best_epoch, wall_time_s=None,
-                      world_size=runtime.world_size)
+    log.write_summary(status=runfolder.RUNNING, epochs_done=epochs_done, final_test_acc=None, wall_time_s=None,
+                      world_size=runtime.world_size, **summary)
     return Session(opened, runtime, log, started)

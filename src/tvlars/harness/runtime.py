@@ -136,6 +136,8 @@ def seed_everything(seed: int) -> None:
 def prepare_model(model, runtime: Runtime, *, sync_bn: bool = False, channels_last: bool = False,
                   compile: bool = False, fsdp: bool = False):
     """(wrapped, module): device, SyncBN, channels_last, DDP or FSDP2, compile -- in that order.
+    SyncBN is CUDA's; elsewhere a model with batch norm gets a note that its statistics stay
+    per process (a model without says nothing: --sync-bn does not apply to it).
 
     Train and evaluate with the first; save, load and name parameters with the second,
     so that checkpoints and layers.csv never see a wrapper's prefixes. ``fsdp`` (distributed
@@ -148,16 +150,21 @@ def prepare_model(model, runtime: Runtime, *, sync_bn: bool = False, channels_la
         module = module.to(memory_format=torch.channels_last)
     wrapped = module
     if runtime.distributed:
-        if sync_bn and runtime.device.type == "cuda":
+        synced = sync_bn and runtime.device.type == "cuda"
+        if synced:
             module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
             wrapped = module
+        elif sync_bn and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            say(runtime, f"tvlars: note: batch norm statistics stay per process: --sync-bn (on by default) "
+                         f"needs CUDA, not {runtime.device.type}")
         if fsdp:
             wrapped = module = _fully_shard(module, runtime)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            wrapped = DDP(module, device_ids=ids, broadcast_buffers=not sync_bn or runtime.device.type != "cuda")
+            # SyncBN keeps the buffers in step; torch >= 2.14 warns when broadcast_buffers is given at all
+            wrapped = DDP(module, device_ids=ids, **({"broadcast_buffers": False} if synced else {}))
     if compile:
         wrapped = torch.compile(wrapped)
     return wrapped, module

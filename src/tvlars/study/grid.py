@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from tvlars.cli import file_flag
 from tvlars.errors import UserError
 
 COMMANDS = ("train", "ssl")
@@ -251,34 +252,7 @@ def _coerce(actions: dict, dest: str, value: Any, where: str, command: str = "th
     """Check one flag value against the command's parser; numbers given as strings become numbers."""
     if dest in RESERVED:
         raise UserError(f"{where}: '{dest}' is set by the sweep for every run; remove it from the grid file")
-    action = actions.get(dest)
-    if action is None or not action.option_strings:
-        raise UserError(f"{where}: unknown flag '{dest}' for {command} (see {command} --help)")
-    flag = action.option_strings[-1]
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: {flag} takes true or false, not {value!r}")
-        return value
-    kind = action.type
-    if value is not None and kind in (int, float) and action.nargs is None:
-        if isinstance(value, bool):
-            raise UserError(f"{where}: {flag} takes a number, not {value!r}")
-        try:
-            number = kind(value) if not (kind is int and isinstance(value, float)) else None
-        except (TypeError, ValueError):
-            number = None
-        if kind is int and isinstance(value, float) and value.is_integer():
-            number = int(value)
-        if number is None:
-            raise UserError(f"{where}: {flag} takes {'an integer' if kind is int else 'a number'}, not {value!r}")
-        value = number
-    if action.choices is not None and value is not None:
-        values = value if isinstance(value, list) and action.nargs not in (None, "?") else [value]
-        for v in values:
-            if v not in action.choices and str(v) not in {str(c) for c in action.choices}:
-                choices = ", ".join(map(str, action.choices))
-                raise UserError(f"{where}: {flag} must be one of {choices}, not {v!r}")
-    return value
+    return file_flag(actions, dest, value, where, command)[1]
 
 
 def format_value(value: Any) -> str:

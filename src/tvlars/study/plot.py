@@ -1,7 +1,8 @@
 """``tvlars plot RUN_OR_SWEEP_DIR``: the paper's figures for one run or a whole sweep.
 
 Figures (written atomically into ``--out``, default ``<dir>/figures/``, one file per
-``--format``: png, svg, pdf):
+``--format``: png, svg, pdf; default png and svg). A series of a few points (a 1-epoch run,
+layers.csv with one row, kNN every few epochs) has its points marked: a line needs two.
 
 ``curves_B<batch>``   test accuracy and test loss against epochs for one batch size, a
                       line per optimizer variant and learning rate (mean over seeds):
@@ -20,7 +21,8 @@ Figures (written atomically into ``--out``, default ``<dir>/figures/``, one file
 ``tv-factor``         phi_t (Eq. 4, ``tvlars.tv_factor``) against steps for several lam
                       (``--lams``, default the paper's 1e-2 .. 1e-6): Figure 3. For a sweep,
                       the span of steps its runs trained is shaded.
-``accuracy-vs-lam``   best test accuracy against lam, when the sweep varies lam: Figure 4.
+``accuracy-vs-lam``   best test accuracy (ssl: the linear probe's) against lam, when the sweep
+                      varies lam: Figure 4.
 ``epochs-to-target``  per batch size and optimizer variant (each at its best lr), the
                       epochs to reach ``--target`` % of the best accuracy any run reached at
                       that batch size; bars that never get there are marked (classification
@@ -44,12 +46,16 @@ from tvlars.cli import parse_formats
 from tvlars.errors import UserError
 from tvlars.runfolder import number
 from tvlars.study.grid import format_value
-from tvlars.study.runs import (UNTRAINED, best_per_batch, epochs_to_accuracy, group_by_setting, label_order,
-                               load_runs, mean_std, run_accuracy, variant)
+from tvlars.study.runs import (UNTRAINED, best_per_batch, epochs_to_accuracy, group_by_setting, headline_metric,
+                               is_ssl, label_order, load_runs, mean_std, run_accuracy, variant)
 
 FIGURES = ("curves", "layers", "tv-factor", "lam", "epochs")
 FORMATS = ("png", "svg", "pdf")
+DEFAULT_FORMATS = ("png", "svg")  # a raster to look at and a vector to print
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+#: Series of at most this many points are drawn with their points marked: one point alone
+#: draws no line at all, and a few read better as points.
+MARKED_UP_TO = 20
 
 
 # --------------------------------------------------------------------------- CLI
@@ -58,7 +64,8 @@ LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_OR_SWEEP_DIR", help="a run folder or a sweep folder")
     parser.add_argument("--out", metavar="DIR", default=None, help="where the figures go (default DIR/figures)")
-    parser.add_argument("--format", default="png", metavar="LIST", help="comma-separated: png, svg, pdf (default png)")
+    parser.add_argument("--format", default=",".join(DEFAULT_FORMATS), metavar="LIST",
+                        help=f"comma-separated: {', '.join(FORMATS)} (default {','.join(DEFAULT_FORMATS)})")
     parser.add_argument("--figures", default=",".join(FIGURES), metavar="LIST",
                         help=f"comma-separated subset of {', '.join(FIGURES)} (default all)")
     parser.add_argument("--layers", default="auto", metavar="LIST",
@@ -115,6 +122,13 @@ def save(fig, out: Path, stem: str, formats: Sequence[str], dpi: int = 120, tigh
         paths.append(path)
     _pyplot().close(fig)
     return paths
+
+
+def _plot(ax, xs, ys, **style) -> None:
+    """``ax.plot``, with markers on a short series (MARKED_UP_TO)."""
+    if len(xs) <= MARKED_UP_TO:
+        style = {"marker": "o", "markersize": 3.5, **style}
+    ax.plot(xs, ys, **style)
 
 
 def _slug(text: str) -> str:
@@ -201,10 +215,6 @@ def _colors(labels: Sequence[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- figures
 
 
-def is_ssl(runs) -> bool:
-    return any(str(r.get("command", "train")).lower() == "ssl" for r in runs)
-
-
 def _curve_columns(runs) -> tuple[str, str]:
     """The (accuracy, loss) columns of metrics.csv a sweep's curves show: tvlars ssl has a
     test accuracy only after its final probe, so its curves are the per-epoch kNN accuracy
@@ -244,11 +254,11 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Pa
                 name = f"{label}, lr {format_value(lr)}" + (f" (mean of {n})" if n > 1 else "")
                 xs, ys = _mean_curve(members, acc_column)
                 if xs:
-                    ax_acc.plot(xs, ys, label=name, **style)
+                    _plot(ax_acc, xs, ys, label=name, **style)
                 xs, ys = _mean_curve(members, loss_column)
                 pos = [(x, y) for x, y in zip(xs, ys) if y > 0]
                 if pos:
-                    ax_loss.plot([p[0] for p in pos], [p[1] for p in pos], **style)
+                    _plot(ax_loss, [p[0] for p in pos], [p[1] for p in pos], **style)
         if acc_column == "knn_acc":
             if untrained is not None:
                 ax_acc.axhline(untrained, color="grey", linestyle="--", linewidth=1.2,
@@ -314,15 +324,14 @@ def figure_layers(runs, out: Path, formats, layers_spec="auto", dpi=120, single=
                 color = cmap(j / max(1, len(names) - 1) * 0.85)
                 steps = series["step"]
                 ratio = [w / g if g and g > 0 else float("nan") for w, g in zip(series["weight_norm"], series["grad_norm"])]
-                axes[row, 0].plot(steps, series["weight_norm"], color=color, label=name, linewidth=1.3)
-                axes[row, 1].plot(steps, series["grad_norm"], color=color, label=name, linewidth=1.3)
-                axes[row, 2].plot(steps, ratio, color=color, label=name, linewidth=1.3)
+                for col, ys in enumerate((series["weight_norm"], series["grad_norm"], ratio)):
+                    _plot(axes[row, col], steps, ys, color=color, label=name, linewidth=1.3)
             if r.metrics and all(m.get("step") is not None for m in r.metrics):
                 pairs = [(m["step"], m.get(loss_column)) for m in r.metrics if m.get(loss_column) is not None]
                 xs, ys, loss_x = [p[0] for p in pairs], [p[1] for p in pairs], "step"
             else:
                 (xs, ys), loss_x = r.curve(loss_column), "epoch"
-            axes[row, 3].plot(xs, ys, color="black", linewidth=1.4)
+            _plot(axes[row, 3], xs, ys, color="black", linewidth=1.4)
             suffix = f" (lr {format_value(lr)})"
             loss_name = ("Barlow Twins loss", "training loss (Barlow Twins)") if loss_column == "train_loss" else \
                 ("test loss", "test loss (cross-entropy)")
@@ -378,13 +387,15 @@ def figure_tv_factor(out: Path, formats, lams: Sequence[float], delay: float = 0
 
 
 def figure_accuracy_vs_lam(runs, out: Path, formats, dpi=120) -> list[Path]:
-    """Best test accuracy against lam, for the TVLARS runs of a sweep that varies lam (Figure 4)."""
+    """Test accuracy (best epoch; ssl: the final linear probe) against lam, for the TVLARS
+    runs of a sweep that varies lam (Figure 4)."""
+    metric = headline_metric(runs)
     points: dict[tuple[int, float], dict[float, list[float]]] = {}
     for r in runs:
         if not r.finished or str(r.get("optimizer", "")).lower() != "tvlars":
             continue
         lam, batch, lr = (number(r.get(k)) for k in ("lam", "batch_size", "lr"))
-        acc = run_accuracy(r, "best")
+        acc = run_accuracy(r, metric)
         if None in (lam, batch, lr) or acc is None or lam <= 0:
             continue
         points.setdefault((int(batch), lr), {}).setdefault(lam, []).append(acc)
@@ -404,7 +415,8 @@ def figure_accuracy_vs_lam(runs, out: Path, formats, dpi=120) -> list[Path]:
                     color=colors[str(batch)], linestyle=LINESTYLES[lrs.index(lr) % len(LINESTYLES)],
                     label=f"B = {batch}, lr {format_value(lr)}")
     ax.set_xscale("log")
-    ax.set(xlabel="decay coefficient λ (log scale)", ylabel="best test accuracy (%)",
+    ax.set(xlabel="decay coefficient λ (log scale)",
+           ylabel="linear probe accuracy (%)" if metric == "final" else "best test accuracy (%)",
            title="TVLARS: accuracy against λ (mean ± std over seeds)")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -482,7 +494,7 @@ def figure_epochs_to_target(runs, out: Path, formats, fraction=0.95, dpi=120) ->
 # --------------------------------------------------------------------------- driver
 
 
-def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Sequence[str] = ("png",),
+def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Sequence[str] = DEFAULT_FORMATS,
                  figures: Sequence[str] = FIGURES, layers: str = "auto", lams: Sequence[float] = (),
                  delay: float = 0.0, target: float = 0.95, dpi: int = 120) -> list[Path]:
     folder = Path(path)

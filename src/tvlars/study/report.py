@@ -10,9 +10,14 @@ Layout, as Table 1: rows are optimizer variants ("LARS (warm-up)", "LARS (no war
 increasing order ("lr a/b/c"). A cell is the test accuracy (percent) of the runs with that
 setting: mean ± sample standard deviation over seeds, with n when there are several;
 "—" where no finished run exists; "†" when some of its runs diverged (their accuracy is
-the one the run recorded). Only finished runs (summary.json "completed" or "diverged")
-count. ``--metric best`` (default) uses each run's best test accuracy over epochs,
-``final`` the last epoch's; the report holds both tables, the chosen one first. When the
+the one the run recorded), "‡" when some exploded: completed, but with a training loss that
+ended non-finite or at least 10 times an untrained classifier's (runs.exploded), so that its
+accuracy is a broken network's or from before the blow-up. Only finished runs (summary.json
+"completed" or "diverged") count. ``--metric best`` (default) uses each run's best test accuracy over epochs,
+``final`` the last epoch's; the report holds both tables, the chosen one first. A
+``tvlars ssl`` sweep has one table: each run's linear probe after the probe's last epoch (the
+probe's best epoch is chosen on the test set, so it is no run's accuracy), and no
+epochs-to-target table (an ssl run tests once). When the
 sweep's dataset and task match a column of the paper's Table 1 (cifar10 / tinyimagenet,
 train / ssl), the published numbers are shown beside the measured ones.
 
@@ -40,8 +45,9 @@ from tvlars.cli import parse_formats
 from tvlars.errors import UserError
 from tvlars.runfolder import number
 from tvlars.study.grid import format_value
-from tvlars.study.runs import (RunData, best_per_batch, epochs_to_accuracy, group_by_setting, label_order,
-                               load_runs, mean_std, run_accuracy, variant)
+from tvlars.study.runs import (EXPLODED_FACTOR, RunData, best_per_batch, epochs_to_accuracy, exploded,
+                               group_by_setting, headline_metric, label_order, load_runs, mean_std, run_accuracy,
+                               variant)
 
 # --------------------------------------------------------------------------- CLI
 
@@ -49,8 +55,10 @@ from tvlars.study.runs import (RunData, best_per_batch, epochs_to_accuracy, grou
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", metavar="SWEEP_DIR", help="a sweep folder (or one run folder)")
     parser.add_argument("--out", metavar="DIR", default=None, help="where report.md/report.csv go (default SWEEP_DIR)")
-    parser.add_argument("--metric", choices=("best", "final"), default="best",
-                        help="test accuracy of a run: best over epochs (default) or the final epoch's")
+    parser.add_argument("--metric", choices=("best", "final"), default=None,
+                        help="test accuracy of a run: best over epochs (the default) or the final epoch's; "
+                             "a tvlars ssl run has only the final one, its linear probe's after the probe's "
+                             "last epoch")
     parser.add_argument("--format", default="md,csv", metavar="LIST", help="comma-separated: md, csv (default md,csv)")
     parser.add_argument("--target", type=float, default=95.0, metavar="PERCENT",
                         help="epochs-to-target table: first epoch reaching this %% of the best accuracy at the "
@@ -72,6 +80,7 @@ class Cell:
     final: tuple[float | None, float | None, int]
     epochs: tuple[float | None, float | None, int]
     diverged: int = 0
+    exploded: int = 0   # completed runs whose loss blew up (runs.exploded)
     runs: int = 0
     reached: int = 0   # runs that reached the epochs-to-target goal
     peak_lr: float | None = None   # the schedule's peak (config.yaml's peak_lr: lr after --lr-scaling)
@@ -89,6 +98,14 @@ class Table:
     paper_optimizer: dict[str, str]       # row label -> lars/lamb/tvlars for Table 1
     unfinished: int = 0
     total: int = 0
+    headline: str = "best"                # the metric runs are compared by (runs.headline_metric)
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """The accuracies a run of this table has, and what each is."""
+        if self.headline == "final":  # tvlars ssl
+            return {"final": "linear probe top-1 after its last epoch"}
+        return {"best": "best test accuracy over epochs", "final": "final test accuracy"}
 
     @property
     def seeded(self) -> bool:
@@ -122,6 +139,7 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
             final=mean_std(run_accuracy(r, "final") for r in members),
             epochs=mean_std(e for e in epochs if e is not None),
             diverged=sum(r.status == "diverged" for r in members),
+            exploded=sum(exploded(r) for r in members),
             runs=len(members),
             reached=sum(e is not None for e in epochs),
             peak_lr=number(members[0].get("peak_lr")),
@@ -132,14 +150,15 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
     rows = sorted({label for label, _, _ in groups}, key=label_order)
     return Table(dataset=",".join(sorted(datasets)), task=",".join(sorted(tasks)), rows=rows,
                  batch_sizes=sorted(lrs), lrs={b: sorted(v) for b, v in lrs.items()}, cells=cells,
-                 paper_optimizer=paper_optimizer, unfinished=sum(not r.finished for r in runs), total=len(runs))
+                 paper_optimizer=paper_optimizer, unfinished=sum(not r.finished for r in runs), total=len(runs),
+                 headline=headline_metric(runs))
 
 
 # --------------------------------------------------------------------------- formatting
 
 
 def fmt_stat(stat: tuple[float | None, float | None, int], digits: int = 2, diverged: int = 0,
-             show_n: bool = False) -> str:
+             show_n: bool = False, exploded: int = 0) -> str:
     """``mean ± std (n)``; a single value shows ``(1)`` only with ``show_n`` (a table with seeds)."""
     mean, std, n = stat
     if mean is None:
@@ -149,7 +168,11 @@ def fmt_stat(stat: tuple[float | None, float | None, int], digits: int = 2, dive
         text += f" ± {std:.{digits}f} ({n})"
     elif show_n:
         text += f" ({n})"
-    return text + (" †" if diverged else "")
+    return text + _marks(diverged, exploded)
+
+
+def _marks(diverged: int, exploded: int) -> str:
+    return (" †" if diverged else "") + (" ‡" if exploded else "")
 
 
 def fmt_epochs(cell: Cell | None) -> str:
@@ -219,7 +242,8 @@ def _peak_text(table: Table, label: str, batch: int) -> str:
 
 def markdown_accuracy(table: Table, metric: str, with_paper: bool) -> str:
     def text(cell):
-        return fmt_stat(getattr(cell, metric), diverged=cell.diverged, show_n=table.seeded) if cell else "—"
+        return fmt_stat(getattr(cell, metric), diverged=cell.diverged, show_n=table.seeded,
+                        exploded=cell.exploded) if cell else "—"
 
     return _markdown_lr_table(table, text, (lambda label, batch: paper_values(table, label, batch))
                               if with_paper else None)
@@ -265,7 +289,8 @@ def markdown_best(table: Table, metric: str) -> str:
                 row.append("—")
                 continue
             std = getattr(cell, metric)[1]
-            row.append(f"{acc:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (lr {format_value(lr)})")
+            row.append(f"{acc:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (lr {format_value(lr)})"
+                       + _marks(cell.diverged, cell.exploded))
         for _, first, others in claims:
             a = best[(first, batch)][0]
             b = [best[(o, batch)][0] for o in others if best[(o, batch)][0] is not None]
@@ -274,31 +299,42 @@ def markdown_best(table: Table, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(table: Table, metric: str = "best", target: float = 0.95, title: str = "") -> str:
+def render_markdown(table: Table, metric: str | None = None, target: float = 0.95, title: str = "") -> str:
     from tvlars.study import paper
 
-    other = "final" if metric == "best" else "best"
-    words = {"best": "best test accuracy over epochs", "final": "final test accuracy"}
+    metric = checked_metric(table, metric)
+    words = table.metrics
     finished = sum(c.runs for c in table.cells.values())
     diverged = sum(c.diverged for c in table.cells.values())
+    blown = sum(c.exploded for c in table.cells.values())
     parts = [f"# {title or 'Report'}\n",
-             f"{table.total} run{'s' if table.total != 1 else ''}: {finished} finished ({diverged} diverged), {table.unfinished} not finished "
+             f"{table.total} run{'s' if table.total != 1 else ''}: {finished} finished ({diverged} diverged, "
+             f"{blown} exploded), {table.unfinished} not finished "
              f"(not counted). Dataset {table.dataset}, tvlars {table.task}.\n",
              "Cells: accuracy in %, mean ± sample std over seeds (n) where there are several; "
-             "— no finished run; † some runs diverged.\n"]
+             "— no finished run; † some runs diverged; ‡ some runs exploded (completed, but the training loss "
+             f"ended non-finite or at least {EXPLODED_FACTOR:g}x an untrained classifier's).\n"]
     with_paper = has_paper(table)
+    if table.headline == "final":
+        parts.append("An ssl run's accuracy is its linear probe's, on the whole test set after the probe's last "
+                     "epoch; the probe's best epoch, chosen on the test set, stays in summary.json "
+                     "(probe_best_acc).\n")
     parts.append(f"\n## Table 1: {words[metric]} (%)\n")
     if with_paper:
         parts.append(f"\nBeside it, the paper's Table 1 ({paper.TITLES[(table.dataset, table.task)]}); "
                      "the paper does not say whether its LARS/LAMB rows used warm-up, so they stand beside both.\n")
     parts.append("\n" + markdown_accuracy(table, metric, with_paper))
-    parts.append(f"\n## Table 1: {words[other]} (%)\n\n" + markdown_accuracy(table, other, False))
+    for other in words:
+        if other != metric:
+            parts.append(f"\n## Table 1: {words[other]} (%)\n\n" + markdown_accuracy(table, other, False))
     if any(c.knn[0] is not None for c in table.cells.values()):
         parts.append("\n## kNN accuracy of the final encoder (%)\n\nA second reading of the same encoders "
                      "that trains nothing: the weighted kNN vote (--knn-k) on features of the un-augmented "
                      "images.\n\n" + _markdown_lr_table(
                          table, lambda c: fmt_stat(c.knn, show_n=table.seeded) if c else "—"))
     parts.append(f"\n## Best over learning rates: {words[metric]} (%)\n\n" + markdown_best(table, metric))
+    if table.headline == "final":
+        return "".join(parts)
     parts.append(f"\n## Epochs to reach {target * 100:g}% of the best test accuracy at the batch size\n\n"
                  "The goal is the same for every optimizer at a batch size: "
                  f"{target * 100:g}% of the best accuracy any run reached at it; "
@@ -312,7 +348,8 @@ def render_csv(table: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["dataset", "task", "row", "optimizer", "batch_size", "lr", "lr_index", "n", "n_diverged",
                      "best_mean", "best_std", "final_mean", "final_std", "epochs_to_target_mean",
-                     "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr", "knn_mean", "knn_std"])
+                     "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr", "knn_mean", "knn_std",
+                     "n_exploded"])
 
     def num(x):
         return "" if x is None else f"{x:.6g}"
@@ -327,15 +364,24 @@ def render_csv(table: Table) -> str:
                         continue
                     cell = Cell((None, None, 0), (None, None, 0), (None, None, 0))
                 writer.writerow([table.dataset, table.task, label, table.paper_optimizer.get(label, ""), batch,
-                                 num(lr), _letters(i + 1)[-1], cell.best[2], cell.diverged,
+                                 num(lr), _letters(i + 1)[-1], getattr(cell, table.headline)[2], cell.diverged,
                                  num(cell.best[0]), num(cell.best[1]), num(cell.final[0]), num(cell.final[1]),
                                  num(cell.epochs[0]), num(cell.epochs[1]), cell.reached,
                                  num(papers[i] if i < len(papers) else None), num(cell.peak_lr),
-                                 num(cell.knn[0]), num(cell.knn[1])])
+                                 num(cell.knn[0]), num(cell.knn[1]), cell.exploded])
     return buf.getvalue()
 
 
-def write_report(folder: str | Path, *, out: str | Path | None = None, metric: str = "best",
+def checked_metric(table: Table, metric: str | None) -> str:
+    """``metric``, or the table's headline when None; one the table's runs do not have is a UserError."""
+    metric = metric or table.headline
+    if metric not in table.metrics:
+        raise UserError(f"--metric {metric}: a tvlars ssl run has one test accuracy, its linear probe's after "
+                        "the probe's last epoch (--metric final, the default)")
+    return metric
+
+
+def write_report(folder: str | Path, *, out: str | Path | None = None, metric: str | None = None,
                  formats: Sequence[str] = ("md", "csv"), target: float = 0.95) -> str:
     """Build the report of a sweep folder, write report.md / report.csv, return the markdown."""
     folder = Path(folder)

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 from tvlars import runfolder
 from tvlars.errors import UserError
-from tvlars.runfolder import FINISHED, number
+from tvlars.runfolder import COMPLETED, FINISHED, number
 from tvlars.study.grid import format_value
 
 ORDER = ("lars", "lamb", "tvlars", "sgd", "adamw")
@@ -27,7 +27,7 @@ IGNORED = {
     "eval_every", "eval_batch_size", "layer_stats_every", "seed", "data_on_device", "compile",
     "channels_last", "micro_batch_size", "stop_after_epochs", "command", "batch_size", "lr",
     "optimizer", "warmup_epochs", "schedule", "delay_steps", "world_size", "tb", "tensorboard",
-    "cache_dir", "log_every", "name", "peak_lr",
+    "cache_dir", "log_every", "name", "peak_lr", "num_classes",
 }
 
 #: A setting of Table 1: (row label, batch size, learning rate).
@@ -52,6 +52,11 @@ class RunData:
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+    @property
+    def ssl(self) -> bool:
+        """A tvlars ssl run: its one test accuracy is its linear probe's, after pre-training."""
+        return str(self.get("command", "train")).lower() == "ssl"
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self.config.get(key)
@@ -116,8 +121,23 @@ def mean_std(values: Iterable[float]) -> tuple[float | None, float | None, int]:
     return mean, math.sqrt(var), n
 
 
+def is_ssl(runs: Sequence[RunData]) -> bool:
+    return any(r.ssl for r in runs)
+
+
+def headline_metric(runs: Sequence[RunData]) -> str:
+    """What a sweep's runs are compared by: classification, the best epoch's test accuracy
+    (the paper's Table 1); ssl, the linear probe after its last epoch (its best epoch would
+    be chosen on the test set)."""
+    return "final" if is_ssl(runs) else "best"
+
+
 def run_accuracy(run: RunData, metric: str = "best") -> float | None:
-    """A run's test accuracy (percent): summary.json's best/final, else from metrics.csv."""
+    """A run's test accuracy (percent), summary.json's else from metrics.csv: ``final``, the
+    finished model's (ssl: the linear probe after its last epoch), or ``best``, the best
+    epoch's (tvlars train; None for an ssl run, which tests once)."""
+    if metric == "best" and run.ssl:
+        return None
     key = "best_test_acc" if metric == "best" else "final_test_acc"
     value = _finite(run.summary.get(key))
     if value is not None:
@@ -127,6 +147,30 @@ def run_accuracy(run: RunData, metric: str = "best") -> float | None:
     if not accs:
         return None
     return max(accs) if metric == "best" else accs[-1]
+
+
+#: How far above an untrained classifier's loss a run's training loss must end to count as
+#: exploded (see exploded).
+EXPLODED_FACTOR = 10.0
+
+
+def exploded(run: RunData) -> bool:
+    """Whether a completed classification run blew up without diverging: its last training
+    loss is non-finite or at least EXPLODED_FACTOR times an untrained classifier's, ln(number
+    of classes), the loss of a uniform guess (config.yaml's num_classes; the run's first-epoch
+    loss for folders older than that record, which misses a blow-up inside the first epoch).
+    Its recorded accuracies are then those of a broken network or of epochs before the
+    blow-up. The harness stops only on non-finite values (status "diverged"); a finite blow-up
+    may come back down, so the study judges the whole run, and its status stays as written.
+    tvlars ssl runs never count: the Barlow Twins loss is bounded."""
+    if run.ssl or run.status != COMPLETED:
+        return False
+    losses = [m.get("train_loss") for m in run.metrics if m.get("train_loss") is not None]
+    if not losses:
+        return False
+    classes = number(run.get("num_classes"))
+    untrained = math.log(classes) if classes and classes > 1 else losses[0]
+    return not math.isfinite(losses[-1]) or losses[-1] >= EXPLODED_FACTOR * untrained
 
 
 def epochs_to_fraction(epochs: Sequence[float], accs: Sequence[float], fraction: float) -> float | None:

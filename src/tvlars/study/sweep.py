@@ -59,6 +59,7 @@ from tvlars.cli import command_parser
 from tvlars.errors import UserError
 from tvlars.runfolder import FINISHED, atomic_write, read_summary, run_state
 from tvlars.study.grid import Grid, Run, canonical, expand_grid, format_value, load_grid, shipped_grids
+from tvlars.study.runs import exploded, read_run
 
 LAUNCHER_ENV = "TVLARS_SWEEP_LAUNCHER"
 #: Seconds a stopped sweep gives its runs to write their state before killing them.
@@ -517,8 +518,9 @@ def run_sweep(grid: Grid, runs: list[Run], out: Path, *, workers: int = 1, devic
             raise
         pool.shutdown(wait=True)
         index.save()
-    log(f"sweep {out}: {len(result.completed)} completed, {len(result.diverged)} diverged, "
-        f"{len(result.failed)} failed, {len(result.skipped)} finished before")
+    blown = sum(exploded(read_run(out / name)) for name in result.completed)
+    log(f"sweep {out}: {len(result.completed)} completed ({blown} with an exploded loss), "
+        f"{len(result.diverged)} diverged, {len(result.failed)} failed, {len(result.skipped)} finished before")
     if result.failed:
         print(f"tvlars sweep: {len(result.failed)} run(s) failed:", file=sys.stderr)
         for name in result.failed:

@@ -60,6 +60,7 @@ CIFAR10_TEST_FILE = "test_batch"
 CIFAR10_META_FILE = "batches.meta"
 
 TINYIMAGENET_FOLDER = "tiny-imagenet-200"
+TINYIMAGENET_FETCH = "fetch http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data-dir"
 TINYIMAGENET_SIZE = 64
 # Bump when the cache file layout changes, so old caches are not read.
 TINYIMAGENET_CACHE_VERSION = 1
@@ -166,10 +167,7 @@ def load_data(
         return load_cifar10(root, download=download)
     if name == "tinyimagenet":
         if download:
-            raise UserError(
-                "tinyimagenet cannot be downloaded by tvlars; fetch "
-                "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into --data-dir"
-            )
+            raise UserError(f"tinyimagenet cannot be downloaded by tvlars; {TINYIMAGENET_FETCH}")
         return load_tinyimagenet(root, cache_dir=cache_dir)
     raise UserError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
 
@@ -299,18 +297,19 @@ def make_synthetic(
 # --------------------------------------------------------------------------- CIFAR-10
 
 
-def _find_dataset_folder(root: Path, folder_name: str, marker: str, dataset: str) -> Path:
-    """``root`` itself if it is the data set's folder, else ``root / folder_name``."""
+def _find_dataset_folder(root: Path, folder_name: str, marker: str, dataset: str, fix: str) -> Path:
+    """``root`` itself if it is the data set's folder, else ``root / folder_name``; when
+    neither, a UserError that ends with ``fix``, what the user can do about it."""
     if root.name == folder_name or (root / marker).exists():
         if not root.is_dir():
-            raise UserError(f"{dataset} data folder not found: {root}")
+            raise UserError(f"{dataset} data folder not found: {root}; {fix}")
         return root
     candidate = root / folder_name
     if candidate.is_dir():
         return candidate
     if not root.exists():
-        raise UserError(f"{dataset} data folder not found: {root}")
-    raise UserError(f"{dataset} data not found: {root} holds neither {marker} nor a {folder_name} folder")
+        raise UserError(f"{dataset} data folder not found: {root}; {fix}")
+    raise UserError(f"{dataset} data not found: {root} holds neither {marker} nor a {folder_name} folder; {fix}")
 
 
 def _read_pickle(path: Path) -> dict:
@@ -375,7 +374,8 @@ def load_cifar10(root: Path, *, download: bool = False) -> ImageData:
     """
     if download:
         _download_cifar10(Path(root))
-    folder = _find_dataset_folder(root, CIFAR10_FOLDER, CIFAR10_TEST_FILE, "CIFAR-10")
+    folder = _find_dataset_folder(root, CIFAR10_FOLDER, CIFAR10_TEST_FILE, "CIFAR-10",
+                                  f"give --data-dir the folder holding {CIFAR10_FOLDER}, or add --download to fetch it")
     train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_FILES]
     test_images, test_labels = _read_cifar_batch(folder / CIFAR10_TEST_FILE)
     meta = _read_pickle(folder / CIFAR10_META_FILE)
@@ -636,7 +636,7 @@ def load_tinyimagenet(root: Path, *, cache_dir: str | os.PathLike | None = None)
     covers every file's path, size and mtime, so any change to the folder decodes afresh
     (and replaces the stale cache of that folder).
     """
-    folder = _find_dataset_folder(root, TINYIMAGENET_FOLDER, "wnids.txt", "Tiny ImageNet")
+    folder = _find_dataset_folder(root, TINYIMAGENET_FOLDER, "wnids.txt", "Tiny ImageNet", TINYIMAGENET_FETCH)
     wnids, train_paths, train_labels, val_paths, val_labels = _tinyimagenet_listing(folder)
     listed = [folder / "wnids.txt", folder / "val" / "val_annotations.txt", *train_paths, *val_paths]
     folder_key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]

@@ -34,8 +34,9 @@ what differs:
     knn_acc, knn20_acc, online_acc, and its test_loss / test_acc stay empty except on the
     last epoch's row, whose test_acc is the linear probe's top-1 (test_loss stays empty: the
     probe reports accuracy); probe.csv holds the probe's per-epoch history; summary.json:
-    final_test_acc = linear probe top-1, best_test_acc = its best over the probe epochs,
-    best_epoch = the pre-training epochs, linear_top5, knn_acc, knn20_acc, online_acc.
+    final_test_acc = the linear probe's top-1 after its last epoch (the headline), linear_top5,
+    probe_best_acc / probe_best_epoch (its best epoch, chosen on the test set: a diagnostic),
+    knn_acc, knn20_acc, online_acc (tvlars.runfolder lists the fields).
     The last epoch's row is written after the probe; a run interrupted during the probe
     resumes with the probe only (the checkpoint of the last epoch carries that row).
 
@@ -236,9 +237,8 @@ def pretrain(opened, runtime, started: float) -> int:
     top1 = result["top1"]
     if pending is not None:
         session.log.log_epoch({**pending, "test_acc": top1})
-    session.complete(final_test_acc=top1, best_test_acc=result["best_top1"], best_epoch=cfg.epochs,
-                     linear_top5=result["top5"], probe_best_epoch=result["best_epoch"], probe_lr=result["lr"],
-                     **last_eval)
+    session.complete(final_test_acc=top1, linear_top5=result["top5"], probe_best_acc=result["best_top1"],
+                     probe_best_epoch=result["best_epoch"], probe_lr=result["lr"], **last_eval)
     say(runtime, f"tvlars: done: linear probe top-1 {top1:.2f}% (top-5 {result['top5']:.2f}%), "
                  + "".join(f"{k} {last_eval[k]:.2f}% " for k in ("knn_acc", "knn20_acc", "online_acc")
                            if k in last_eval)

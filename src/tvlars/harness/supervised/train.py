@@ -124,8 +124,6 @@ def train(opened, runtime, started: float) -> int:
     session = start_session(opened, runtime, record, started=started,
                             resume_epoch=start_epoch if state is not None else None, resume_step=step,
                             epochs_done=start_epoch, best_test_acc=best_acc, best_epoch=best_epoch)
-    if cfg.sync_bn and runtime.distributed and runtime.device.type != "cuda":
-        say(runtime, "tvlars: note: --sync-bn needs CUDA; batch norm statistics stay per process on the CPU")
     say(runtime, f"tvlars: training {cfg.model} on {cfg.dataset} ({n_train} images) with {cfg.optimizer}, "
                  f"batch {cfg.batch_size} = {runtime.world_size} x {math.ceil(per_rank / micro)} x {micro}, "
                  f"{steps_per_epoch} steps/epoch, run folder {out}")
