@@ -22,7 +22,7 @@ import yaml
 
 from tvlars.errors import UserError
 from tvlars.study import grid as grid_language
-from tvlars.study import sweep
+from tvlars.study import launch, sweep
 
 FAKE = textwrap.dedent(
     r"""
@@ -102,7 +102,7 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MARKS", str(marks))
     for var in ("FAKE_FAIL", "FAKE_KILL", "FAKE_HANG", "FAKE_SLEEP"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv(sweep.LAUNCHER_ENV, f"{sys.executable} {script}")
+    monkeypatch.setenv(launch.LAUNCHER_ENV, f"{sys.executable} {script}")
     monkeypatch.setattr(sweep, "command_parser", lambda command: fake_parser(command))
     return {"script": script, "marks": marks, "tmp": tmp_path}
 
@@ -500,7 +500,7 @@ def test_end_to_end_real_train(tmp_path):
         "grid": [{"optimizer": ["lars", "tvlars"], "lr": [1.0]}, {"optimizer": ["lars"], "lr": [100.0]}],
     })
     out = tmp_path / "e2e"
-    env = {k: v for k, v in os.environ.items() if k != sweep.LAUNCHER_ENV}
+    env = {k: v for k, v in os.environ.items() if k != launch.LAUNCHER_ENV}
     cmd = [sys.executable, "-m", "tvlars", "sweep", str(path), "--out", str(out), "--workers", "2", "--report"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -16,7 +16,10 @@ import io
 import json
 import math
 import os
+import socket
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
@@ -31,6 +34,7 @@ PROBE = "probe.csv"           # tvlars ssl: the linear probe, per epoch
 TENSORBOARD = "tb"            # a folder
 SWEEP_FLAGS = "sweep-run.yaml"  # the flags `tvlars sweep` gives the run (the folder may not have started)
 SWEEP_LOG = "log.txt"         # the run's output, appended by `tvlars sweep`
+RUN_LOCK = ".run.lock"        # who runs the run now (RunLock): one owner at a time
 
 #: The files a run writes: a folder holding any of them holds a started run.
 RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
@@ -239,3 +243,157 @@ def run_state(folder: str | os.PathLike) -> str:
     if status in FINISHED:
         return str(status)
     return "partial" if holds_run(folder) else "pending"
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+#: A lock's holder refreshes its mtime this often; a lock left unrefreshed for STALE_S is
+#: free (sooner on the holder's own host: when none of its processes lives any more).
+LOCK_HEARTBEAT_S = 30
+LOCK_STALE_S = 300
+
+
+def pid_alive(pid: int) -> bool:
+    if not 0 < pid < 2 ** 31:  # kill(-1, 0) would probe every process; huge ints overflow
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class RunLock:
+    """The one owner of a run folder: whoever holds it runs the run, every other launcher
+    (a second sweep, a job of another array, a local sweep beside a cluster one) leaves the
+    folder alone.
+
+    The lock is a file, made whole or not at all by link(2) (atomic on local disks and on
+    NFS), saying who holds it: ``owner`` (``slurm job 4242_3``, ``tvlars sweep (pid 812)``),
+    host, pids, token. fcntl locks are not used: not every shared filesystem has them, and
+    they say nothing about a job that died on another node. So a holder refreshes the file's
+    mtime every LOCK_HEARTBEAT_S, and a lock counts as held while it is fresh and, on the
+    holder's own host, one of its pids lives. A taker renames a stale lock aside before
+    removing it, and puts it back if it is not the one it judged stale (a new holder came
+    in between).
+
+    ``name`` other than RUN_LOCK locks something else the same way (the sweep folder).
+    """
+
+    def __init__(self, folder: str | os.PathLike, owner: str, name: str = RUN_LOCK):
+        self.path = Path(folder) / name
+        self.record = {"owner": owner, "host": socket.gethostname(), "pids": [os.getpid()],
+                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def acquire(self) -> dict | None:
+        """Take the lock: None when taken, else the live holder's record."""
+        mine = self.path.with_name(f"{self.path.name}.{self.record['token']}")
+        atomic_write(mine, json.dumps(self.record))
+        try:
+            for _ in range(3):
+                if self._link(mine):
+                    self._stop.clear()
+                    self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=f"lock {self.path}")
+                    self._beat.start()
+                    return None
+                holder = _read_lock(self.path) or {}  # {}: unreadable, held until stale
+                if lock_is_live(self.path, holder):
+                    return holder
+                self._remove_stale(holder)
+            return _read_lock(self.path) or {}
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _link(self, mine: Path) -> bool:
+        """link(2) makes the lock whole or not at all, on NFS too (open(2)'s advice): a
+        reader never sees a half-written lock; an error after a link that did happen shows
+        in the link count."""
+        try:
+            os.link(mine, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            return mine.stat().st_nlink == 2
+
+    def add_pid(self, pid: int) -> None:
+        """A process that runs for the holder: while it lives, the lock does on this host
+        (a launcher killed with SIGKILL leaves its run going; nobody may start a second)."""
+        self.record["pids"].append(pid)
+        atomic_write(self.path, json.dumps(self.record))
+
+    def release(self) -> None:
+        self._stop.set()
+        if _read_lock(self.path, token_only=True) == self.record["token"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RunLock":
+        holder = self.acquire()
+        if holder is not None:
+            raise UserError(f"{self.path.parent} is in use by {describe_holder(holder)}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def _remove_stale(self, holder: dict) -> None:
+        aside = self.path.with_name(f"{self.path.name}.{self.record['token']}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        if _read_lock(aside, token_only=True) != holder.get("token"):  # a new holder came in between
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path, token_only: bool = False) -> Any:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return data.get("token") if token_only else data
+
+
+def lock_is_live(path: Path, holder: dict) -> bool:
+    """Fresh, and on the holder's host one of its pids alive (elsewhere freshness is all
+    a shared filesystem tells)."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return False
+    if age > LOCK_STALE_S:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    pids = holder.get("pids")
+    return any(isinstance(pid, int) and pid_alive(pid) for pid in pids) if isinstance(pids, list) else False
+
+
+def run_holder(folder: str | os.PathLike, name: str = RUN_LOCK) -> dict | None:
+    """Who holds the folder's lock now (a RunLock's record), None when nobody does."""
+    path = Path(folder) / name
+    holder = _read_lock(path) or {}
+    return holder if lock_is_live(path, holder) else None
+
+
+def describe_holder(holder: dict) -> str:
+    return (f"{holder.get('owner') or 'another process'} on {holder.get('host') or 'an unknown host'}"
+            f" since {holder.get('since') or '?'}")

@@ -14,6 +14,9 @@ A YAML mapping::
                               # path is relative to the current directory
     workers: 2                # optional defaults for --workers and --threads
     threads: 1
+    slurm:                    # optional defaults for --launcher slurm: submitit's SlurmExecutor
+      partition: gpu          # parameters (tvlars.study.cluster); flags override them
+      gpus_per_node: 4
     base:                     # flags common to all runs (optional)
       dataset: cifar10
       epochs: 100
@@ -88,6 +91,7 @@ class Grid:
     workers: int | None = None
     threads: int | None = None
     path: str = ""
+    slurm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,7 +117,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise UserError(f"grid file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"grid file {path} must be a mapping with command:, base: and grid:")
-    keys = {"command", "name", "out", "base", "grid", "workers", "threads"}
+    keys = {"command", "name", "out", "base", "grid", "workers", "threads", "slurm"}
     unknown = sorted(k for k in set(map(str, data)) - keys if not k.startswith("x-"))
     if unknown:
         raise UserError(f"grid file {path}: unknown key '{unknown[0]}' (expected {', '.join(sorted(keys))})")
@@ -121,6 +125,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UserError(f"grid file {path}: {key} must be a positive integer, not {value!r}")
+    if not isinstance(data.get("slurm") or {}, dict):
+        raise UserError(f"grid file {path}: slurm must map SLURM settings (submitit's names) to values")
     command = data.get("command")
     if command not in COMMANDS:
         raise UserError(f"grid file {path}: command must be one of {', '.join(COMMANDS)}, not {command!r}")
@@ -146,7 +152,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
     if out is not None and not isinstance(out, str):
         raise UserError(f"grid file {path}: out must be a folder path")
     return Grid(command=command, name=name, base=dict(base), entries=entries, out=out, text=text,
-                workers=data.get("workers"), threads=data.get("threads"), path=str(path))
+                workers=data.get("workers"), threads=data.get("threads"), path=str(path),
+                slurm=dict(data.get("slurm") or {}))
 
 
 def shipped_grids() -> list[Path]:

@@ -1,6 +1,7 @@
 """``tvlars sweep GRID.yaml``: every run a grid names, each in its own process, resumably.
 
-What a grid file says and how its runs are named: tvlars.study.grid.
+What a grid file says and how its runs are named: tvlars.study.grid. How one run is
+launched (its command, log and outcome, also as a submitit job): tvlars.study.launch.
 
 Each run is its own ``tvlars`` process::
 
@@ -10,27 +11,35 @@ with stdout and stderr appended to ``<run>/log.txt``. A separate process, not a 
 call, so that one run's crash, memory or CUDA state cannot take the others down, and
 ``--resume`` makes the launch the same whether the run is new or half done.
 
-Resuming and failures
----------------------
+Launchers
+---------
+``--launcher subprocess`` (the default) runs the runs from this process, ``--workers`` at
+a time, and waits. ``--launcher local`` does the same through submitit's local executor
+(with its time limit and requeue). ``--launcher slurm`` submits the unfinished runs as one
+SLURM job array and returns (tvlars.study.cluster). ``--status`` says what each run is
+doing, from the run folders, their locks and the launchers' records.
+
+Resuming, failures, owners
+--------------------------
 A run whose ``summary.json`` says ``completed`` or ``diverged`` is finished and never run
 again. Starting an interrupted sweep again runs only the unfinished runs (partial ones
 resume from their checkpoints) and never deletes or rewrites a run folder's results. A run
 that exits non-zero (or exits 0 without a finished ``summary.json``) is recorded as failed
 and the sweep goes on; at the end the sweep lists the failures and exits 1. The sweep's
-index ``<out>/sweep.json`` (full state) and ``<out>/sweep.csv`` (one row per run) are
-rewritten atomically after every change; ``<out>/grid.yaml`` is a copy of the grid file.
-If an existing run folder holds different flags than the grid now gives it, the sweep
-refuses to start (rather than mixing two settings under one name).
+index ``<out>/sweep.json`` (full state, with each run's job id) and ``<out>/sweep.csv``
+(one row per run) are rewritten atomically after every change; ``<out>/grid.yaml`` is a
+copy of the grid file. If an existing run folder holds different flags than the grid now
+gives it, the sweep refuses to start (rather than mixing two settings under one name).
+Whoever runs a run holds its folder's lock (tvlars.runfolder.RunLock): a run held by
+another launcher (a SLURM job, a second sweep) is left to it, so a sweep submitted twice,
+or run locally and on a cluster at once, runs nothing twice. One sweep command at a time
+writes a sweep folder's index (``<out>/.sweep.lock``).
 
 ``--workers N`` runs N subprocesses at a time; ``--devices cuda:0,cuda:1`` hands runs to
 the devices round-robin through ``CUDA_VISIBLE_DEVICES``; ``--threads`` sets each run's
 ``OMP_NUM_THREADS`` (default: CPU count // workers, so parallel CPU runs do not
 oversubscribe the cores). ``--dry-run`` validates the grid and lists the runs with their
 state, writing nothing. ``--report`` runs ``tvlars report`` on the sweep at the end.
-
-The command launched can be replaced (tests, wrappers, job schedulers) with the
-environment variable ``TVLARS_SWEEP_LAUNCHER``: a command prefix (split like a shell
-would) that takes the place of ``python -m tvlars``.
 """
 
 from __future__ import annotations
@@ -57,13 +66,22 @@ from typing import Any, Callable, Sequence
 from tvlars import runfolder
 from tvlars.cli import command_parser
 from tvlars.errors import UserError
-from tvlars.runfolder import FINISHED, atomic_write, read_summary, run_state
+from tvlars.runfolder import FINISHED, RunLock, atomic_write, describe_holder, read_summary, run_holder, run_state
+from tvlars.study import cluster
 from tvlars.study.grid import Grid, Run, canonical, expand_grid, format_value, load_grid, shipped_grids
+from tvlars.study.launch import (STOP_GRACE_S, RunJob, default_launcher, last_line, now, outcome, run_argv,
+                                 signal_group, start_run)
 from tvlars.study.runs import exploded, read_run
 
-LAUNCHER_ENV = "TVLARS_SWEEP_LAUNCHER"
-#: Seconds a stopped sweep gives its runs to write their state before killing them.
-STOP_GRACE_S = 15
+LAUNCHERS = ("subprocess", "local", "slurm")
+SWEEP_LOCK = ".sweep.lock"  # held by the one sweep command that writes the folder's index
+#: Flags of one launcher only: given to another, they are an error, not ignored.
+_LAUNCHER_FLAGS = {
+    "slurm": ("slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint", "gpus_per_run", "cpus_per_run",
+              "array_parallelism", "slurm_setup", "slurm_option"),
+    "local|slurm": ("time_limit", "max_requeues"),
+    "subprocess|local": ("workers", "devices"),
+}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -87,11 +105,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the grid and list the runs and their state; run and write nothing")
     parser.add_argument("--report", action="store_true", help="at the end, write and print `tvlars report` for the sweep")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="subprocess",
+                        help="subprocess: run the runs from here, --workers at a time, and wait (default); "
+                             "local: the same as submitit jobs (time limit, requeue); slurm: submit the "
+                             "unfinished runs as one SLURM job array and return")
+    parser.add_argument("--status", action="store_true",
+                        help="say which runs are finished, running, queued or failed (with the failure's "
+                             "last line), from the run folders and the launchers' records; run nothing")
+    cluster.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     out = Path(args.out or grid.out or Path("runs") / grid.name)
+    runs = plan(grid)
+    if args.status:
+        print_status(out, runs)
+        return 0
+    _check_launcher_flags(args)
+    if args.launcher == "slurm":
+        if args.report:
+            raise UserError(f"--launcher slurm returns once the runs are queued: run tvlars report {out} later")
+        parameters = cluster.slurm_parameters(grid.slurm, args, job_name=f"tvlars-{grid.name}")
+        nproc = cluster.processes_per_run(parameters)
+        threads = args.threads if args.threads is not None else grid.threads
+        if threads is None and parameters.get("cpus_per_task"):
+            threads = max(1, parameters["cpus_per_task"] // nproc)
+        if args.dry_run:
+            print_plan(runs, out, grid.command, nproc)
+            print("slurm: " + ", ".join(f"{k}={v}" for k, v in parameters.items()))
+            return 0
+        submit_to_slurm(grid, runs, out, parameters, max_requeues=_max_requeues(args), threads=threads,
+                        grid_path=args.grid)
+        return 0
     workers = args.workers if args.workers is not None else (grid.workers or 1)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, not {workers}")
@@ -101,18 +147,34 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be at least 1, not {threads}")
     if threads is None and not os.environ.get("OMP_NUM_THREADS"):
         threads = max(1, (os.cpu_count() or 1) // workers)
-    runs = plan(grid)
     if args.dry_run:
         print_plan(runs, out, grid.command)
         return 0
+    executor = None
+    if args.launcher == "local":
+        executor = cluster.local_executor(out.absolute() / cluster.SUBMITIT_FOLDER, args.time_limit,
+                                          _max_requeues(args))
     with _sigterm_as_interrupt():
         result = run_sweep(grid, runs, out, workers=workers, devices=devices, grid_path=args.grid,
-                           threads=threads)
+                           threads=threads, executor=executor)
     if args.report:
         from tvlars.study import report
 
         print(report.write_report(out), end="")
     return 0 if not result.failed else 1
+
+
+def _check_launcher_flags(args: argparse.Namespace) -> None:
+    for launchers, flags in _LAUNCHER_FLAGS.items():
+        for flag in flags:
+            if getattr(args, flag, None) is not None and args.launcher not in launchers.split("|"):
+                raise UserError(f"--{flag.replace('_', '-')} is for --launcher {launchers.replace('|', ' or ')}")
+    if args.max_requeues is not None and args.max_requeues < 0:
+        raise UserError(f"--max-requeues must be 0 or more, not {args.max_requeues}")
+
+
+def _max_requeues(args: argparse.Namespace) -> int:
+    return cluster.DEFAULT_MAX_REQUEUES if args.max_requeues is None else args.max_requeues
 
 
 def plan(grid: Grid) -> list[Run]:
@@ -155,15 +217,12 @@ def parse_devices(text: str | None) -> list[str]:
 # --------------------------------------------------------------------------- the index
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 #: What a sweep.json record may hold, by field: the JSON types admitted.
 _RECORD_FIELDS = {"status": (str,), "attempts": (int,), "returncode": (int, type(None)),
                   "wall_time_s": (int, float, type(None)), "device": (str, type(None)),
                   "started": (str, type(None)), "finished": (str, type(None)), "error": (str, type(None)),
-                  "flags": (dict,), "in_grid": (bool,)}
+                  "flags": (dict,), "in_grid": (bool,), "launcher": (str, type(None)),
+                  "job_id": (str, type(None))}
 
 
 def read_index(path: Path) -> dict[str, dict]:
@@ -213,7 +272,7 @@ class SweepIndex:
             self.flag_columns += [k for k in r.keys if k not in self.flag_columns]
             record = {"name": r.name, "status": "pending", "attempts": 0, "returncode": None,
                       "wall_time_s": None, "device": None, "started": None, "finished": None,
-                      "error": None}
+                      "error": None, "launcher": None, "job_id": None}
             previous = earlier.get(r.name)
             if isinstance(previous, dict):
                 record.update({k: previous[k] for k in record if k != "name" and k in previous})
@@ -247,7 +306,7 @@ class SweepIndex:
 
     def _save(self) -> None:
         data = {"command": self.grid.command, "name": self.grid.name, "grid_file": self.grid_path,
-                "updated": _now(), "runs": list(self.records.values())}
+                "updated": now(), "runs": list(self.records.values())}
         atomic_write(self.out / "sweep.json", json.dumps(data, indent=1, default=str) + "\n")
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -278,21 +337,10 @@ class SweepResult:
     diverged: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # finished before this sweep started
+    elsewhere: list[str] = field(default_factory=list)  # held by another launcher: left to it
 
 
-def default_launcher() -> list[str]:
-    """The command prefix that runs ``tvlars``: $TVLARS_SWEEP_LAUNCHER or ``python -m tvlars``."""
-    prefix = os.environ.get(LAUNCHER_ENV)
-    if prefix:
-        return shlex.split(prefix)
-    return [sys.executable, "-m", "tvlars"]
-
-
-def run_argv(launcher: Sequence[str], command: str, run_dir: Path) -> list[str]:
-    return [*launcher, command, "--config", str(run_dir / runfolder.SWEEP_FLAGS), "--out", str(run_dir), "--resume"]
-
-
-def print_plan(runs: list[Run], out: Path, command: str) -> None:
+def print_plan(runs: list[Run], out: Path, command: str, nproc: int = 1) -> None:
     counts: dict[str, int] = {}
     for r in runs:
         state = run_state(out / r.name)
@@ -303,7 +351,7 @@ def print_plan(runs: list[Run], out: Path, command: str) -> None:
     print(f"sweep {out}: {len(runs)} runs of tvlars {command}: {finished} finished, {todo} to run "
           f"({counts.get('partial', 0)} to resume)")
     if runs:
-        print("each run: " + shlex.join(run_argv(default_launcher(), command, out / runs[0].name)))
+        print("each run: " + shlex.join(run_argv(default_launcher(nproc), command, out / runs[0].name)))
 
 
 def _flags_text(flags: dict) -> str:
@@ -330,6 +378,16 @@ def _check_existing(runs: list[Run], out: Path) -> None:
                             f"use another --out or remove that folder")
 
 
+def _prepare_run(out: Path, r: Run) -> Path:
+    """The run's folder with its sweep-run.yaml: what every launcher starts from."""
+    run_dir = out / r.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flags_file, text = run_dir / runfolder.SWEEP_FLAGS, _flags_text(r.flags)
+    if not flags_file.is_file() or flags_file.read_text() != text:
+        atomic_write(flags_file, text)
+    return run_dir
+
+
 def _save_grid_copy(out: Path, grid: Grid) -> None:
     """grid.yaml: the grid the folder was run with; an earlier, different one is kept beside it."""
     target = out / "grid.yaml"
@@ -341,151 +399,154 @@ def _save_grid_copy(out: Path, grid: Grid) -> None:
     atomic_write(target, grid.text)
 
 
-class _Lock:
-    """One sweep at a time per folder: two would launch the same runs twice."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".sweep.lock"
-
-    def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if not 0 < pid < 2 ** 31:  # kill(-1, 0) would probe every process; huge ints overflow
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise UserError(f"another sweep (pid {pid}) is running in {self.path.parent}") from None
-                self.path.unlink(missing_ok=True)  # left by a sweep that died
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            return self
-        raise UserError(f"cannot lock the sweep folder {self.path.parent}")
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _sweep_lock(out: Path) -> RunLock:
+    """One sweep command at a time per folder: two would write its index over each other."""
+    return RunLock(out, f"tvlars sweep (pid {os.getpid()})", name=SWEEP_LOCK)
 
 
 class _Launcher:
-    """Runs one grid run at a time per worker thread, as a subprocess, and can stop them all."""
+    """Runs one grid run at a time per worker thread, as a subprocess of this process or as
+    a job of submitit's local executor (``executor``), and can stop them all."""
 
     def __init__(self, out: Path, command: str, index: SweepIndex, launcher: Sequence[str], threads: int | None,
-                 total: int, log: Callable[[str], None]):
+                 total: int, log: Callable[[str], None], executor=None):
         self.out, self.command, self.index = out, command, index
         self.launcher, self.threads, self.total, self.log = list(launcher), threads, total, log
+        self.executor = executor
+        self.owner = f"tvlars sweep (pid {os.getpid()})"
         self.stopping = threading.Event()
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.running: dict[str, Any] = {}  # run name -> its Popen or submitit job
         self.lock = threading.Lock()
         self.finished_count = itertools.count(1)
 
     def run(self, r: Run, device: str | None) -> str:
-        """The run's status once its process has exited: completed, diverged, failed,
-        interrupted, or skipped when the sweep stopped before it started."""
+        """The run's status once it has ended: completed, diverged, failed, interrupted,
+        elsewhere when another launcher holds it, or skipped when the sweep stopped before
+        it started."""
         if self.stopping.is_set():
             return "skipped"
-        run_dir = self.out / r.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        flags_file, text = run_dir / runfolder.SWEEP_FLAGS, _flags_text(r.flags)
-        if not flags_file.is_file() or flags_file.read_text() != text:
-            atomic_write(flags_file, text)
+        run_dir = _prepare_run(self.out, r)
+        lock = RunLock(run_dir, self.owner) if self.executor is None else None  # a job takes its own
+        holder = lock.acquire() if lock is not None else run_holder(run_dir)
+        if holder is not None:
+            self.log(f"[{next(self.finished_count)}/{self.total}] {'left to':9s} {r.name}: {describe_holder(holder)}")
+            return "elsewhere"
+        try:
+            if run_state(run_dir) in FINISHED:  # by another launcher, since this sweep started
+                return run_state(run_dir)
+            return self._launch(r, run_dir, device, lock)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _launch(self, r: Run, run_dir: Path, device: str | None, lock: RunLock | None) -> str:
         attempt = int(self.index.records[r.name].get("attempts") or 0) + 1
         begin = time.time()
-        self.index.update(r.name, status="running", attempts=attempt, device=device, started=_now(),
-                          finished=None, returncode=None, error=None)
+        self.index.update(r.name, status="running", attempts=attempt, device=device, started=now(), finished=None,
+                          returncode=None, error=None, launcher="local" if self.executor else "subprocess",
+                          job_id=None)
+        env = self._environment(device)
         try:
-            returncode = self._wait_for_process(r.name, run_dir, device, attempt)
+            if self.executor is None:
+                note = f"attempt {attempt}" + (f", CUDA_VISIBLE_DEVICES={device}" if device is not None else "")
+                returncode = self._wait(r.name, start_run(run_argv(self.launcher, self.command, run_dir), run_dir,
+                                                          env, note), lock)
+                status, error = outcome(run_dir, returncode)
+            else:
+                returncode, (status, error) = None, self._run_job(r.name, run_dir, env)
         except OSError as err:
-            self.index.update(r.name, status="failed", error=f"cannot start: {err}", finished=_now())
+            self.index.update(r.name, status="failed", error=f"cannot start: {err}", finished=now())
             return "failed"
         wall = round(time.time() - begin, 3)
-        if self.stopping.is_set() and returncode != 0:
-            self.index.update(r.name, status="interrupted", returncode=returncode, wall_time_s=wall, finished=_now())
+        if self.stopping.is_set() and status not in FINISHED:
+            self.index.update(r.name, status="interrupted", returncode=returncode, wall_time_s=wall, finished=now())
             return "interrupted"
-        status, error = _outcome(run_dir, returncode)
-        self.index.update(r.name, status=status, returncode=returncode, wall_time_s=wall, finished=_now(),
-                          error=error)
+        self.index.update(r.name, status=status, returncode=returncode, wall_time_s=wall, finished=now(), error=error)
         self.log(f"[{next(self.finished_count)}/{self.total}] {status:9s} {r.name} ({wall:.1f} s)")
         return status
 
-    def _wait_for_process(self, name: str, run_dir: Path, device: str | None, attempt: int) -> int:
-        argv = run_argv(self.launcher, self.command, run_dir)
-        env = dict(os.environ)
+    def _environment(self, device: str | None) -> dict[str, str | None]:
+        """What a run's environment changes: its device, its threads (N runs on a shared CPU:
+        one thread pool each, not N oversubscribed ones)."""
+        env: dict[str, str | None] = {}
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
-        if self.threads:  # N runs on a shared CPU: one thread pool each, not N oversubscribed ones
+        elif self.executor is not None:  # the local executor hides every GPU from a job that asked for none
+            env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if self.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
-        with open(run_dir / runfolder.SWEEP_LOG, "a", encoding="utf-8") as logfile:
-            logfile.write(f"=== tvlars sweep {_now()}: attempt {attempt}"
-                          + (f", CUDA_VISIBLE_DEVICES={device}" if device is not None else "")
-                          + f"\n=== {shlex.join(argv)}\n")
-            logfile.flush()
-            process = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=env, start_new_session=True)
-            with self.lock:
-                self.processes[name] = process
-                if self.stopping.is_set():  # the sweep was stopped while this run was starting
-                    _signal_group(process, signal.SIGTERM)
-            returncode = process.wait()
-            with self.lock:
-                self.processes.pop(name, None)
+        return env
+
+    def _wait(self, name: str, process: subprocess.Popen, lock: RunLock) -> int:
+        lock.add_pid(process.pid)
+        with self.lock:
+            self.running[name] = process
+            if self.stopping.is_set():  # the sweep was stopped while this run was starting
+                signal_group(process, signal.SIGTERM)
+        returncode = process.wait()
+        with self.lock:
+            self.running.pop(name, None)
         return returncode
 
+    def _run_job(self, name: str, run_dir: Path, env: dict[str, str | None]) -> tuple[str, str | None]:
+        with self.lock:
+            if self.stopping.is_set():
+                return "interrupted", None
+            job = self.executor.submit(RunJob(self.command, run_dir.absolute(), env=env))
+            self.running[name] = job
+        self.index.update(name, job_id=str(job.job_id))
+        while not job.done():
+            time.sleep(0.5)
+        with self.lock:
+            self.running.pop(name, None)
+        status = run_state(run_dir)
+        if status in FINISHED:
+            return status, None
+        holder = run_holder(run_dir)
+        if holder is not None:
+            return "failed", f"left to {describe_holder(holder)}"
+        why = (cluster.job_error_line(self.executor.folder, str(job.job_id))
+               or last_line(run_dir / runfolder.SWEEP_LOG) or "no output")
+        return "failed", f"local job {job.job_id}: {why}"
+
     def stop_all(self) -> None:
-        """SIGTERM every running run (they stop like Ctrl-C), SIGKILL what outlives the grace time."""
+        """Stop every running run (they stop like Ctrl-C); SIGKILL what outlives the grace time."""
         self.stopping.set()
         with self.lock:
-            running = list(self.processes.values())
-        for process in running:
-            _signal_group(process, signal.SIGTERM)
+            running = list(self.running.values())
+        for item in running:
+            if isinstance(item, subprocess.Popen):
+                signal_group(item, signal.SIGTERM)
+            else:
+                item.cancel(check=False)  # SIGINT to the job, which stops its run
         deadline = time.time() + STOP_GRACE_S
-        for process in running:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-
-
-def _outcome(run_dir: Path, returncode: int) -> tuple[str, str | None]:
-    """(status, error) of a run whose process exited: its folder's word first, since
-    `tvlars train` exits 1 on a diverged run, which is a finished run, not a failure."""
-    status = run_state(run_dir)
-    if status in FINISHED:
-        return status, None
-    log = run_dir / runfolder.SWEEP_LOG
-    if returncode != 0:
-        return "failed", f"exit status {returncode}; see {log}"
-    return "failed", f"exited 0 without a finished summary.json; see {log}"
+        for item in running:
+            if isinstance(item, subprocess.Popen):
+                try:
+                    item.wait(timeout=max(0.1, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    signal_group(item, signal.SIGKILL)
+            else:
+                while not item.done() and time.time() < deadline:
+                    time.sleep(0.1)
 
 
 def run_sweep(grid: Grid, runs: list[Run], out: Path, *, workers: int = 1, devices: Sequence[str] = (),
               launcher: Sequence[str] | None = None, grid_path: str | None = None,
-              threads: int | None = None, log: Callable[[str], None] | None = None) -> SweepResult:
+              threads: int | None = None, log: Callable[[str], None] | None = None, executor=None) -> SweepResult:
     """Run every unfinished run of ``runs`` under ``out``; returns what happened.
 
     Finished runs are skipped, failures recorded; KeyboardInterrupt stops the running
-    subprocesses, records them as interrupted and propagates.
+    subprocesses, records them as interrupted and propagates. ``executor``: submitit's
+    LocalExecutor to run each run as its job (``launcher``, the command prefix, is then
+    the jobs' own).
     """
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_existing(runs, out)
     result = SweepResult()
-    with _Lock(out):
+    with _sweep_lock(out):
         _save_grid_copy(out, grid)
         index = SweepIndex(out, grid, runs, grid_path)
         finished = {r.name for r in runs if run_state(out / r.name) in FINISHED}
@@ -494,7 +555,8 @@ def run_sweep(grid: Grid, runs: list[Run], out: Path, *, workers: int = 1, devic
         index.save()
         log(f"sweep {out}: {len(runs)} runs, {len(result.skipped)} already finished, {len(todo)} to run"
             + (f" on {workers} workers" if workers > 1 else ""))
-        runner = _Launcher(out, grid.command, index, launcher or default_launcher(), threads, len(todo), log)
+        runner = _Launcher(out, grid.command, index, launcher or default_launcher(), threads, len(todo), log,
+                           executor)
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
         futures = {}
         try:
@@ -505,7 +567,7 @@ def run_sweep(grid: Grid, runs: list[Run], out: Path, *, workers: int = 1, devic
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
                     status = future.result()
-                    if status in (*FINISHED, "failed"):
+                    if status in (*FINISHED, "failed", "elsewhere"):
                         getattr(result, status).append(futures[future])
         except BaseException:
             runner.stopping.set()
@@ -520,7 +582,8 @@ def run_sweep(grid: Grid, runs: list[Run], out: Path, *, workers: int = 1, devic
         index.save()
     blown = sum(exploded(read_run(out / name)) for name in result.completed)
     log(f"sweep {out}: {len(result.completed)} completed ({blown} with an exploded loss), "
-        f"{len(result.diverged)} diverged, {len(result.failed)} failed, {len(result.skipped)} finished before")
+        f"{len(result.diverged)} diverged, {len(result.failed)} failed, {len(result.skipped)} finished before"
+        + (f", {len(result.elsewhere)} left to other launchers" if result.elsewhere else ""))
     if result.failed:
         print(f"tvlars sweep: {len(result.failed)} run(s) failed:", file=sys.stderr)
         for name in result.failed:
@@ -528,8 +591,99 @@ def run_sweep(grid: Grid, runs: list[Run], out: Path, *, workers: int = 1, devic
     return result
 
 
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)  # the run and its children (it leads its own session)
-    except (ProcessLookupError, PermissionError):
-        pass
+# --------------------------------------------------------------------------- SLURM
+
+
+def submit_to_slurm(grid: Grid, runs: list[Run], out: Path, parameters: dict, *, max_requeues: int,
+                    threads: int | None = None, grid_path: str | None = None,
+                    log: Callable[[str], None] | None = None) -> list[str]:
+    """Submit the runs that are not finished, running or queued as one SLURM job array;
+    returns the job ids (one per run submitted)."""
+    log = log or (lambda msg: print(msg, flush=True))
+    out = Path(out)
+    folder = out.absolute() / cluster.SUBMITIT_FOLDER
+    nproc = cluster.processes_per_run(parameters)
+    executor = cluster.slurm_executor(folder, parameters, max_requeues)  # bad settings fail before any write
+    out.mkdir(parents=True, exist_ok=True)
+    _check_existing(runs, out)
+    with _sweep_lock(out):
+        _save_grid_copy(out, grid)
+        index = SweepIndex(out, grid, runs, grid_path)
+        statuses = run_statuses(out, runs, index.records)
+        busy = [r for r in runs if statuses[r.name][0] in ("running", "queued")]
+        todo = [r for r in runs if statuses[r.name][0] not in (*FINISHED, "running", "queued")]
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        jobs = [RunJob(grid.command, _prepare_run(out, r).absolute(), nproc=nproc, env=env) for r in todo]
+        job_ids = cluster.submit_array(executor, jobs) if jobs else []
+        for r, job_id in zip(todo, job_ids):
+            record = index.records[r.name]
+            record.update(status="queued", attempts=int(record.get("attempts") or 0) + 1, launcher="slurm",
+                          job_id=job_id, returncode=None, wall_time_s=None, device=None, started=now(),
+                          finished=None, error=None)
+        index.save()
+    finished = len(runs) - len(busy) - len(todo)
+    log(f"sweep {out}: {len(runs)} runs, {finished} finished, {len(busy)} already queued or running, "
+        f"{len(todo)} submitted")
+    if job_ids:
+        array = job_ids[0].split("_")[0]
+        log(f"SLURM job array {array}: {job_ids[0]} .. {job_ids[-1]}" if len(job_ids) > 1 else f"SLURM job {array}")
+        log(f"job scripts and logs: {folder}; follow with: tvlars sweep {grid_path or grid.name} --out {out} --status")
+    return job_ids
+
+
+# --------------------------------------------------------------------------- status
+
+
+def run_statuses(out: Path, runs: list[Run], records: dict[str, dict],
+                 sweeping: dict | None = None) -> dict[str, tuple[str, str]]:
+    """(state, detail) of each run: completed or diverged, running (someone holds its
+    folder), queued (its SLURM job waits, or the sweep holding the folder, ``sweeping``,
+    will run it), failed (with the failure's last line), interrupted, partial (started,
+    resumable) or pending."""
+    out = Path(out)
+    jobs = [records[r.name]["job_id"] for r in runs
+            if records.get(r.name, {}).get("launcher") == "slurm" and records[r.name].get("job_id")]
+    states = cluster.slurm_states(jobs)
+    folder = out.absolute() / cluster.SUBMITIT_FOLDER
+    statuses = {}
+    for r in runs:
+        run_dir, record = out / r.name, records.get(r.name, {})
+        state, holder, job = run_state(run_dir), run_holder(run_dir), record.get("job_id")
+        if state in FINISHED:
+            best = read_summary(run_dir).get("best_test_acc")
+            statuses[r.name] = (state, f"best test accuracy {best:.2f}%" if isinstance(best, (int, float)) else "")
+        elif holder is not None:
+            statuses[r.name] = ("running", describe_holder(holder))
+        elif record.get("launcher") == "slurm" and job:
+            statuses[r.name] = _slurm_status(job, states.get(job), folder, run_dir)
+        elif sweeping is not None and record.get("status") != "failed":
+            statuses[r.name] = ("queued", f"{describe_holder(sweeping)} will run it")
+        elif record.get("status") in ("failed", "interrupted"):
+            statuses[r.name] = (record["status"], record.get("error") or "")
+        else:
+            statuses[r.name] = (state, "resumes from its checkpoint" if state == "partial" else "")
+    return statuses
+
+
+def _slurm_status(job: str, state: str | None, folder: Path, run_dir: Path) -> tuple[str, str]:
+    if state in cluster.QUEUED:
+        return "queued", f"slurm job {job} ({state.lower()})"
+    if state in cluster.RUNNING:
+        return "running", f"slurm job {job}"
+    if state is None and not cluster.job_ended(folder, job):
+        return "queued", f"slurm job {job} (no sacct here to ask SLURM)"
+    why = cluster.job_error_line(folder, job) or last_line(run_dir / runfolder.SWEEP_LOG) or "no output"
+    return "failed", f"slurm job {job} {state or 'ended'}: {why}"
+
+
+def print_status(out: Path, runs: list[Run]) -> None:
+    records = read_index(Path(out) / "sweep.json")
+    statuses = run_statuses(out, runs, records, sweeping=run_holder(out, SWEEP_LOCK))
+    width = max((len(r.name) for r in runs), default=0)
+    counts: dict[str, int] = {}
+    for r in runs:
+        state, detail = statuses[r.name]
+        counts[state] = counts.get(state, 0) + 1
+        print(f"{state:11s} {r.name:{width}s}  {detail}".rstrip())
+    order = ("completed", "diverged", "running", "queued", "failed", "interrupted", "partial", "pending")
+    print(f"sweep {out}: {len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)))

@@ -1,0 +1,343 @@
+"""tvlars sweep --launcher local|slurm (submitit), --status, and one owner per run folder.
+
+The local launcher runs real submitit jobs on this machine: the real `tvlars train` on a
+tiny digits grid, a job stopped by its time-limit signal and requeued, failures that are
+not requeued. SLURM is not installed here, so the SLURM path runs submitit's real
+SlurmExecutor against stand-in ``srun``/``sbatch``/``sacct`` scripts on PATH (they record
+what they are given and answer as SLURM would), down to the sbatch script submitit writes
+and the pickled job, which the tests then run as SLURM would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+from test_sweep import env, starts, tvlars_sweep, write_grid  # noqa: F401 (env: a fixture)
+
+from tvlars import runfolder
+from tvlars.runfolder import RunLock, run_holder
+from tvlars.study import cluster, launch, sweep
+from tvlars.study.grid import load_grid
+from tvlars.study.launch import RunFailed, RunJob, default_launcher, run_argv
+
+DIGITS = {
+    "command": "train",
+    "base": {"dataset": "digits", "model": "mlp", "batch_size": 14, "epochs": 12, "lr": 1.0, "seed": 0,
+             "device": "cpu", "layer_stats_every": 0},
+}
+TIMING = ("epoch_time", "images_per_sec")
+
+
+@pytest.fixture(scope="module")
+def digits_sweep(tmp_path_factory):
+    """A two-run digits grid run to completion by submitit's local executor, through the CLI."""
+    tmp = tmp_path_factory.mktemp("digits")
+    path = write_grid(tmp, dict(DIGITS, grid={"optimizer": ["lars", "tvlars"]}))
+    out = tmp / "sweep"
+    status = tvlars_sweep([str(path), "--out", str(out), "--launcher", "local", "--workers", "2", "--threads", "1"])
+    return path, out, status
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in runfolder.read_metrics(run_dir / "metrics.csv")]
+
+
+def test_local_launcher_runs_a_digits_grid(digits_sweep, capsys):
+    path, out, status = digits_sweep
+    assert status == 0
+    for name in ("optimizer-lars", "optimizer-tvlars"):
+        assert json.loads((out / name / "summary.json").read_text())["status"] == "completed"
+        assert len(metrics(out / name)) == 12
+        assert "local job" in (out / name / "log.txt").read_text()
+        assert run_holder(out / name) is None  # released
+    records = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
+    assert {r["launcher"] for r in records.values()} == {"local"}
+    jobs = {r["job_id"] for r in records.values()}
+    assert all((out / "submitit" / f"{job}_0_log.err").is_file() for job in jobs)
+
+    capsys.readouterr()
+    assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
+    text = capsys.readouterr().out
+    assert "completed   optimizer-lars " in text and "sweep " in text and "2 completed" in text
+
+    from tvlars.study import report  # the report reads the folder as it reads any sweep's
+
+    table = report.write_report(out)
+    assert "LARS" in table and "TVLARS" in table and (out / "report.csv").is_file()
+
+    # submitted again: nothing runs twice
+    submitted = sorted((out / "submitit").glob("*_submitted.pkl"))
+    assert tvlars_sweep([str(path), "--out", str(out), "--launcher", "local"]) == 0
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
+    assert sorted((out / "submitit").glob("*_submitted.pkl")) == submitted
+
+
+def test_time_limit_requeues_and_the_run_resumes_to_the_same_metrics(digits_sweep, tmp_path):
+    """The local executor's time-limit signal (SIGUSR2, as SLURM sends it before the limit)
+    stops the run after an epoch; the job is requeued and --resume finishes the run with
+    the metrics of the uninterrupted run."""
+    grid = load_grid(write_grid(tmp_path, dict(DIGITS, grid={"optimizer": ["lars"]})))
+    runs = sweep.plan(grid)
+    out = tmp_path / "sweep"
+    executor = cluster.local_executor(out.absolute() / cluster.SUBMITIT_FOLDER, time_limit_min=2, max_requeues=1)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        done=sweep.run_sweep(grid, runs, out, threads=1, executor=executor, log=lambda m: None)))
+    worker.start()
+    run_dir = out / "optimizer-lars"
+    deadline = time.time() + 120
+    while len(runfolder.read_metrics(run_dir / "metrics.csv")) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    job_process = run_holder(run_dir)["pids"][0]  # the job's own process: where submitit handles the signal
+    os.kill(job_process, signal.SIGUSR2)
+    worker.join(timeout=180)
+    assert result["done"].completed == ["optimizer-lars"]
+
+    log = (run_dir / "log.txt").read_text()
+    first, second = log.split("stopped by the job's time limit or a preemption")
+    assert "epoch 1/12" in first and "epoch 12/12" not in first
+    assert "local job" in second and "epoch 1/12" not in second and "epoch 12/12" in second  # resumed
+    [job_log] = (out / "submitit").glob("*_0_log.out")  # submitit's own record of the requeue
+    assert "(0 remaining timeouts)" in job_log.read_text()
+    reference = digits_sweep[1] / "optimizer-lars"
+    assert metrics(run_dir) == metrics(reference)
+    for key in ("final_test_acc", "best_test_acc", "best_epoch"):
+        assert runfolder.read_summary(run_dir)[key] == runfolder.read_summary(reference)[key]
+
+
+def test_failures_are_not_requeued_and_status_says_why(env, monkeypatch, capsys):
+    """A run failing for its own reasons ends its job at once; a run cut by its time limit
+    more often than --max-requeues allows ends too; --status gives each one's last line."""
+    monkeypatch.setenv("FAKE_FAIL", "lr-1")
+    monkeypatch.setenv("FAKE_HANG", "lr-2")
+    path = write_grid(env["tmp"], {"command": "train", "base": {"epochs": 2}, "grid": {"lr": [1, 2]}})
+    out = env["tmp"] / "sweep"
+    args = [str(path), "--out", str(out), "--launcher", "local", "--workers", "2", "--time-limit", "2",
+            "--max-requeues", "0"]
+    driver = threading.Thread(target=lambda: tvlars_sweep(args))
+    driver.start()
+    deadline = time.time() + 60
+    while starts(env["marks"], "lr-2") == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(run_holder(out / "lr-2")["pids"][0], signal.SIGUSR2)
+    driver.join(timeout=60)
+    assert starts(env["marks"], "lr-1") == 1 and starts(env["marks"], "lr-2") == 1  # neither requeued
+    capsys.readouterr()
+    assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.split()[1:2]}
+    assert lines["lr-1"].startswith("failed") and "failing on purpose" in lines["lr-1"]
+    assert lines["lr-2"].startswith("failed") and "timed-out too many times" in lines["lr-2"]
+
+
+# ------------------------------------------------------------------ one owner per run folder
+
+
+def test_run_lock_one_holder_and_stale_locks(tmp_path):
+    first, second = RunLock(tmp_path, "slurm job 7_1"), RunLock(tmp_path, "tvlars sweep (pid 1)")
+    assert first.acquire() is None
+    assert second.acquire()["owner"] == "slurm job 7_1"
+    assert run_holder(tmp_path)["owner"] == "slurm job 7_1"
+    second.release()  # not its lock: nothing happens
+    assert run_holder(tmp_path)["owner"] == "slurm job 7_1"
+    first.release()
+    assert run_holder(tmp_path) is None and second.acquire() is None
+    second.release()
+
+    lock = tmp_path / runfolder.RUN_LOCK
+    gone = __import__("subprocess").Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(json.dumps({"owner": "a dead sweep", "host": __import__("socket").gethostname(),
+                                "pids": [gone.pid], "token": "t1"}))
+    assert run_holder(tmp_path) is None  # its host is this one and its process is gone
+    lock.write_text(json.dumps({"owner": "slurm job 8_0", "host": "node-elsewhere", "pids": [1], "token": "t2"}))
+    assert run_holder(tmp_path)["owner"] == "slurm job 8_0"  # fresh: alive as far as a shared disk tells
+    assert RunLock(tmp_path, "me").acquire()["owner"] == "slurm job 8_0"
+    old = time.time() - runfolder.LOCK_STALE_S - 1
+    os.utime(lock, (old, old))  # no heartbeat for LOCK_STALE_S: the job died
+    taker = RunLock(tmp_path, "me")
+    assert taker.acquire() is None and run_holder(tmp_path)["owner"] == "me"
+    taker.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_every_launcher_leaves_a_held_run_alone(env, capsys):
+    """A run a SLURM job holds is left to it by a local sweep and by a second job."""
+    path = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1, 2]}})
+    out = env["tmp"] / "sweep"
+    (out / "lr-2").mkdir(parents=True)
+    held = RunLock(out / "lr-2", "slurm job 4242_1")
+    assert held.acquire() is None
+    try:
+        assert tvlars_sweep([str(path), "--out", str(out)]) == 0
+        assert "left to   lr-2: slurm job 4242_1 on" in capsys.readouterr().out
+        assert starts(env["marks"], "lr-1") == 1 and starts(env["marks"], "lr-2") == 0
+        assert RunJob("train", out / "lr-2")().startswith("left to slurm job 4242_1")
+        assert starts(env["marks"], "lr-2") == 0
+        assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
+        assert "running     lr-2  slurm job 4242_1 on" in capsys.readouterr().out
+    finally:
+        held.release()
+    assert tvlars_sweep([str(path), "--out", str(out)]) == 0
+    assert starts(env["marks"], "lr-1") == 1 and starts(env["marks"], "lr-2") == 1
+
+
+def test_a_second_sweep_of_the_same_folder_is_refused(env, capsys):
+    path = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1]}})
+    out = env["tmp"] / "sweep"
+    out.mkdir()
+    with RunLock(out, "tvlars sweep (pid 99)", name=sweep.SWEEP_LOCK):
+        assert tvlars_sweep([str(path), "--out", str(out), "--launcher", "local"]) == 2
+    assert f"{out} is in use by tvlars sweep (pid 99) on" in capsys.readouterr().err
+    assert starts(env["marks"], "lr-1") == 0
+
+
+# ------------------------------------------------------------------ SLURM, as far as a machine without it goes
+
+
+SBATCH = """#!/bin/sh
+# stands in for sbatch: keeps the script it was given, answers as sbatch does
+n=$(cat {dir}/next_id)
+echo $((n + 1)) > {dir}/next_id
+cp "$1" {dir}/sbatch.$n.sh
+echo "Submitted batch job $n"
+"""
+SACCT = """#!/bin/sh
+cat {dir}/sacct.txt
+"""
+
+
+@pytest.fixture
+def slurm(env, monkeypatch):
+    """srun, sbatch and sacct stand-ins on PATH; returns a function setting sacct's answer."""
+    bin_dir = env["tmp"] / "slurm-bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", SBATCH), ("sacct", SACCT), ("srun", "#!/bin/sh\nexit 1\n")):
+        (bin_dir / name).write_text(text.format(dir=shlex.quote(str(bin_dir))))
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "next_id").write_text("4242\n")
+    (bin_dir / "sacct.txt").write_text("JobID|State|NodeList\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def answer(states: dict[str, str]) -> None:
+        rows = "".join(f"{job}|{state}|node1\n" for job, state in states.items())
+        (bin_dir / "sacct.txt").write_text("JobID|State|NodeList\n" + rows)
+
+    answer.scripts = lambda: sorted(bin_dir.glob("sbatch.*.sh"))
+    return answer
+
+
+def run_as_slurm_would(out: Path, job_id: str, monkeypatch) -> str:
+    """The pickled job of a SLURM array task, run in the environment SLURM gives it."""
+    array, task = job_id.split("_")
+    job = submitit.SlurmJob(out.absolute() / cluster.SUBMITIT_FOLDER, job_id)
+    with monkeypatch.context() as m:
+        for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": array,
+                           "SLURM_ARRAY_TASK_ID": task}.items():
+            m.setenv(key, value)
+        return job.submission().function()
+
+
+def test_slurm_job_array_submission_status_and_resubmission(env, slurm, monkeypatch, capsys):
+    path = write_grid(env["tmp"], {
+        "command": "train", "base": {"epochs": 2}, "grid": {"lr": [1, 2, 3]},
+        "slurm": {"partition": "gpu", "gpus_per_node": 4, "cpus_per_task": 32, "time": "1-00:00:00",
+                  "additional_parameters": {"account": "lab"}},
+    })
+    out = env["tmp"] / "sweep"
+    argv = [str(path), "--out", str(out), "--launcher", "slurm", "--slurm-partition", "big",
+            "--array-parallelism", "2", "--slurm-setup", "source ~/venv/bin/activate",
+            "--slurm-option", "mail-type=END"]
+    assert tvlars_sweep(argv) == 0
+    text = capsys.readouterr().out
+    assert "3 submitted" in text and "SLURM job array 4242: 4242_0 .. 4242_2" in text, text
+    [script] = slurm.scripts()
+    sbatch = script.read_text()
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=big", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --cpus-per-task=32", "#SBATCH --time=1440", "#SBATCH --requeue",
+                 "#SBATCH --account=lab", "#SBATCH --mail-type=END", "#SBATCH --signal=USR2@90",
+                 "#SBATCH --job-name=tvlars-g", "source ~/venv/bin/activate"):
+        assert line in sbatch.splitlines(), line
+    assert "srun --unbuffered" in sbatch and "-m submitit.core._submit" in sbatch
+    assert str(out.absolute() / "submitit") in sbatch
+
+    job = submitit.SlurmJob(out.absolute() / "submitit", "4242_1").submission().function
+    assert isinstance(job, RunJob) and job.nproc == 4 and job.env == {"OMP_NUM_THREADS": "8"}
+    assert Path(job.run_dir) == (out / "lr-2").absolute()
+    monkeypatch.delenv(launch.LAUNCHER_ENV)
+    torchrun = run_argv(default_launcher(job.nproc), job.command, Path(job.run_dir))
+    assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m"]
+    assert torchrun[6:8] == ["tvlars", "train"] and torchrun[-1] == "--resume"
+    monkeypatch.setenv(launch.LAUNCHER_ENV, f"{sys.executable} {env['script']}")
+    records = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
+    assert {n: (r["status"], r["launcher"], r["job_id"]) for n, r in records.items()} == {
+        "lr-1": ("queued", "slurm", "4242_0"), "lr-2": ("queued", "slurm", "4242_1"),
+        "lr-3": ("queued", "slurm", "4242_2")}
+
+    # submitted again while SLURM still holds the jobs: nothing is submitted twice
+    slurm({"4242_0": "PENDING", "4242_1": "PENDING", "4242_2": "PENDING"})
+    assert tvlars_sweep(argv) == 0
+    assert "3 already queued or running, 0 submitted" in capsys.readouterr().out
+    assert len(slurm.scripts()) == 1
+
+    # the jobs run as SLURM runs them: one completes, one fails, one is still running
+    assert run_as_slurm_would(out, "4242_0", monkeypatch) == "completed"
+    assert "slurm job 4242_0 on" in (out / "lr-1" / "log.txt").read_text()
+    monkeypatch.setenv("FAKE_FAIL", "lr-2")
+    with pytest.raises(RunFailed, match="exit status 3: failing on purpose"):
+        run_as_slurm_would(out, "4242_1", monkeypatch)
+    slurm({"4242_0": "COMPLETED", "4242_1": "FAILED", "4242_2": "RUNNING"})
+    assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.split()[1:2]}
+    assert lines["lr-1"].startswith("completed")
+    assert lines["lr-2"].startswith("failed") and "slurm job 4242_1 FAILED: failing on purpose" in lines["lr-2"]
+    assert lines["lr-3"].startswith("running") and "slurm job 4242_2" in lines["lr-3"]
+
+    # submitted again: only the failed run goes back to SLURM (a job of its own)
+    monkeypatch.delenv("FAKE_FAIL")
+    assert tvlars_sweep(argv) == 0
+    assert "1 already queued or running, 1 submitted" in capsys.readouterr().out
+    assert len(slurm.scripts()) == 2 and "--array" not in slurm.scripts()[1].read_text()
+    assert json.loads((out / "sweep.json").read_text())["runs"][1]["job_id"] == "4243"
+
+
+def test_slurm_settings_errors_are_one_line(env, slurm, monkeypatch, capsys):
+    path = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1]}})
+    out = str(env["tmp"] / "sweep")
+    cases = [
+        ([], "needs a time limit"),
+        (["--time-limit", "90", "--slurm-option", "nonsense"], "--slurm-option takes KEY=VALUE"),
+        (["--time-limit", "90", "--workers", "2"], "--workers is for --launcher subprocess or local"),
+        (["--launcher", "local", "--gpus-per-run", "2"], "--gpus-per-run is for --launcher slurm"),
+    ]
+    for flags, message in cases:
+        launcher = [] if "--launcher" in flags else ["--launcher", "slurm"]
+        assert tvlars_sweep([str(path), "--out", out, *launcher, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    bad = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1]}, "slurm": {"time": 5, "colour": "red"}},
+                     "bad.yaml")
+    assert tvlars_sweep([str(bad), "--out", out, "--launcher", "slurm"]) == 2
+    assert "SLURM settings: Unavailable parameter(s): ['colour']" in capsys.readouterr().err
+    assert not slurm.scripts() and not (env["tmp"] / "sweep").exists()
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as without the extra installed
+    assert tvlars_sweep([str(path), "--out", out, "--launcher", "slurm", "--time-limit", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install 'tvlars[slurm]'" in err
+
+
+def test_time_limits():
+    assert cluster.parse_minutes("90") == 90 and cluster.parse_minutes("1-00:00:00") == 1440
+    assert cluster.parse_minutes("02:30:01") == 151 and cluster.parse_minutes(45) == 45
+    for bad in ("0", "1h", "-5", "1:2"):
+        with pytest.raises(Exception, match="time limit"):
+            cluster.parse_minutes(bad)
