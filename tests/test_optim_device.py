@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tvlars import LAMB, LARS, TVLARS, param_groups
-from tvlars.optim import _functional
+from tvlars.optim import _functional, _single_tensor
 
 aten = torch.ops.aten
 
@@ -174,9 +174,9 @@ def test_per_device_copies_of_a_tensor_value_are_made_once():
     assert _functional.PerDevice(0.5).on(torch.device("meta")) == 0.5  # numbers stay numbers
     # every constant of a compiled kernel comes on the parameter's device
     params = [torch.zeros(2), torch.zeros(2, device="meta")]
-    h = _functional._numbers(True, params, 0.1, per_device)
+    h = _single_tensor._numbers(True, params, 0.1, per_device)
     assert {d.type: t.device.type for d, t in h.items()} == {"cpu": "cpu", "meta": "meta"}
-    assert _functional._numbers(False, params, 0.1, per_device)[torch.device("meta")][1] is meta
+    assert _single_tensor._numbers(False, params, 0.1, per_device)[torch.device("meta")][1] is meta
 
 
 def test_scalars_of_a_group_follow_its_device_with_a_tensor_lr_elsewhere():

@@ -225,7 +225,7 @@ class LayerwiseOptimizer(Optimizer):
                 count = self._counters(p)[1]
                 skipped.setdefault(count.device, []).append(count)
         for device, counts in skipped.items():
-            F._add_scalar_(counts, (~oks.on(device)).to(torch.float32))
+            F.add_scalar_(counts, (~oks.on(device)).to(torch.float32))
         return loss
 
     def _plan(self, group: dict, params: list, path: str) -> tuple:

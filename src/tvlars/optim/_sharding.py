@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._functional import to_device
+from ._scalars import to_device
 
 try:
     import torch.distributed as dist

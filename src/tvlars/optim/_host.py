@@ -1,0 +1,220 @@
+"""The host path (CPU default): eager, nothing compiled; the decision and the per-layer
+scalars read as Python numbers (free on the CPU), torch's own fused SGD / AdamW kernels for
+the update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._multi_tensor import _buckets, _Flat
+from ._scalars import HEAVY_BALL, LOOK_AHEAD, LAMBOptions, LARSOptions, Scalars, _on, lamb_bias_corrections, lamb_scalars
+from ._single_tensor import _lamb_layer_norms, _lamb_layer_update, _lars_layer_norms, _lars_layer_update
+
+
+# =======================================================================================
+# The host path (CPU default, eager): scalars as Python numbers, torch's fused SGD / AdamW
+# kernels for the update
+# =======================================================================================
+#
+#   LARS heavy-ball   _fused_sgd_(weight_decay=wd, momentum=mu, dampening=1-k, lr=L)
+#                     buf = mu*buf + k*(g + wd*w);  w -= L*buf
+#   nesterov and      the same call with nesterov=True and lr = L*k (w -= L*k*(d + mu*buf)),
+#   look-ahead        then w -= L*mu*(1-k)*buf: together w -= L*(k*d + mu*buf)
+#   no momentum       _fused_sgd_(lr=L*k) without buffers
+#
+# with k = scale and L = lr (look-ahead: k = lr*trust*phi, L = 1). The kernels take
+# 1 - dampening, which represents k to within 2^-54 absolutely: an error of at most 2^-54*|d|
+# per element, below the rounding of k*d. LARS measures every layer first, last layer first,
+# so that the update starts on data still in cache: ||g||^2, ||w||^2 and <g, w> by BLAS dots,
+# ||g + wd*w||^2 = ||g||^2 + 2 wd <g,w> + wd^2 ||w||^2, computed from g + wd*w itself when that
+# sum cancels (< 1/16 of its terms) or is not finite; a layer that does not adapt is measured
+# by ||g|| alone (what the decision needs), unless telemetry is on.
+#
+#   LAMB              its ||u|| needs this step's moments, which no eager kernel computes
+#                     without writing them. So LAMB decides on ||g|| first (a step with
+#                     finite gradients is taken), then goes chunk by chunk: a workspace
+#                     holds wd*w, to which _fused_adamw_ (the workspace as its "parameter",
+#                     lr=-1, no decay) adds Adam's direction m_hat / (sqrt(v_hat) + eps)
+#                     while it writes the moments: the workspace is u; then w -= lr*trust*u.
+#                     A chunk that neither adapts nor records telemetry (trust 1) takes one
+#                     _fused_adamw_(lr=lr, weight_decay=wd): AdamW's decoupled lr*wd*w is
+#                     LAMB's lr*(wd*w) term. bias_correction=False: a step count of 1e30
+#                     makes both corrections exactly 1. A chunk holds CHUNK_BYTES of layers,
+#                     so that the workspace stays small and a chunk is still in cache for its
+#                     update.
+#
+# A norm whose sum of squares is not finite is measured again in float64, so that a finite
+# layer never reads as non-finite. Layers of other dtypes or layouts (half precision,
+# channels_last) take the single-tensor functions, with the same scalars.
+
+_HOST_DTYPES = (torch.float32, torch.float64)
+_NO_BIAS_CORRECTION_STEP = 1e30  # beta ** 1e30 == 0.0 for every beta in [0, 1)
+CHUNK_BYTES = 4 << 20
+
+
+def _host_ok(p: Tensor, g: Optional[Tensor] = None, *state: Optional[Tensor]) -> bool:
+    """Whether torch's fused kernels and BLAS take these tensors as they are (float32 or
+    float64, contiguous, one dtype); the others take the single-tensor code."""
+    if p.dtype not in _HOST_DTYPES or not p.is_contiguous():
+        return False
+    if g is not None and (g.dtype != p.dtype or not g.is_contiguous()):
+        return False
+    return all(t is None or (t.dtype == p.dtype and t.is_contiguous()) for t in state)
+
+
+def _norm(x: Tensor) -> float:
+    """||x|| of a host tensor: one BLAS dot, in float64 again if the sum of squares is not finite."""
+    xx = torch.dot(x.view(-1), x.view(-1)).item()
+    return math.sqrt(xx) if math.isfinite(xx) else torch.linalg.vector_norm(x, dtype=torch.float64).item()
+
+
+def _plus_decay_norm(x: Tensor, p: Tensor, x_norm: float, w_norm: float, wd: float) -> float:
+    """||x + wd*w|| from ||x||, ||w|| and one dot <x, w>; computed from x + wd*w itself when
+    the expansion cancels (below 1/16 of its terms) or is not finite."""
+    terms = x_norm * x_norm + wd * wd * w_norm * w_norm
+    uu = terms + 2.0 * wd * torch.dot(x.view(-1), p.view(-1)).item()
+    if 16.0 * uu >= terms and math.isfinite(uu):
+        return math.sqrt(uu)
+    return torch.linalg.vector_norm(x + wd * p, dtype=torch.float64).item()
+
+
+def _runs(scales: list[float], eligible) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive layers that ``eligible(i)`` lets share a kernel call
+    when their scalars are equal: a group that does not adapt is one call."""
+    runs, i = [], 0
+    while i < len(scales):
+        j = i + 1
+        if eligible(i):
+            while j < len(scales) and scales[j] == scales[i] and eligible(j):
+                j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def _host_lars_measure(params, grads, o: LARSOptions):
+    n = len(params)
+    w_norms, u_norms = [0.0] * n, [0.0] * n
+    wd, measured = o.weight_decay, o.adapt or o.stats
+    for i in reversed(range(n)):
+        p, g = params[i], grads[i]
+        if not _host_ok(p, g):
+            w_norms[i], u_norms[i] = _lars_layer_norms(p, g, (wd,), ndt=torch.float64, decay=o.decay,
+                                                       coupled=o.coupled).tolist()
+            continue
+        u_norms[i] = g_norm = _norm(g)
+        if measured:
+            w_norms[i] = _norm(p)
+            if o.coupled and o.decay:
+                u_norms[i] = _plus_decay_norm(g, p, g_norm, w_norms[i], wd)
+    return torch.tensor([w_norms, u_norms], dtype=torch.float64), None
+
+
+def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars) -> None:
+    if not bool(s.ok):
+        return
+    lr = float(_on(o.lr, torch.device("cpu")))
+    outer = 1.0 if o.momentum_form == LOOK_AHEAD else lr
+    wd, mu = o.weight_decay, o.momentum
+    scales = s.scale.tolist()
+    host = [_host_ok(p, g, buf) and p.dtype == params[0].dtype for p, g, buf in zip(params, grads, bufs)]
+    counted = []
+    for i, j in _runs(scales, lambda i: host[i] and params[i].dtype == params[0].dtype):
+        if not host[i]:
+            _lars_layer_update(params[i], grads[i], bufs[i], steps[i], s.ok.reshape(1), s.scale[i:j], (wd, mu, outer),
+                               decay=o.decay, form=o.momentum_form)
+            continue  # it counts its step
+        ps, gs, bs, k = params[i:j], grads[i:j], bufs[i:j], scales[i]
+        if bs[0] is None:
+            torch._fused_sgd_(ps, gs, [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
+                              nesterov=False, maximize=False, is_first_step=False)
+        elif o.momentum_form == HEAVY_BALL:
+            torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=outer, dampening=1.0 - k,
+                              nesterov=False, maximize=False, is_first_step=False)
+        else:
+            torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=outer * k, dampening=1.0 - k,
+                              nesterov=True, maximize=False, is_first_step=False)
+            if k != 1.0:
+                torch._foreach_add_(ps, bs, alpha=-outer * mu * (1.0 - k))
+        counted += steps[i:j]
+    if counted:
+        torch._foreach_add_(counted, 1.0)
+
+
+def _host_grad_norms(grads: list[Tensor]) -> Tensor:
+    """[1, layers]: ||g|| of every layer, what the host LAMB decides the step on."""
+    norms = [_norm(g) if _host_ok(g) else torch.linalg.vector_norm(g, dtype=torch.float64).item() for g in grads]
+    return torch.tensor([norms], dtype=torch.float64)
+
+
+def _chunks(params: list[Tensor]) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive layers of one (device, dtype) bucket holding at most
+    CHUNK_BYTES (a larger layer is a chunk of its own)."""
+    ranges = []
+    for a, b in _buckets(params):
+        start, size = a, 0
+        for i in range(a, b):
+            n = params[i].numel() * params[i].element_size()
+            if i > start and size + n > CHUNK_BYTES:
+                ranges.append((start, i))
+                start, size = i, 0
+            size += n
+        ranges.append((start, b))
+    return ranges
+
+
+def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, ok: Tensor, g_norms: Tensor) -> Scalars:
+    if not bool(ok):
+        return lamb_scalars(torch.zeros_like(g_norms), g_norms, o, ok)
+    lr = float(_on(o.lr, torch.device("cpu")))
+    h = (o.beta1, o.beta2, o.eps, o.weight_decay)
+    adam = dict(beta1=o.beta1, beta2=o.beta2, eps=o.eps, amsgrad=False, maximize=False)
+    no_bc = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
+    parts = []
+    for a, b in _chunks(params):
+        ps, gs, m, v, st = params[a:b], grads[a:b], ms[a:b], vs[a:b], steps[a:b]
+        n = b - a
+        host = [_host_ok(*t) for t in zip(ps, gs, m, v)]
+        if not (o.adapt or o.stats) and all(host):  # trust 1: AdamW's step is LAMB's
+            zeros = torch.zeros(n, dtype=torch.float64)
+            parts.append(lamb_scalars(zeros, zeros, o, ok))
+            torch._foreach_add_(st, 1.0)
+            torch._fused_adamw_(ps, gs, m, v, [], st if o.bias_correction else [no_bc] * n, lr=lr,
+                                weight_decay=o.weight_decay, **adam)
+            continue
+        bc = torch.stack(lamb_bias_corrections(torch.stack(st), o), dim=1)  # for the single-tensor layers
+        hosted = [i for i in range(n) if host[i]]
+        w_norms, u_norms = [0.0] * n, [0.0] * n
+        if hosted:
+            workspace = _Flat.like([ps[i] for i in hosted])
+            directions = workspace.views  # wd*w, to which the kernel adds Adam's direction: u
+            torch._foreach_copy_(directions, [ps[i] for i in hosted])
+            workspace.data.mul_(o.weight_decay)
+            counted = [st[i] for i in hosted]
+            torch._foreach_add_(counted, 1.0)
+            torch._fused_adamw_(directions, [gs[i] for i in hosted], [m[i] for i in hosted], [v[i] for i in hosted],
+                                [], counted if o.bias_correction else [no_bc] * len(hosted), lr=-1.0,
+                                weight_decay=0.0, **adam)
+            for i, u in zip(hosted, directions):
+                w_norms[i], u_norms[i] = _norm(ps[i]), _norm(u)
+        for i in range(n):
+            if not host[i]:
+                w_norms[i], u_norms[i] = _lamb_layer_norms(ps[i], gs[i], m[i], v[i], bc[i], h, ndt=torch.float64,
+                                                           decay=o.decay).tolist()
+        s = lamb_scalars(torch.tensor(w_norms, dtype=torch.float64), torch.tensor(u_norms, dtype=torch.float64), o, ok)
+        parts.append(s)
+        gammas = s.scale.tolist()
+        where = {i: k for k, i in enumerate(hosted)}
+        for i, j in _runs(gammas, lambda i: host[i]):
+            if not host[i]:
+                _lamb_layer_update(ps[i], gs[i], m[i], v[i], st[i], ok.reshape(1), s.scale[i:j], bc[i], h,
+                                   decay=o.decay)
+                continue
+            torch._foreach_add_(ps[i:j], directions[where[i]:where[i] + j - i], alpha=-gammas[i])
+    fields = ("w_norm", "u_norm", "trust", "step_size", "scale")
+    return Scalars(ok, *(torch.cat([getattr(p, f) for p in parts]) for f in fields))
