@@ -69,7 +69,7 @@ STOP_GRACE_S = 15
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    shipped = sorted({grid.stem for folder in shipped_grids() for grid in folder.glob("*.yaml")})
+    shipped = sorted(shipped_grids())
     parser.add_argument("grid", metavar="GRID.yaml",
                         help="grid file (format: `pydoc tvlars.study.grid`), or the name of a shipped grid: "
                              + ", ".join(shipped))
