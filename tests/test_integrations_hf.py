@@ -45,7 +45,7 @@ def trainer(out, name):
     optimizer, schedule = RECIPES[name]
     args = TrainingArguments(str(out), max_steps=STEPS, per_device_train_batch_size=8, logging_steps=1,
                              save_steps=STEPS // 2, max_grad_norm=0.0, report_to="none", use_cpu=True,
-                             disable_tqdm=True, seed=0, **schedule)
+                             dataloader_pin_memory=False, disable_tqdm=True, seed=0, **schedule)
     return Trainer(model=model, args=args, train_dataset=DATA, optimizers=(optimizer(model), None))
 
 
