@@ -3,8 +3,8 @@
 # (2 seeds), the authors' protocol (1 seed), the lam sweep at batch 16384, the paper's 100
 # epochs at the smallest and largest batch, and Barlow Twins, each a resumable sweep (an
 # interrupted study, started again, runs only what is missing), then their reports and
-# figures. About 10 CPU-hours on one thread per run, two runs at a time;
-# needs Fashion-MNIST (apt-get install dataset-fashion-mnist, or --data-dir in the grids).
+# figures. About 10 CPU-hours on one thread per run, two runs at a time; needs
+# Fashion-MNIST (apt-get install dataset-fashion-mnist, or --data-dir in src/tvlars/grids/).
 # Long studies belong in a checkout pinned at a commit: git worktree add ../study HEAD.
 # Run folders stay in runs/ (not committed: checkpoints).
 set -euo pipefail
@@ -14,7 +14,7 @@ runs=${RUNS:-runs}
 docs=docs/study/fashion-mnist
 grids="fashion-mnist-paper fashion-mnist-official fashion-mnist-lam fashion-mnist-100 fashion-mnist-barlowtwins fashion-mnist-barlowtwins-long"
 for grid in $grids; do
-  "$tvlars" sweep "grids/$grid.yaml" --out "$runs/$grid"
+  "$tvlars" sweep "$grid" --out "$runs/$grid"
 done
 for grid in $grids; do
   dest="$docs/${grid#fashion-mnist-}"      # docs/study/fashion-mnist/paper, .../barlowtwins, ...

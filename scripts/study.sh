@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tvlars=${TVLARS:-.venv/bin/tvlars}
-"$tvlars" sweep grids/digits.yaml --out runs/digits
+"$tvlars" sweep digits --out runs/digits
 "$tvlars" report runs/digits --out docs/study
 "$tvlars" report runs/digits --out docs/study/final --metric final
 "$tvlars" plot runs/digits --out docs/study/figures --format png   # the docs show PNGs

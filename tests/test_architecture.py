@@ -107,3 +107,16 @@ def test_the_cycle_check_sees_imports_inside_functions(tmp_path):
     assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.a"]
     (package / "sub" / "b.py").write_text("def late():\n    import json\n    return json\n")
     assert find_cycle(import_graph(package)) is None
+
+
+def test_the_integrations_stand_apart():
+    """tvlars.integrations.* may import other stacks (timm): nothing else in the package may
+    import them, or the core would need those stacks; they use the public optimizer API."""
+    graph = import_graph(PACKAGE)
+    assert "tvlars.integrations.timm" in graph
+    for name, targets in graph.items():
+        inside = name.startswith("tvlars.integrations")
+        if inside:
+            assert targets <= {"tvlars", "tvlars.optim"}, f"{name} imports {sorted(targets)}"
+        else:
+            assert not any(t.startswith("tvlars.integrations") for t in targets), f"{name} imports an integration"

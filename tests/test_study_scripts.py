@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tvlars.study.grid import shipped_grids
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,8 +26,8 @@ def test_fashion_study_script_runs_every_shipped_grid_and_reports_where_the_docs
     env = {**os.environ, "TVLARS": str(fake), "RUNS": str(tmp_path / "runs")}
     subprocess.run(["bash", str(ROOT / "scripts" / "fashion-study.sh")], check=True, env=env, cwd=tmp_path)
     calls = log.read_text().splitlines()
-    shipped = sorted(p.stem for p in (ROOT / "grids").glob("fashion-mnist-*.yaml"))
-    swept = sorted(c.split()[1].removeprefix("grids/").removesuffix(".yaml") for c in calls if c.startswith("sweep"))
+    shipped = sorted(name for name in shipped_grids() if name.startswith("fashion-mnist-"))
+    swept = sorted(c.split()[1] for c in calls if c.startswith("sweep"))
     assert swept == shipped
     outs = {c.split("--out ")[1].split()[0] for c in calls if not c.startswith("sweep")}
     # every folder docs/study.md links to is one the script writes

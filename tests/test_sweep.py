@@ -228,7 +228,7 @@ def test_real_parser_validation_when_trainer_exists(tmp_path):
 
 def test_shipped_grid_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert grid_language.find_grid("quickstart") == GRIDS / "quickstart.yaml"
+    assert Path(grid_language.find_grid("quickstart")).resolve() == (GRIDS / "quickstart.yaml").resolve()
     assert grid_language.load_grid("digits.yaml").name == "digits"
     with pytest.raises(UserError, match="grid file not found: nothing"):
         grid_language.find_grid("nothing")
@@ -433,7 +433,7 @@ def test_interrupted_sweep_restarts_where_it_stopped(env, tmp_path):
 # ------------------------------------------------------------------ shipped grids
 
 
-GRIDS = Path(__file__).resolve().parents[1] / "grids"
+GRIDS = Path(grid_language.__file__).resolve().parents[1] / "grids"  # package data: in the wheel too
 
 
 @pytest.mark.parametrize("name", ["paper-cifar10", "paper-tinyimagenet", "paper-barlowtwins-cifar10",

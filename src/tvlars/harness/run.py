@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tvlars
 from tvlars import runfolder
 from tvlars.errors import UserError
 from tvlars.harness import checkpoint as ckpt
@@ -248,20 +249,11 @@ def run_record(cfg: TrainConfig, runtime, *, micro: int, per_rank: int, steps_pe
     import torch
 
     return cfg.record(micro_batch_size=micro, accumulation_steps=math.ceil(per_rank / micro),
-                      world_size=runtime.world_size, torch_version=torch.__version__, tvlars_version=package_version(),
+                      world_size=runtime.world_size, torch_version=torch.__version__, tvlars_version=tvlars.__version__,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                       delay_steps_resolved=cfg.delay_in_steps(steps_per_epoch), peak_lr=cfg.peak_lr,
                       train_size=len(data.train_labels), test_size=len(data.test_labels),
                       num_classes=data.num_classes, **extra)
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("tvlars")
-    except Exception:  # not installed (running from a source tree)
-        return "unknown"
 
 
 def all_finite(loss: float, params) -> bool:

@@ -53,8 +53,8 @@ under ``grid:`` (in order of first appearance; constants in ``base:`` stay out o
 name), e.g. ``optimizer-lars_batch_size-512_lr-1_seed-0``. Names are stable: adding
 values to an axis never renames existing runs (adding a new flag to ``grid:`` does).
 
-GRID.yaml may also name a shipped grid (``tvlars sweep quickstart``): any file of grids/ by
-its stem, e.g. quickstart, digits, the paper's grids as its text describes them
+GRID.yaml may also name a grid shipped in the package (``tvlars sweep quickstart``; the
+files are tvlars/grids/*.yaml): quickstart, digits, the paper's grids as its text describes them
 (paper-cifar10, paper-tinyimagenet, paper-barlowtwins-cifar10) and as its authors' code ran
 them (official-*), and the Fashion-MNIST study (fashion-mnist-paper, -official, -lam).
 """
@@ -68,11 +68,15 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tvlars.cli import file_flag
 from tvlars.errors import UserError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 COMMANDS = ("train", "ssl")
 #: Flags the sweep sets for every run itself.
@@ -145,7 +149,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise UserError(f"grid file {path}: grid must be a mapping of flag -> list of values, or a non-empty list of such mappings")
     for i, entry in enumerate(entries):
         _check_entry(entry, f"grid file {path}: grid[{i}]")
-    name = data.get("name") or file.stem
+    name = data.get("name") or Path(file.name).stem
     if not isinstance(name, str) or not _safe(name) == name:
         raise UserError(f"grid file {path}: name must be a simple folder name, not {name!r}")
     out = data.get("out")
@@ -156,24 +160,21 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 slurm=dict(data.get("slurm") or {}))
 
 
-def shipped_grids() -> list[Path]:
-    """Folders holding the ready grids: the repository's grids/ (source checkout) and
-    tvlars/grids (package data), where they exist."""
-    here = Path(__file__).resolve()
-    return [p for p in (here.parents[3] / "grids", here.parents[1] / "grids") if p.is_dir()]
+def shipped_grids() -> dict[str, Traversable]:
+    """The ready grids, package data of tvlars (so a wheel holds them), by name (file stem)."""
+    folder = resources.files("tvlars") / "grids"
+    return {Path(f.name).stem: f for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")}
 
 
-def find_grid(path: str | os.PathLike) -> Path:
-    """A grid file by path, or a shipped grid by name (``quickstart`` -> grids/quickstart.yaml)."""
+def find_grid(path: str | os.PathLike) -> Path | Traversable:
+    """A grid file by path, or a shipped grid by name (``quickstart`` or ``quickstart.yaml``)."""
     file = Path(path)
     if file.is_file():
         return file
-    if len(file.parts) == 1:
-        for folder in shipped_grids():
-            for candidate in (folder / file.name, folder / f"{file.name}.yaml"):
-                if candidate.is_file():
-                    return candidate
-    raise UserError(f"grid file not found: {path}")
+    shipped = shipped_grids().get(file.name.removesuffix(".yaml")) if len(file.parts) == 1 else None
+    if shipped is None:
+        raise UserError(f"grid file not found: {path}")
+    return shipped
 
 
 def is_linked(value: Any) -> bool:

@@ -88,7 +88,7 @@ _LAUNCHER_FLAGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    shipped = sorted({grid.stem for folder in shipped_grids() for grid in folder.glob("*.yaml")})
+    shipped = sorted(shipped_grids())
     parser.add_argument("grid", metavar="GRID.yaml",
                         help="grid file (format: `pydoc tvlars.study.grid`), or the name of a shipped grid: "
                              + ", ".join(shipped))
