@@ -88,9 +88,6 @@ def test_create_optimizer_v2_steps_like_the_same_groups_built_by_hand(name, laye
         assert lrs["blocks.0.attn.qkv.weight"] == pytest.approx(lrs["head.weight"] * 0.75 ** 2)
 
 
-@pytest.mark.xfail(strict=True, reason="tvlars.optim bug, reported: on the CPU, foreach=True gives groups whose layers "
-                   "have the same sizes one scratch workspace (_Flat.like's key), so one group's measure overwrites "
-                   "another's before it is applied; timm's layer-decay groups of two blocks are such groups")
 def test_the_multi_tensor_path_takes_timms_layer_decay_groups():
     """The two paths agree to the last bit or two in float64 on any groups."""
     model = vit()
