@@ -97,6 +97,7 @@ class TrainConfig:
     min_factor: float
     variant: str
     tv_factor: bool
+    phi_anneal: bool
     # learning-rate schedule
     schedule: str
     warmup_epochs: float
@@ -186,6 +187,17 @@ class TrainConfig:
                 raise UserError(f"--micro-batch-size must be positive, got {values['micro_batch_size']}")
         if values["delay_epochs"] is not None and values["delay_steps"] is not None:
             raise UserError("give --delay-epochs or --delay-steps, not both")
+        if values["phi_anneal"]:
+            if values["optimizer"] != "tvlars" and not values["tv_factor"]:
+                raise UserError("--phi-anneal shapes phi_t: use it with --optimizer tvlars or --tv-factor")
+            if values["variant"] != "paper":
+                raise UserError("--phi-anneal is for the paper's TVLARS, not --variant official")
+            given = [flag for flag, key in (("--lam", "lam"), ("--delay-epochs", "delay_epochs"),
+                                            ("--delay-steps", "delay_steps")) if values[key] is not None]
+            if given:
+                raise UserError(f"--phi-anneal derives lam and the delay from the run's length; drop {given[0]}")
+        elif values["lam"] is None:
+            values["lam"] = flags.LAM[cls.command]
         if values["stop_after_epochs"] is not None and values["stop_after_epochs"] < 1:
             raise UserError("--stop-after-epochs must be at least 1")
         values["betas"] = tuple(values["betas"])  # config.yaml gives a list
@@ -218,6 +230,16 @@ class TrainConfig:
         if epochs < 0:
             raise UserError("--delay-epochs must not be negative")
         return int(round(epochs * steps_per_epoch))
+
+    def factor_args(self, steps_per_epoch: int) -> dict:
+        """phi_t's lam and delay in optimizer steps: from the run's length with --phi-anneal,
+        else --lam and --delay-epochs / --delay-steps."""
+        if self.phi_anneal:
+            from tvlars import anneal_factor_args
+
+            derived = anneal_factor_args(self.epochs * steps_per_epoch)
+            return dict(lam=derived["lam"], delay_steps=derived["delay"])
+        return dict(lam=self.lam, delay_steps=self.delay_in_steps(steps_per_epoch))
 
     def record(self, **derived) -> dict:
         """What config.yaml holds: the command, every setting, then what the run derived

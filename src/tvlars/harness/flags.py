@@ -194,7 +194,7 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser, command: str) -> N
     g.add_argument("--exclude-1d-adapt", action=argparse.BooleanOptionalAction, default=True,
                    help="trust ratio 1 (no layer-wise adaptation) for 1-D parameters (default: on)")
     t = parser.add_argument_group("TVLARS time-varying factor phi_t = 1/(alpha + exp(lam*(t - d))) + min-factor")
-    t.add_argument("--lam", type=float, default=LAM[command],
+    t.add_argument("--lam", type=float, default=None,
                    help="decay coefficient lambda of phi_t (default: 1e-5, the paper's for Barlow Twins)"
                    if command == "ssl" else
                    "decay coefficient lambda of phi_t (default: 1e-4, the paper's for classification)")
@@ -212,6 +212,10 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser, command: str) -> N
     t.add_argument("--tv-factor", action="store_true",
                    help="run any optimizer (lars, lamb, sgd, adamw) under phi_t as its learning-rate "
                         "schedule (TVFactorLR); implies --schedule none")
+    t.add_argument("--phi-anneal", action="store_true",
+                   help="tvlars (paper variant) or --tv-factor: lam and delay from the run's length T "
+                        "instead of --lam and --delay-*: phi_t falls from 0.99 to 0.01, centred on the "
+                        "middle of the run (delay T/2, lam 2 ln(99)/T), an anneal without warm-up")
     s = parser.add_argument_group("learning-rate schedule (stepped every optimizer step)")
     s.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="linear warm-up then cosine decay to --min-lr / polynomial decay / constant; "

@@ -20,16 +20,14 @@ def optimizer_kwargs(cfg, steps_per_epoch: int) -> dict:
                 trust_coefficient=cfg.trust_coefficient, trust_form=cfg.trust_form, trust_clip=cfg.trust_clip,
                 eps=cfg.eps, nesterov=cfg.nesterov, betas=tuple(cfg.betas), bias_correction=cfg.bias_correction,
                 max_weight_norm=cfg.max_weight_norm, layer_adaptation=cfg.layer_adaptation,
-                exclude_1d_decay=cfg.exclude_1d_decay, exclude_1d_adapt=cfg.exclude_1d_adapt, lam=cfg.lam,
-                delay_steps=cfg.delay_in_steps(steps_per_epoch), alpha=cfg.alpha, min_factor=cfg.min_factor,
-                variant=cfg.variant)
+                exclude_1d_decay=cfg.exclude_1d_decay, exclude_1d_adapt=cfg.exclude_1d_adapt,
+                **cfg.factor_args(steps_per_epoch), alpha=cfg.alpha, min_factor=cfg.min_factor, variant=cfg.variant)
 
 
 def scheduler_kwargs(cfg, steps_per_epoch: int, total_steps: int) -> dict:
     """build_scheduler's keyword arguments: the schedule counts optimizer steps, the flags epochs."""
     if cfg.tv_factor:
-        return dict(tv_factor=True, lam=cfg.lam, delay_steps=cfg.delay_in_steps(steps_per_epoch), alpha=cfg.alpha,
-                    min_factor=cfg.min_factor)
+        return dict(tv_factor=True, **cfg.factor_args(steps_per_epoch), alpha=cfg.alpha, min_factor=cfg.min_factor)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     return dict(schedule=cfg.schedule, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
                 min_lr=cfg.final_lr, power=cfg.power)
@@ -50,7 +48,7 @@ def build_optimizer(model, name: str, *, lr: float, weight_decay: float = 0.0, e
                     trust_form: str = "coupled", trust_clip: bool = False, eps: float | None = None,
                     nesterov: bool = False, betas=(0.9, 0.999), bias_correction: bool = True,
                     max_weight_norm: float | None = None, layer_adaptation: bool = True, lam: float = 1e-4,
-                    delay_steps: int = 0, alpha: float = 1.0, min_factor: float = 0.0, variant: str = "paper"):
+                    delay_steps: float = 0, alpha: float = 1.0, min_factor: float = 0.0, variant: str = "paper"):
     """``name`` over tvlars.param_groups(model): 1-D parameters (biases, norm weights) get no
     weight decay and no layer-wise adaptation unless told otherwise, as in the paper;
     ``layer_adaptation=False`` turns the trust ratio off everywhere (the authors' Barlow
@@ -89,7 +87,7 @@ def build_optimizer(model, name: str, *, lr: float, weight_decay: float = 0.0, e
 
 def build_scheduler(optimizer, *, schedule: str = "none", total_steps: int = 0, warmup_steps: int = 0,
                     min_lr: float = 0.0, power: float = 2.0, tv_factor: bool = False, lam: float = 1e-4,
-                    delay_steps: int = 0, alpha: float = 1.0, min_factor: float = 0.0):
+                    delay_steps: float = 0, alpha: float = 1.0, min_factor: float = 0.0):
     """The schedule to step once per optimizer step (None for none). ``tv_factor``: phi_t
     itself is the schedule (TVFactorLR), for any optimizer; else tvlars.harness.schedules."""
     from tvlars.harness.schedules import build_schedule

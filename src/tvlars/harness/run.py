@@ -248,10 +248,11 @@ def run_record(cfg: TrainConfig, runtime, *, micro: int, per_rank: int, steps_pe
     """config.yaml: the configuration, then what this run derived from it on this machine."""
     import torch
 
+    phi = cfg.factor_args(steps_per_epoch)
     return cfg.record(micro_batch_size=micro, accumulation_steps=math.ceil(per_rank / micro),
                       world_size=runtime.world_size, torch_version=torch.__version__, tvlars_version=tvlars.__version__,
-                      steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                      delay_steps_resolved=cfg.delay_in_steps(steps_per_epoch), peak_lr=cfg.peak_lr,
+                      steps_per_epoch=steps_per_epoch, total_steps=total_steps, lam_resolved=phi["lam"],
+                      delay_steps_resolved=phi["delay_steps"], peak_lr=cfg.peak_lr,
                       train_size=len(data.train_labels), test_size=len(data.test_labels),
                       num_classes=data.num_classes, **extra)
 

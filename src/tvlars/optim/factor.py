@@ -4,11 +4,22 @@
 
 phi_t only multiplies the step size, so it is also a learning-rate schedule in its own
 right: ``TVFactorLR`` runs any optimizer (LAMB, LARS, SGD) "time-varying".
+
+The paper's lam (1e-4) barely moves phi_t over a run of a few thousand steps, so TVLARS as
+published never anneals. Given the run's length T instead (``total_steps``), lam and delay
+follow from it (``anneal_factor_args``): a sigmoid centred on the middle of the run that
+falls from 0.99 at the first step to 0.01 at the last,
+
+    delay = T / 2,   lam = 2 ln(99) / T,   so   phi_0 = 0.99,  phi_{T/2} = 0.5,  phi_T = 0.01,
+
+with no warm-up and no setting beyond the run's own length (docs/study.md, "A schedule
+without warm-up": it matches LARS with a tuned warm-up on Fashion-MNIST).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -23,6 +34,30 @@ def check_factor_args(lam: float, delay: float, alpha: float, min_factor: float)
         raise ValueError(f"invalid alpha: {alpha}; must be > 0")
     if not min_factor >= 0.0:
         raise ValueError(f"invalid min_factor: {min_factor}; must be >= 0")
+
+
+#: phi_t of the annealing schedule at the first step is 1 - ANNEAL_END, at the last ANNEAL_END.
+ANNEAL_END = 0.01
+
+
+def anneal_factor_args(total_steps: float) -> dict:
+    """``lam`` and ``delay`` of the phi_t that anneals a run of ``total_steps`` optimizer steps
+    (module doc), for :class:`tvlars.TVLARS` or :class:`TVFactorLR`."""
+    if not total_steps > 0:
+        raise ValueError(f"invalid total_steps: {total_steps}; must be > 0")
+    return dict(lam=2.0 * math.log(1.0 / ANNEAL_END - 1.0) / total_steps, delay=total_steps / 2.0)
+
+
+def resolve_factor_args(lam: Optional[float], delay: Optional[float], total_steps: Optional[float],
+                        default_lam: float) -> tuple[float, float]:
+    """(lam, delay): from ``total_steps`` when it is given (then neither may be), else as given
+    with the paper's defaults."""
+    if total_steps is None:
+        return (default_lam if lam is None else lam), (0 if delay is None else delay)
+    if lam is not None or delay is not None:
+        raise ValueError("invalid lam/delay: total_steps derives both; give total_steps or lam and delay")
+    derived = anneal_factor_args(total_steps)
+    return derived["lam"], derived["delay"]
 
 
 def tv_factor(step: float, lam: float, delay: float = 0, alpha: float = 1.0, min_factor: float = 0.0) -> float:
@@ -51,11 +86,13 @@ class TVFactorLR(LRScheduler):
     """Multiplies each group's base lr by phi_t, t = number of ``scheduler.step()`` calls.
 
     Call ``scheduler.step()`` once per optimizer step (not per epoch): the paper counts t in
-    iterations, and ``delay`` is in steps as well.
+    iterations, and ``delay`` is in steps as well. ``total_steps`` (instead of ``lam`` and
+    ``delay``) anneals the run from 0.99 to 0.01 (module doc).
     """
 
-    def __init__(self, optimizer, lam: float, delay: float = 0, alpha: float = 1.0,
-                 min_factor: float = 0.0, last_epoch: int = -1):
+    def __init__(self, optimizer, lam: Optional[float] = None, delay: Optional[float] = None, alpha: float = 1.0,
+                 min_factor: float = 0.0, last_epoch: int = -1, *, total_steps: Optional[float] = None):
+        lam, delay = resolve_factor_args(lam, delay, total_steps, default_lam=1e-4)
         check_factor_args(lam, delay, alpha, min_factor)
         self.lam, self.delay, self.alpha, self.min_factor = lam, delay, alpha, min_factor
         super().__init__(optimizer, last_epoch)

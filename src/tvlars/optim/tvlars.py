@@ -10,7 +10,7 @@ import torch
 
 from . import _functional as F
 from ._base import LayerwiseOptimizer, check
-from .factor import check_factor_args, tv_factor_tensor
+from .factor import check_factor_args, resolve_factor_args, tv_factor_tensor
 from .lars import LARS
 
 VARIANTS = ("paper", "official")
@@ -25,7 +25,11 @@ class TVLARS(LARS):
     r"""LARS plus a time-varying factor phi_t (paper Eq. 4) and a momentum form.
 
     ``phi_t = 1 / (alpha + exp(lam * (t - delay))) + min_factor``, t = optimizer steps taken
-    so far (the first step is t = 0; skipped steps do not count), ``delay`` in steps. As
+    so far (the first step is t = 0; skipped steps do not count), ``delay`` in steps; lam and
+    delay default to the paper's 1e-4 and 0. ``total_steps=T`` instead derives them from the
+    run's length, ``delay = T/2, lam = 2 ln(99)/T``: phi_t falls from 0.99 to 0.01 over the
+    run, centred on its middle, an anneal that needs no warm-up and no tuning
+    (``tvlars.optim.factor``; it matches LARS with a tuned warm-up in docs/study.md). As
     torch's Adam counts its bias-correction step, t is counted per parameter
     (``state[p]["step"]``): a parameter that had no gradient for a while is behind.
 
@@ -54,9 +58,13 @@ class TVLARS(LARS):
     """
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
-                 lam=1e-4, delay=0, alpha=1.0, min_factor=0.0, variant="paper",
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None, *, stats: bool = False):
+                 lam=None, delay=None, alpha=1.0, min_factor=0.0, variant="paper",
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, *, stats: bool = False,
+                 total_steps: Optional[float] = None):
         check("variant", variant, variant in VARIANTS, f"must be one of {VARIANTS}")
+        check("total_steps", total_steps, total_steps is None or variant == "paper",
+              "the annealing phi_t is the paper variant's")
+        lam, delay = resolve_factor_args(lam, delay, total_steps, default_lam=1e-4)
         if variant == "official":
             check("alpha/min_factor", (alpha, min_factor), (alpha, min_factor) == (1.0, 0.0),
                   "variant='official' fixes alpha=0.1 and min_factor=0")

@@ -19,8 +19,9 @@ from tvlars.errors import UserError
 from tvlars.runfolder import COMPLETED, FINISHED, number
 from tvlars.study.grid import format_value
 
-ORDER = ("lars", "lamb", "tvlars", "sgd", "adamw")
-NAMES = {"lars": "LARS", "lamb": "LAMB", "tvlars": "TVLARS", "sgd": "SGD", "adamw": "AdamW"}
+ORDER = ("lars", "lamb", "tvlars", "tvlars-anneal", "sgd", "adamw")
+NAMES = {"lars": "LARS", "lamb": "LAMB", "tvlars": "TVLARS", "tvlars-anneal": "TVLARS-anneal", "sgd": "SGD",
+         "adamw": "AdamW"}
 # flags that never tell runs apart in a table (bookkeeping, speed, derived values)
 IGNORED = {
     "out", "config", "resume", "device", "progress", "data_dir", "download", "num_workers",
@@ -203,6 +204,8 @@ def variant(run: RunData) -> tuple[str, bool]:
     if number(run.get("epochs")) == 0:
         return UNTRAINED, False
     optimizer = str(run.get("optimizer", "?")).lower()
+    if optimizer == "tvlars" and run.get("phi_anneal") is True:  # phi_t from the run's length: its own row
+        optimizer = "tvlars-anneal"
     warm = number(run.get("warmup_epochs")) or 0.0
     schedule = str(run.get("schedule") or "").lower()
     return optimizer, bool(warm > 0 or (schedule.startswith("warmup") and run.get("warmup_epochs") is None))
@@ -213,7 +216,7 @@ def variant_label(optimizer: str, warm: bool) -> str:
     if optimizer == UNTRAINED:
         return "Untrained encoder"
     name = NAMES.get(optimizer, optimizer.upper())
-    if optimizer == "tvlars":
+    if optimizer.startswith("tvlars"):
         return name + (" + warm-up" if warm else "")
     return f"{name} ({'warm-up' if warm else 'no warm-up'})"
 
