@@ -46,7 +46,8 @@ Paths (chosen in one place, ``LayerwiseOptimizer._path``):
           the update; LAMB in chunks of layers (see there).
 
 Nothing is kept between steps or between groups except immutable constants (element
-counts, compiled kernels): every workspace is made for one bucket or chunk and step.
+counts, compiled kernels): every workspace is made for one bucket (one dtype of a group, on
+the host path) and step.
 
 Constants (momentum, betas, weight decay, eps) enter eager kernels as Python numbers, which
 kernels use at full precision (a 0-d tensor would be rounded to a bfloat16 layer's dtype);
