@@ -453,10 +453,9 @@ def _counting(name, calls):
 
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_default_cpu_path_updates_with_torch_fused_kernels(cls, kw):
-    """Every parameter through torch's kernels: LARS and TVLARS one fused SGD call per adapted
-    layer and one for the group of 1-D parameters that do not adapt (they share their
-    scalars); LAMB one fused AdamW call per group (the moments; for adapted layers also the
-    direction, which one add per layer then steps by)."""
+    """Every parameter through torch's kernels: LARS and TVLARS one fused SGD call per layer;
+    LAMB one fused AdamW call per group (the moments; for adapted layers also the direction,
+    which one add per layer then steps by)."""
     for path, used in ((dict(), 1), (dict(foreach=False), 0)):
         model, loss_fn = model_and_loss()
         opt = cls(param_groups(model, 1e-2), **kw, **path)
@@ -469,7 +468,7 @@ def test_default_cpu_path_updates_with_torch_fused_kernels(cls, kw):
             assert (sum(adamw), len(adamw)) == (used * (adapted + rest), used * 2)
             assert sgd == []
         else:
-            assert (sum(sgd), len(sgd)) == (used * (adapted + rest), used * (adapted + 1))
+            assert (sum(sgd), len(sgd)) == (used * (adapted + rest), used * (adapted + rest))
             assert adamw == []
 
 

@@ -84,20 +84,6 @@ def _plus_decay_norm(x: Tensor, p: Tensor, x_norm: float, w_norm: float, wd: flo
     return torch.linalg.vector_norm(x + wd * p, dtype=torch.float64).item()
 
 
-def _runs(scales: list[float], eligible) -> list[tuple[int, int]]:
-    """[start, end) ranges of consecutive layers that ``eligible(i)`` lets share a kernel call
-    when their scalars are equal: a group that does not adapt is one call."""
-    runs, i = [], 0
-    while i < len(scales):
-        j = i + 1
-        if eligible(i):
-            while j < len(scales) and scales[j] == scales[i] and eligible(j):
-                j += 1
-        runs.append((i, j))
-        i = j
-    return runs
-
-
 def _host_lars_measure(params, grads, o: LARSOptions):
     n = len(params)
     w_norms, u_norms = [0.0] * n, [0.0] * n
@@ -122,27 +108,25 @@ def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars) -> 
     lr = float(_on(o.lr, torch.device("cpu")))
     outer = 1.0 if o.momentum_form == LOOK_AHEAD else lr
     wd, mu = o.weight_decay, o.momentum
-    scales = s.scale.tolist()
-    host = [_host_ok(p, g, buf) and p.dtype == params[0].dtype for p, g, buf in zip(params, grads, bufs)]
     counted = []
-    for i, j in _runs(scales, lambda i: host[i] and params[i].dtype == params[0].dtype):
-        if not host[i]:
-            _lars_layer_update(params[i], grads[i], bufs[i], steps[i], s.ok.reshape(1), s.scale[i:j], (wd, mu, outer),
+    for i, k in enumerate(s.scale.tolist()):
+        p, g, buf = params[i], grads[i], bufs[i]
+        if not _host_ok(p, g, buf):
+            _lars_layer_update(p, g, buf, steps[i], s.ok.reshape(1), s.scale[i:i + 1], (wd, mu, outer),
                                decay=o.decay, form=o.momentum_form)
             continue  # it counts its step
-        ps, gs, bs, k = params[i:j], grads[i:j], bufs[i:j], scales[i]
-        if bs[0] is None:
-            torch._fused_sgd_(ps, gs, [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
+        if buf is None:
+            torch._fused_sgd_([p], [g], [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
                               nesterov=False, maximize=False, is_first_step=False)
         elif o.momentum_form == HEAVY_BALL:
-            torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=outer, dampening=1.0 - k,
+            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer, dampening=1.0 - k,
                               nesterov=False, maximize=False, is_first_step=False)
         else:
-            torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=outer * k, dampening=1.0 - k,
+            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer * k, dampening=1.0 - k,
                               nesterov=True, maximize=False, is_first_step=False)
             if k != 1.0:
-                torch._foreach_add_(ps, bs, alpha=-outer * mu * (1.0 - k))
-        counted += steps[i:j]
+                p.add_(buf, alpha=-outer * mu * (1.0 - k))
+        counted.append(steps[i])
     if counted:
         torch._foreach_add_(counted, 1.0)
 
@@ -220,9 +204,8 @@ def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, ok: Tensor, g
         torch._fused_adamw_(directions, gs, m, v, [], kernel_steps, lr=-1.0, weight_decay=0.0, **adam)
         s = lamb_scalars(_norms(ps), _norms(directions), o, ok)
         parts.append(s)
-        gammas = s.scale.tolist()
-        for i, j in _runs(gammas, lambda i: True):
-            torch._foreach_add_(ps[i:j], directions[i:j], alpha=-gammas[i])
+        for p, u, gamma in zip(ps, directions, s.scale.tolist()):
+            p.add_(u, alpha=-gamma)
     fields = ("w_norm", "u_norm", "trust", "step_size", "scale")
     return Scalars(ok, *(torch.cat([getattr(p, f) for p in parts]) for f in fields))
 
