@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tvlars import LAMB, LARS, TVLARS, param_groups, tv_factor
+from tvlars import LAMB, LARS, TVLARS, anneal_factor_args, param_groups, tv_factor
 
 STEPS = 20
 PATHS = {"default": dict(), "single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -189,6 +189,9 @@ CASES = {
     "tvlars-adapt-all": (TVLARS, RefTVLARS, dict(lr=1.0, lam=0.05, momentum=0.5),
                          dict(lr=1.0, trust_coefficient=1e-3, lam=0.05, momentum=0.5),
                          dict(exclude_from_decay=False, exclude_from_adaptation=False)),
+    # TVLARS-anneal: lam and delay from the run's length (phi_t from 0.99 to 0.01 over STEPS)
+    "tvlars-anneal": (TVLARS, RefTVLARS, dict(lr=0.1, total_steps=STEPS),
+                      dict(lr=0.1, trust_coefficient=1e-3, momentum=0.9, **anneal_factor_args(STEPS)), {}),
     "tvlars-official": (TVLARS, RefTVLARSOfficial, dict(lr=0.1, lam=0.05, variant="official"),
                         dict(lr=0.1, trust_coefficient=1e-3, lam=0.05, momentum=0.9), {}),
     "tvlars-official-delay": (TVLARS, RefTVLARSOfficial, dict(lr=0.1, lam=0.05, delay=7, variant="official"),
@@ -210,7 +213,7 @@ CASES = {
     "lamb-max-weight-norm": (LAMB, RefLAMB, dict(lr=1e-2, max_weight_norm=0.5), dict(lr=1e-2, max_weight_norm=0.5),
                              dict(exclude_from_adaptation=False)),
 }
-FUSED_CASES = ["lars-nesterov", "tvlars", "tvlars-official", "tvlars-official-delay", "lamb", "lamb-authors",
+FUSED_CASES = ["lars-nesterov", "tvlars", "tvlars-anneal", "tvlars-official", "tvlars-official-delay", "lamb", "lamb-authors",
                "lamb-max-weight-norm"]
 WEIGHT_DECAY = 5e-3
 

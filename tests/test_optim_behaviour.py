@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tvlars
-from tvlars import LAMB, LARS, TVLARS, LayerStats, TVFactorLR, param_groups, tv_factor
+from tvlars import LAMB, LARS, TVLARS, LayerStats, TVFactorLR, anneal_factor_args, param_groups, tv_factor
 
 OPTIMIZERS = [(LARS, dict(lr=0.1, weight_decay=1e-2, nesterov=True)),
               (TVLARS, dict(lr=0.1, weight_decay=1e-2, lam=0.1)),
@@ -391,6 +391,32 @@ def test_tv_factor_lr_scales_any_optimizer():
         again = TVFactorLR(opt, lam=0.1, delay=3, min_factor=0.01)
         again.load_state_dict(state)
         assert again.last_epoch == 10
+
+
+@pytest.mark.parametrize("total_steps", [1, 150, 5850])
+def test_anneal_factor_falls_from_0_99_to_0_01_over_the_run(total_steps):
+    args = anneal_factor_args(total_steps)
+    assert args["delay"] == total_steps / 2
+    phi = [tv_factor(t, **args) for t in range(total_steps + 1)]
+    assert (phi[0], phi[-1]) == (pytest.approx(0.99, rel=1e-12), pytest.approx(0.01, rel=1e-12))
+    assert tv_factor(total_steps / 2, **args) == pytest.approx(0.5, rel=1e-12)
+    assert all(a > b for a, b in zip(phi, phi[1:]))
+
+
+def test_total_steps_derives_lam_and_delay_and_refuses_them_besides():
+    p = nn.Parameter(torch.ones(2))
+    opt = TVLARS([p], lr=1.0, total_steps=300)
+    assert (opt.defaults["lam"], opt.defaults["delay"]) == (anneal_factor_args(300)["lam"], 150.0)
+    assert (TVLARS([p]).defaults["lam"], TVLARS([p]).defaults["delay"]) == (1e-4, 0)  # the paper's
+    sched = TVFactorLR(torch.optim.SGD([p], lr=0.5), total_steps=300)
+    assert (sched.lam, sched.delay) == (opt.defaults["lam"], 150.0)
+    for bad in (dict(lam=1e-3), dict(delay=10)):
+        with pytest.raises(ValueError, match="total_steps"):
+            TVLARS([p], total_steps=300, **bad)
+    with pytest.raises(ValueError, match="total_steps"):
+        TVLARS([p], total_steps=300, variant="official")
+    with pytest.raises(ValueError, match="total_steps"):
+        TVLARS([p], total_steps=0)
 
 
 def test_tv_factor_lr_rejects_bad_arguments():

@@ -224,7 +224,8 @@ def group_options(cls):
 
 def constructor_options(cls):
     if cls is TVLARS:
-        return st.sampled_from([dict(lam=0.1), dict(lam=0.1, variant="official"), dict(lam=0.3, alpha=0.5)])
+        return st.sampled_from([dict(lam=0.1), dict(lam=0.1, variant="official"), dict(lam=0.3, alpha=0.5),
+                                dict(total_steps=4)])
     if cls is LARS:
         return st.sampled_from([dict(), dict(nesterov=True)])
     return st.just(dict())

@@ -196,3 +196,36 @@ def test_resume_accepts_the_same_micro_batch_size_given_again(tmp_path):
     with pytest.raises(UserError, match="--micro-batch-size"):
         run_command(train, tmp_path / "run", *FAST, "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "256",
                     "--micro-batch-size", "32", "--resume", "--epochs", "3")
+
+
+def test_phi_anneal_takes_lam_and_delay_from_the_run_length(tmp_path):
+    """--phi-anneal: TVLARS-anneal (or --tv-factor) with phi_t from 0.99 to 0.01 over the run,
+    recorded in config.yaml, and the report's own row."""
+    from tvlars import anneal_factor_args
+    from tvlars.study.runs import load_runs, row_labels
+
+    out = tmp_path / "sweep" / "anneal"
+    assert run_command(train, out, *FAST, "--optimizer", "tvlars", "--phi-anneal") == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    expected = anneal_factor_args(config["total_steps"])
+    assert (config["lam_resolved"], config["delay_steps_resolved"]) == (expected["lam"], expected["delay"])
+    model = build_model("mlp", 10, 1, 8)
+    args = parse("--optimizer", "tvlars", "--phi-anneal", "--epochs", "50")
+    optimizer = opt_lib.build_optimizer(model, **opt_lib.optimizer_kwargs(args, steps_per_epoch=3))
+    assert {(g["lam"], g["delay"]) for g in optimizer.param_groups} == {tuple(anneal_factor_args(150).values())}
+    lars = parse("--optimizer", "lars", "--tv-factor", "--phi-anneal", "--epochs", "50")
+    scheduler = opt_lib.build_scheduler(optimizer, **opt_lib.scheduler_kwargs(lars, 3, 150))
+    assert (scheduler.lam, scheduler.delay) == tuple(anneal_factor_args(150).values())
+    (tmp_path / "sweep" / "sweep.json").write_text("{}")
+    assert list(row_labels(load_runs(tmp_path / "sweep")).values()) == ["TVLARS-anneal"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--optimizer", "lars"], "--optimizer tvlars or --tv-factor"),
+    (["--optimizer", "tvlars", "--variant", "official"], "paper"),
+    (["--optimizer", "tvlars", "--lam", "1e-3"], "drop --lam"),
+    (["--optimizer", "tvlars", "--delay-epochs", "5"], "drop --delay-epochs"),
+])
+def test_phi_anneal_refuses_what_it_replaces(flags, message):
+    with pytest.raises(UserError, match=message):
+        parse(*flags, "--phi-anneal")

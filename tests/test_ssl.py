@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from tvlars.errors import UserError
+from tvlars.harness.config import SSLConfig
 from tvlars.harness.ssl import barlow, evaluate
 from tvlars.harness.ssl import pretrain as ssl
 from tvlars.runfolder import LAYER_COLUMNS, METRIC_COLUMNS, PROBE_COLUMNS
@@ -61,8 +62,9 @@ def test_flags_and_help():
         if action.option_strings and action.dest not in ("help", "augment"):
             assert action.help and action.help != argparse.SUPPRESS and len(action.help) > 10, action.dest
     args = parser.parse_args([])
-    assert (args.projector, args.lambd, args.lam, args.knn_k, args.probe_epochs) == ("2048-2048-4096", 0.0051,
-                                                                                     1e-5, 200, 100)
+    assert (args.projector, args.lambd, args.knn_k, args.probe_epochs) == ("2048-2048-4096", 0.0051, 200, 100)
+    args.command = "ssl"
+    assert SSLConfig.from_flags(args).lam == 1e-5  # the paper's for Barlow Twins
 
 
 def test_run_folder_contents(tmp_path):
