@@ -278,3 +278,24 @@ def test_cli(tmp_path, capsys):
         report.run(parser.parse_args([str(tmp_path / "o")]))
     with pytest.raises(UserError, match="not a folder"):
         report.run(parser.parse_args([str(tmp_path / "nope")]))
+
+
+def test_rows_name_a_schedule_other_than_the_papers_pairing(tmp_path):
+    """Warm-up goes with cosine decay, no warm-up with polynomial decay and TVLARS with no
+    schedule (the paper's pairings, named by warm-up alone); any other schedule is named, so
+    an ablation's rows say what they ran (warm-up then constant, cosine without warm-up,
+    phi_t as LARS's schedule, TVLARS-anneal)."""
+    (tmp_path / "sweep.json").write_text("{}")
+    specs = {"paper-warm": (2, "warmup-cosine", {}), "paper-cold": (0, "poly", {}),
+             "ramp-constant": (2, "constant", {}), "cosine-cold": (0, "warmup-cosine", {}),
+             "phi": (0, "none", {"tv_factor": True, "phi_anneal": True})}
+    for name, (warmup, schedule, extra) in specs.items():
+        d = make_run(tmp_path, name, warmup_epochs=warmup, extra=extra)
+        config = yaml.safe_load((d / "config.yaml").read_text())
+        (d / "config.yaml").write_text(yaml.safe_dump(dict(config, schedule=schedule)))
+    make_run(tmp_path, "anneal", optimizer="tvlars", extra={"phi_anneal": True})
+    make_run(tmp_path, "tvlars", optimizer="tvlars")
+    labels = {Path(path).name: label for path, label in runs.row_labels(runs.load_runs(tmp_path)).items()}
+    assert labels == {"paper-warm": "LARS (warm-up)", "paper-cold": "LARS (no warm-up)",
+                      "ramp-constant": "LARS (warm-up, constant)", "cosine-cold": "LARS (no warm-up, cosine)",
+                      "phi": "LARS (no warm-up, phi_t anneal)", "anneal": "TVLARS-anneal", "tvlars": "TVLARS"}

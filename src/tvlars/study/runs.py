@@ -211,21 +211,38 @@ def variant(run: RunData) -> tuple[str, bool]:
     return optimizer, bool(warm > 0 or (schedule.startswith("warmup") and run.get("warmup_epochs") is None))
 
 
-def variant_label(optimizer: str, warm: bool) -> str:
+#: Decay schedules by name, and the one the paper pairs with each variant (warm-up then cosine,
+#: polynomial without warm-up, none for TVLARS): only another pairing is named in a row label.
+SCHEDULE_NAMES = {"warmup-cosine": "cosine", "poly": "poly", "constant": "constant", "none": "no schedule"}
+
+
+def schedule_note(run: RunData) -> str:
+    """The run's schedule where it is not the paper's pairing for its variant, else ""."""
+    optimizer, warm = variant(run)
+    schedule = str(run.get("schedule") or "").lower()
+    if run.get("tv_factor") is True:  # phi_t as the learning-rate schedule (TVFactorLR)
+        return "phi_t" + (" anneal" if run.get("phi_anneal") is True else "")
+    if optimizer == UNTRAINED or schedule not in SCHEDULE_NAMES:
+        return ""
+    paired = "none" if optimizer.startswith("tvlars") else ("warmup-cosine" if warm else "poly")
+    return "" if schedule == paired else SCHEDULE_NAMES[schedule]
+
+
+def variant_label(optimizer: str, warm: bool, schedule: str = "") -> str:
     """Table 1's row names; TVLARS has no warm-up in the paper, so only its exception is named."""
     if optimizer == UNTRAINED:
         return "Untrained encoder"
     name = NAMES.get(optimizer, optimizer.upper())
     if optimizer.startswith("tvlars"):
-        return name + (" + warm-up" if warm else "")
-    return f"{name} ({'warm-up' if warm else 'no warm-up'})"
+        return name + (" + warm-up" if warm else "") + (f" + {schedule}" if schedule else "")
+    return f"{name} ({'warm-up' if warm else 'no warm-up'}{', ' + schedule if schedule else ''})"
 
 
 def row_labels(runs: Sequence[RunData]) -> dict[str, str]:
-    """Each run's row label: its variant, plus any other flag that varies within the variant."""
-    groups: dict[tuple[str, bool], list[RunData]] = {}
+    """Each run's row label: its variant and schedule, plus any other flag that varies within them."""
+    groups: dict[tuple[str, bool, str], list[RunData]] = {}
     for r in runs:
-        groups.setdefault(variant(r), []).append(r)
+        groups.setdefault((*variant(r), schedule_note(r)), []).append(r)
     labels = {}
     for key, members in groups.items():
         keys = sorted({k for r in members for k in r.flags})
