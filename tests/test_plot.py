@@ -181,3 +181,35 @@ def test_a_one_epoch_ssl_run_draws_every_series_in_png_and_svg(tmp_path, monkeyp
         assert len(shown) >= (2 if stem.startswith("curves") else 4), stem
         for line in shown:
             assert len(line.get_xdata()) >= 2 or line.get_marker() not in (None, "None", "", " "), (stem, line)
+
+
+def test_curves_at_the_best_lr_keep_one_line_per_variant(tmp_path, monkeypatch):
+    """--lrs best: each variant at the lr whose mean best accuracy is highest, the seeds averaged
+    (the schedule study's figure of every method at batch 16384)."""
+    from tvlars import cli
+
+    (tmp_path / "sweep.json").write_text("{}")
+    for seed in (0, 1):
+        for lr, top in ((1.0, 70.0), (2.0, 80.0 + seed)):       # LARS: lr 2 is better on both seeds
+            make_run(tmp_path, f"lars{lr:g}s{seed}", optimizer="lars", lr=lr, seed=seed, accs=(50.0, top, top - 1))
+        for lr, top in ((1.0, 75.0 + seed), (2.0, 60.0)):       # TVLARS: lr 1
+            make_run(tmp_path, f"tv{lr:g}s{seed}", optimizer="tvlars", lr=lr, seed=seed, accs=(50.0, top, top))
+    figures = {}
+    real_save = plot.save
+
+    def capture(fig, out, stem, formats, *args, **kwargs):
+        figures[stem] = {line.get_label(): (list(line.get_ydata()), line.get_linestyle())
+                         for line in fig.axes[0].get_lines()}
+        return real_save(fig, out, stem, formats, *args, **kwargs)
+
+    monkeypatch.setattr(plot, "save", capture)
+    parser = cli._Parser(prog="tvlars plot")
+    plot.add_arguments(parser)
+    assert plot.run(parser.parse_args([str(tmp_path), "--figures", "curves", "--format", "png", "--lrs", "best"])) == 0
+    lines = figures["curves_B512"]
+    assert sorted(lines) == ["LARS (warm-up), lr 2 (mean of 2)", "TVLARS, lr 1 (mean of 2)"]
+    assert lines["LARS (warm-up), lr 2 (mean of 2)"][0] == [50.0, 80.5, 79.5]
+    assert {style for _, style in lines.values()} == {"-"}
+    plot.run(parser.parse_args([str(tmp_path), "--figures", "curves", "--format", "png"]))
+    assert len(figures["curves_B512"]) == 4                      # the default: every lr
+    check_png(tmp_path / "figures" / "curves_B512.png")

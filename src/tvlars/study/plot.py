@@ -10,6 +10,9 @@ layers.csv with one row, kNN every few epochs) has its points marked: a line nee
                       ``tvlars ssl`` sweep, whose test accuracy exists only after the final
                       probe, the kNN accuracy and the Barlow Twins training loss, with the
                       untrained encoder's kNN accuracy (``--epochs 0`` runs) as a line.
+                      ``--lrs best`` keeps one line per variant, at its best lr (the
+                      highest mean best-epoch accuracy, as the report's best-over-lrs
+                      table chooses): several variants on one page stay readable.
 ``layers_<variant>_B<batch>``  per-layer weight norm ||w||, gradient norm ||g||, their ratio
                       ||w||/||g|| (from layers.csv) and the test loss (ssl: the training
                       loss) against optimizer
@@ -77,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="delay d_e of the tv-factor figure, in steps (default 0)")
     parser.add_argument("--target", type=float, default=95.0, metavar="PERCENT",
                         help="epochs-to-target figure: %% of the best accuracy at each batch size (default 95)")
+    parser.add_argument("--lrs", choices=("all", "best"), default="all",
+                        help="curves figure: a line per learning rate, or only each variant's best "
+                             "(default all)")
     parser.add_argument("--dpi", type=int, default=120, help="resolution of png files (default 120)")
 
 
@@ -93,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.target <= 100:
         raise UserError(f"--target must be a percentage in (0, 100], not {args.target}")
     written = make_figures(args.path, out=args.out, formats=formats, figures=figures, layers=args.layers,
-                           lams=lams, delay=args.delay, target=args.target / 100, dpi=args.dpi)
+                           lams=lams, delay=args.delay, target=args.target / 100, dpi=args.dpi,
+                           best_lr_only=args.lrs == "best")
     for path in written:
         print(path)
     return 0
@@ -232,10 +239,23 @@ def _groups(runs):
     return groups, sorted({label for label, _, _ in groups}, key=label_order)
 
 
-def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Path]:
+def _best_lr_only(groups):
+    """Each variant's runs at its best lr per batch size (highest mean best-epoch accuracy)."""
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    for (label, batch, lr), members in groups.items():
+        accs = [a for a in (run_accuracy(r, "best") for r in members) if a is not None]
+        mean = sum(accs) / len(accs) if accs else -math.inf
+        if (label, batch) not in best or mean > best[(label, batch)][0]:
+            best[(label, batch)] = (mean, lr)
+    return {key: members for key, members in groups.items() if best[key[:2]][1] == key[2]}
+
+
+def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="", best_lr_only=False) -> list[Path]:
     """Test accuracy and loss against epochs, one figure per batch size (Figures 1, 5, 60-63)."""
     plt = _pyplot()
     groups, order = _groups(runs)
+    if best_lr_only:
+        groups = _best_lr_only(groups)
     colors = _colors(order)
     acc_column, loss_column = _curve_columns(runs)
     untrained = mean_std(number(r.summary.get("knn_acc")) for r in runs
@@ -249,7 +269,8 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Pa
                 members = groups.get((label, batch, lr))
                 if not members:
                     continue
-                style = dict(color=colors[label], linestyle=LINESTYLES[i % len(LINESTYLES)], linewidth=1.6)
+                dash = LINESTYLES[0 if best_lr_only else i % len(LINESTYLES)]
+                style = dict(color=colors[label], linestyle=dash, linewidth=1.6)
                 n = len(members)
                 name = f"{label}, lr {format_value(lr)}" + (f" (mean of {n})" if n > 1 else "")
                 xs, ys = _mean_curve(members, acc_column)
@@ -278,7 +299,8 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="") -> list[Pa
         if handles:
             fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
         what = "kNN accuracy and training loss" if acc_column == "knn_acc" else "test accuracy and loss"
-        fig.suptitle(f"{title_prefix}{what} per optimizer and learning rate (B = {batch})")
+        per = "at its best learning rate" if best_lr_only else "and learning rate"
+        fig.suptitle(f"{title_prefix}{what} per optimizer {per} (B = {batch})")
         fig.tight_layout()
         written += save(fig, out, f"curves_B{batch}", formats, dpi)
     return written
@@ -496,7 +518,7 @@ def figure_epochs_to_target(runs, out: Path, formats, fraction=0.95, dpi=120) ->
 
 def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Sequence[str] = DEFAULT_FORMATS,
                  figures: Sequence[str] = FIGURES, layers: str = "auto", lams: Sequence[float] = (),
-                 delay: float = 0.0, target: float = 0.95, dpi: int = 120) -> list[Path]:
+                 delay: float = 0.0, target: float = 0.95, dpi: int = 120, best_lr_only: bool = False) -> list[Path]:
     folder = Path(path)
     runs = load_runs(folder)
     single = len(runs) == 1 and runs[0].path == folder
@@ -504,7 +526,7 @@ def make_figures(path: str | Path, *, out: str | Path | None = None, formats: Se
     lams = list(lams) or [1e-2, 5e-3, 1e-3, 1e-4, 1e-5, 1e-6]
     written: list[Path] = []
     if "curves" in figures:
-        written += figure_curves(runs, destination, formats, dpi)
+        written += figure_curves(runs, destination, formats, dpi, best_lr_only=best_lr_only)
     if "layers" in figures:
         written += figure_layers(runs, destination, formats, layers, dpi, single=single)
     if "tv-factor" in figures:
