@@ -44,8 +44,8 @@ view() {  # view NAME GLOB SWEEP...: link the runs matching GLOB of each SWEEP i
 }
 view schedule-all '*' fashion-mnist-schedule fashion-mnist-schedule-cosine
 view schedule-all 'schedule-warmup-cosine_*' fashion-mnist-schedule-ablation
-view schedule-16384 '*batch_size-16384_*' fashion-mnist-schedule fashion-mnist-schedule-ablation \
-  fashion-mnist-schedule-cosine fashion-mnist-schedule-published
+view schedule-16384 '*batch_size-16384_*' fashion-mnist-schedule fashion-mnist-schedule-ablation fashion-mnist-schedule-cosine
+view schedule-16384 '*' fashion-mnist-schedule-published      # all at 16384: its names omit the batch
 "$tvlars" report "$runs/schedule-all" --out "$docs/schedule-all"
 "$tvlars" report "$runs/schedule-all" --out "$docs/schedule-all/final" --metric final
 "$tvlars" plot "$runs/schedule-16384" --out "$docs/schedule-16384/figures" --format png --figures curves --lrs best
