@@ -5,7 +5,7 @@
 # (pilot, 3 seeds, ablation, cosine without ramp, authors' protocol, CNN, TVLARS as published),
 # each a resumable sweep (an
 # interrupted study, started again, runs only what is missing), then their reports and
-# figures. About 16 CPU-hours on one thread per run, two runs at a time; needs
+# figures. About 17 CPU-hours on one thread per run, two runs at a time; needs
 # Fashion-MNIST (apt-get install dataset-fashion-mnist, or --data-dir in src/tvlars/grids/).
 # Long studies belong in a checkout pinned at a commit: git worktree add ../study HEAD.
 # Run folders stay in runs/ (not committed: checkpoints).
