@@ -16,7 +16,8 @@ runs=${RUNS:-runs}
 docs=docs/study/fashion-mnist
 grids="fashion-mnist-paper fashion-mnist-official fashion-mnist-lam fashion-mnist-100 fashion-mnist-barlowtwins fashion-mnist-barlowtwins-long
        fashion-mnist-schedule-pilot fashion-mnist-schedule fashion-mnist-schedule-ablation fashion-mnist-schedule-official
-       fashion-mnist-schedule-cnn fashion-mnist-schedule-published fashion-mnist-schedule-cosine"
+       fashion-mnist-schedule-cnn fashion-mnist-schedule-published fashion-mnist-schedule-cosine
+       fashion-mnist-schedule-heavyball"
 for grid in $grids; do
   "$tvlars" sweep "$grid" --out "$runs/$grid"
 done
