@@ -2,9 +2,9 @@
 # Regenerates the Fashion-MNIST study in docs/study/fashion-mnist/: the paper's protocol
 # (2 seeds), the authors' protocol (1 seed), the lam sweep at batch 16384, the paper's 100
 # epochs at the smallest and largest batch, Barlow Twins, and the schedule without warm-up
-# (pilot, 3 seeds, ablation, cosine without ramp, authors' protocol, CNN, TVLARS as published),
-# each a resumable sweep (an
-# interrupted study, started again, runs only what is missing), then their reports and
+# (pilot, 3 seeds, ablation, cosine without ramp, heavy-ball, authors' protocol, CNN, TVLARS as
+# published), each a resumable sweep (an interrupted study, started again, runs only what is
+# missing), then their reports and
 # figures. About 17 CPU-hours on one thread per run, two runs at a time; needs
 # Fashion-MNIST (apt-get install dataset-fashion-mnist, or --data-dir in src/tvlars/grids/).
 # Long studies belong in a checkout pinned at a commit: git worktree add ../study HEAD.
@@ -43,9 +43,10 @@ view() {  # view NAME GLOB SWEEP...: link the runs matching GLOB of each SWEEP i
     done
   done
 }
-view schedule-all '*' fashion-mnist-schedule fashion-mnist-schedule-cosine
+view schedule-all '*' fashion-mnist-schedule fashion-mnist-schedule-cosine fashion-mnist-schedule-heavyball
 view schedule-all 'schedule-warmup-cosine_*' fashion-mnist-schedule-ablation
-view schedule-16384 '*batch_size-16384_*' fashion-mnist-schedule fashion-mnist-schedule-ablation fashion-mnist-schedule-cosine
+view schedule-16384 '*batch_size-16384_*' fashion-mnist-schedule fashion-mnist-schedule-ablation fashion-mnist-schedule-cosine \
+  fashion-mnist-schedule-heavyball
 view schedule-16384 '*' fashion-mnist-schedule-published      # all at 16384: its names omit the batch
 "$tvlars" report "$runs/schedule-all" --out "$docs/schedule-all"
 "$tvlars" report "$runs/schedule-all" --out "$docs/schedule-all/final" --metric final
