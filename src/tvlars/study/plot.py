@@ -239,15 +239,15 @@ def _groups(runs):
     return groups, sorted({label for label, _, _ in groups}, key=label_order)
 
 
-def _best_lr_only(groups):
-    """Each variant's runs at its best lr per batch size (highest mean best-epoch accuracy)."""
+def _best_lrs(groups) -> dict[tuple[str, int], float]:
+    """Each variant's best lr per batch size: the highest mean best-epoch accuracy over its
+    seeds (the report's best-over-lrs choice)."""
     best: dict[tuple[str, int], tuple[float, float]] = {}
     for (label, batch, lr), members in groups.items():
-        accs = [a for a in (run_accuracy(r, "best") for r in members) if a is not None]
-        mean = sum(accs) / len(accs) if accs else -math.inf
-        if (label, batch) not in best or mean > best[(label, batch)][0]:
+        mean = mean_std(run_accuracy(r, "best") for r in members)[0]
+        if mean is not None and ((label, batch) not in best or mean > best[(label, batch)][0]):
             best[(label, batch)] = (mean, lr)
-    return {key: members for key, members in groups.items() if best[key[:2]][1] == key[2]}
+    return {key: lr for key, (_, lr) in best.items()}
 
 
 def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="", best_lr_only=False) -> list[Path]:
@@ -255,7 +255,8 @@ def figure_curves(runs, out: Path, formats, dpi=120, title_prefix="", best_lr_on
     plt = _pyplot()
     groups, order = _groups(runs)
     if best_lr_only:
-        groups = _best_lr_only(groups)
+        best = _best_lrs(groups)
+        groups = {key: members for key, members in groups.items() if best.get(key[:2], key[2]) == key[2]}
     colors = _colors(order)
     acc_column, loss_column = _curve_columns(runs)
     untrained = mean_std(number(r.summary.get("knn_acc")) for r in runs
@@ -452,19 +453,14 @@ def epochs_to_target_table(runs, fraction: float = 0.95):
     (inf when a run never did)."""
     groups, order = _groups([r for r in runs if r.finished])
     best_at_batch = best_per_batch(groups)
+    best_lr = _best_lrs(groups)
     result = {}
     for label in order:
         for batch in sorted(best_at_batch):
-            choices = []
-            for (lab, b, lr), members in groups.items():
-                if lab != label or b != batch:
-                    continue
-                mean = mean_std(run_accuracy(r, "best") for r in members)[0]
-                if mean is not None:
-                    choices.append((mean, lr, members))
-            if not choices:
+            lr = best_lr.get((label, batch))
+            if lr is None:
                 continue
-            _, lr, members = max(choices, key=lambda c: c[0])
+            members = groups[(label, batch, lr)]
             target = fraction * best_at_batch[batch]
             epochs = []
             for r in members:
