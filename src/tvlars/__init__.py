@@ -6,4 +6,4 @@ The optimizer library is ``tvlars.optim`` (torch only); its public API is re-exp
 from tvlars.optim import LAMB, LARS, TVLARS, LayerStats, TVFactorLR, anneal_factor_args, param_groups, tv_factor
 
 __all__ = ["LARS", "LAMB", "TVLARS", "LayerStats", "TVFactorLR", "tv_factor", "anneal_factor_args", "param_groups"]
-__version__ = "0.1.0"  # the one place: pyproject.toml reads it, the harness records it
+__version__ = "0.2.0"  # the one place: pyproject.toml reads it, the harness records it
