@@ -270,6 +270,7 @@ class SSLConfig(TrainConfig):
     probe_batch_size: int
     probe_weight_decay: float
     probe_augment: bool
+    probe_norm: str
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> argparse.Namespace:

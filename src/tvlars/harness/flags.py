@@ -65,6 +65,11 @@ def add_ssl_arguments(parser: argparse.ArgumentParser) -> None:
                    help="linear probe batch size (default: 256)")
     e.add_argument("--probe-weight-decay", type=float, default=1e-6,
                    help="linear probe weight decay (default: 1e-6)")
+    e.add_argument("--probe-norm", choices=("bn", "none"), default="bn",
+                   help="how the linear probe sees the frozen features: bn = standardised by a "
+                        "parameter-free BatchNorm1d before the head (MAE, MoCo v3), so the result does not "
+                        "depend on the features' scale; none = raw, the Barlow Twins reference's "
+                        "protocol (default: bn)")
     e.add_argument("--probe-augment", action=argparse.BooleanOptionalAction, default=False,
                    help="train the linear probe on random-resized-crop + flip views, re-encoding the "
                         "training set every probe epoch (the reference's protocol); off: on features "

@@ -228,7 +228,7 @@ def pretrain(opened, runtime, started: float) -> int:
                                    epochs=cfg.probe_epochs, batch_size=cfg.probe_batch_size, lr=cfg.probe_lr,
                                    weight_decay=cfg.probe_weight_decay, device=runtime.device, seed=cfg.seed,
                                    augment=probe_augment, mean=data.mean, std=data.std,
-                                   feature_batch_size=cfg.eval_batch_size)
+                                   feature_batch_size=cfg.eval_batch_size, norm=cfg.probe_norm)
     if runtime.is_main:
         runfolder.write_csv(out / runfolder.PROBE, runfolder.PROBE_COLUMNS, result["history"])
     for history in result["history"]:
@@ -238,7 +238,8 @@ def pretrain(opened, runtime, started: float) -> int:
     if pending is not None:
         session.log.log_epoch({**pending, "test_acc": top1})
     session.complete(final_test_acc=top1, linear_top5=result["top5"], probe_best_acc=result["best_top1"],
-                     probe_best_epoch=result["best_epoch"], probe_lr=result["lr"], **last_eval)
+                     probe_best_epoch=result["best_epoch"], probe_lr=result["lr"],
+                     probe_norm=result["norm"], **last_eval)
     say(runtime, f"tvlars: done: linear probe top-1 {top1:.2f}% (top-5 {result['top5']:.2f}%), "
                  + "".join(f"{k} {last_eval[k]:.2f}% " for k in ("knn_acc", "knn20_acc", "online_acc")
                            if k in last_eval)
