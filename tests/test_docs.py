@@ -1,0 +1,91 @@
+"""The documentation site (mkdocs.yml, docs/) builds with no warning in strict mode, and its API
+reference documents every public name: ``tvlars.__all__`` and what the integration modules
+define. The build needs the ``docs`` extra (``pip install -e ".[docs]"``), which the ``test``
+extra does not pull in: without it these tests skip, except in CI, which must install it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tvlars
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_TIMEOUT_S = 120
+INTEGRATIONS = ("tvlars.integrations.timm", "tvlars.integrations.lightning")
+DOCS_PACKAGES = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "pymdownx", "l2m4m")
+
+
+def missing_docs_packages() -> list[str]:
+    missing = []
+    for name in DOCS_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def public_names() -> set[str]:
+    """The full path of every public name: ``tvlars.__all__``, and the functions and classes
+    that each integration module defines (not those it imports) and does not mark private."""
+    names = {f"tvlars.{name}" for name in tvlars.__all__}
+    for module_name in INTEGRATIONS:
+        module = importlib.import_module(module_name)
+        names |= {f"{module_name}.{name}" for name, value in vars(module).items()
+                  if not name.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value))
+                  and value.__module__ == module_name}
+    return names
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    missing = missing_docs_packages()
+    if missing:
+        reason = f'the docs extra is not installed (pip install -e ".[docs]"): no {", ".join(missing)}'
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must build the documentation site, and {reason}")
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's banner about MkDocs 2.0, not a build warning
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    return out, done
+
+
+def test_the_site_builds_in_strict_mode(site):
+    out, done = site
+    warnings = [line for line in done.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
+    assert done.returncode == 0 and not warnings, (f"mkdocs build --strict exited {done.returncode}:\n"
+                                                   + "\n".join(warnings or done.stderr.splitlines()[-30:]))
+    assert (out / "index.html").is_file() and (out / "api" / "optimizers" / "index.html").is_file()
+
+
+def test_the_api_reference_documents_every_public_name(site):
+    out, done = site
+    assert (out / "api").is_dir(), done.stderr[-4000:]
+    # mkdocstrings gives each documented object a heading whose id is its path.
+    documented = set()
+    for page in (out / "api").rglob("index.html"):
+        documented |= set(re.findall(r'\bid="(tvlars\.[\w.]+)"', page.read_text(encoding="utf-8")))
+    missing = sorted(public_names() - documented)
+    assert not missing, (f"public names with no entry in the API reference: {missing}; add a '::: NAME' line "
+                         f"to a page of docs/api/ (and a docstring: names without one are not shown)")
+
+
+def test_public_names_cover_the_api_and_the_integrations():
+    names = public_names()
+    assert {"tvlars.LARS", "tvlars.TVFactorLR", "tvlars.integrations.timm.adapt_as_tvlars",
+            "tvlars.integrations.lightning.FollowOptimizerSteps"} <= names
+    assert not any(name.startswith("tvlars.integrations.timm.OptimInfo") for name in names)  # imported, not defined
