@@ -84,6 +84,26 @@ def test_the_api_reference_documents_every_public_name(site):
                          f"to a page of docs/api/ (and a docstring: names without one are not shown)")
 
 
+# What reStructuredText markup looks like once Markdown has rendered it: a Sphinx role before its
+# code (":class:`X`"), and a literal-block marker ("...::") ending a paragraph. The docstrings
+# are Markdown (Google style): `[tvlars.LARS][]` links, a paragraph ending in ":" before an
+# indented block.
+REST_LEFTOVERS = re.compile(r":(?:class|func|meth|mod|attr|obj|data|exc):<code>|::</p>")
+
+
+def test_the_docstrings_render_as_markdown(site):
+    out, done = site
+    assert (out / "api").is_dir(), done.stderr[-4000:]
+    leftovers = []
+    for page in sorted((out / "api").rglob("index.html")):
+        html = page.read_text(encoding="utf-8")
+        leftovers += [f"{page.parent.relative_to(out).as_posix()}: ...{html[max(m.start() - 60, 0):m.end() + 40]}..."
+                      for m in REST_LEFTOVERS.finditer(html)]
+    assert not leftovers, ("reStructuredText markup in the docstrings shows as text in the API reference "
+                           "(write `[tvlars.X][]` for a :class:/:func:/:meth: role, and end the line before "
+                           "an indented block with ':' not '::'):\n" + "\n".join(leftovers))
+
+
 def test_public_names_cover_the_api_and_the_integrations():
     names = public_names()
     assert {"tvlars.LARS", "tvlars.TVFactorLR", "tvlars.integrations.timm.adapt_as_tvlars",
