@@ -163,6 +163,47 @@ def test_linear_probe_with_train_augmentation_reencodes():
         linear_probe(enc, (x8, y), (x8, y), epochs=1, augment=counting_aug, precompute=True)
 
 
+class _Scaled(nn.Module):
+    """The encoder's features times a constant, plus one: what another optimizer's weight norms do to them."""
+
+    def __init__(self, encoder, factor, offset=0.0):
+        super().__init__()
+        self.encoder, self.factor, self.offset = encoder, factor, offset
+
+    def forward(self, x):
+        return self.encoder(x) * self.factor + self.offset
+
+
+def test_linear_probe_does_not_depend_on_the_feature_scale():
+    enc = _encoder()
+    train, test = _toy(600, 1), _toy(300, 2)
+    kw = dict(epochs=6, batch_size=64, seed=0)
+    plain = linear_probe(enc, train, test, **kw)
+    scaled = linear_probe(_Scaled(enc, 1e3), train, test, **kw)
+    assert plain["norm"] == scaled["norm"] == "bn"  # the default
+    assert plain["top1"] > 90.0 and scaled["top1"] == plain["top1"]
+    for a, b in zip(plain["history"], scaled["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["test_top1"] == a["test_top1"]
+    # the reference's raw protocol is what moved with the scale: the same SGD step on features
+    # 1000x larger overshoots (the first epoch's loss is orders of magnitude above the plain one)
+    raw, raw_scaled = (linear_probe(e, train, test, norm="none", **kw) for e in (enc, _Scaled(enc, 1e3)))
+    assert raw["norm"] == "none" and raw["top1"] > 90.0
+    assert raw_scaled["history"][0]["train_loss"] > 100 * raw["history"][0]["train_loss"]
+    with pytest.raises(ValueError, match="norm"):
+        linear_probe(enc, train, test, epochs=1, norm="layer")
+
+
+def test_linear_probe_uses_the_training_set_statistics_at_test_time():
+    # features far from zero mean and unit variance, probed for one short epoch: an exponential
+    # running average would still be near its initial 0 / 1 and shift every test feature
+    large = _Scaled(_encoder(), 50.0, offset=1e3)
+    train, test = _toy(601, 1), _toy(300, 2)  # at batch 100 the last batch has one row: skipped, not an error
+    out = linear_probe(large, train, test, epochs=1, batch_size=100)
+    train_acc, test_acc = out["history"][0]["train_acc"], out["top1"]
+    assert test_acc > 90.0 and test_acc > train_acc - 5.0
+
+
 # --------------------------------------------------------------------------- online probe
 
 
