@@ -84,11 +84,12 @@ def test_the_api_reference_documents_every_public_name(site):
                          f"to a page of docs/api/ (and a docstring: names without one are not shown)")
 
 
-# What reStructuredText markup looks like once Markdown has rendered it: a Sphinx role before its
-# code (":class:`X`"), and a literal-block marker ("...::") ending a paragraph. The docstrings
-# are Markdown (Google style): `[tvlars.LARS][]` links, a paragraph ending in ":" before an
-# indented block.
-REST_LEFTOVERS = re.compile(r":(?:class|func|meth|mod|attr|obj|data|exc):<code>|::</p>")
+# What text meant for a terminal looks like once Markdown has rendered it: a Sphinx role before its
+# code (":class:`X`"), a literal-block marker ("...::") ending a paragraph, and emphasis opened or
+# closed inside a word, which is ASCII maths such as wd*w outside backticks. The docstrings are
+# Markdown (Google style): `[tvlars.LARS][]` links, ":" before an indented block, maths in
+# backticks or $...$.
+REST_LEFTOVERS = re.compile(r":(?:class|func|meth|mod|attr|obj|data|exc):<code>|::</p>|\w<(?:em|strong)>|</(?:em|strong)>\w")
 
 
 def test_the_docstrings_render_as_markdown(site):
@@ -99,9 +100,37 @@ def test_the_docstrings_render_as_markdown(site):
         html = page.read_text(encoding="utf-8")
         leftovers += [f"{page.parent.relative_to(out).as_posix()}: ...{html[max(m.start() - 60, 0):m.end() + 40]}..."
                       for m in REST_LEFTOVERS.finditer(html)]
-    assert not leftovers, ("reStructuredText markup in the docstrings shows as text in the API reference "
-                           "(write `[tvlars.X][]` for a :class:/:func:/:meth: role, and end the line before "
-                           "an indented block with ':' not '::'):\n" + "\n".join(leftovers))
+    assert not leftovers, ("markup for a terminal in the docstrings shows as text in the API reference "
+                           "(write `[tvlars.X][]` for a :class:/:func:/:meth: role, end the line before an "
+                           "indented block with ':' not '::', and put maths with '*' in backticks or $...$):\n"
+                           + "\n".join(leftovers))
+
+
+def undocumented_arguments(path: str) -> list[str]:
+    """The arguments of the public callable ``path`` (a class: its constructor's) that its
+    docstring's ``Args:`` section leaves out, read as mkdocstrings reads them (griffe, Google
+    style); for a NamedTuple, the fields its ``Attributes:`` section leaves out."""
+    import griffe  # the docs extra's
+
+    module_name, _, name = path.rpartition(".")
+    obj = griffe.load(module_name, search_paths=[str(ROOT / "src"), *sys.path], docstring_parser="google")[name]
+    obj = obj.final_target if obj.is_alias else obj
+    documents = [obj] + ([obj.members["__init__"]] if obj.is_class and "__init__" in obj.members else [])
+    sections = [section for doc in documents if doc.docstring for section in doc.docstring.parse("google")]
+    named = {entry.name.lstrip("*") for section in sections if section.kind.value in ("parameters", "attributes")
+             for entry in section.value}
+    if obj.is_class and not obj.parameters:  # a NamedTuple: its fields
+        wanted = [member for member, value in obj.members.items() if value.is_attribute and not member.startswith("_")]
+    else:
+        wanted = [p.name for p in obj.parameters if p.name not in ("self", "cls")]
+    return [f"{path}({argument})" for argument in wanted if argument not in named]
+
+
+def test_every_argument_is_documented(site):
+    missing = [argument for path in sorted(public_names()) for argument in undocumented_arguments(path)]
+    assert not missing, ("arguments without an entry in their docstring's Args: section (Attributes: for a "
+                         "NamedTuple's fields), so the reference shows their default but not what they do: "
+                         + ", ".join(missing))
 
 
 def test_public_names_cover_the_api_and_the_integrations():
