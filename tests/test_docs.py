@@ -6,6 +6,7 @@ extra does not pull in: without it these tests skip, except in CI, which must in
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -37,7 +38,8 @@ def missing_docs_packages() -> list[str]:
     return missing
 
 
-def public_names() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def public_names() -> frozenset[str]:
     """The full path of every public name: ``tvlars.__all__``, and the functions and classes
     that each integration module defines (not those it imports) and does not mark private."""
     names = {f"tvlars.{name}" for name in tvlars.__all__}
@@ -46,7 +48,7 @@ def public_names() -> set[str]:
         names |= {f"{module_name}.{name}" for name, value in vars(module).items()
                   if not name.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value))
                   and value.__module__ == module_name}
-    return names
+    return frozenset(names)
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +108,20 @@ def test_the_docstrings_render_as_markdown(site):
                            + "\n".join(leftovers))
 
 
+@functools.lru_cache(maxsize=None)
+def griffe_module(name: str):
+    """The module ``name`` as griffe reads it from the sources for mkdocstrings (no import)."""
+    import griffe  # the docs extra's
+
+    return griffe.load(name, search_paths=[str(ROOT / "src"), *sys.path], docstring_parser="google")
+
+
 def undocumented_arguments(path: str) -> list[str]:
     """The arguments of the public callable ``path`` (a class: its constructor's) that its
     docstring's ``Args:`` section leaves out, read as mkdocstrings reads them (griffe, Google
     style); for a NamedTuple, the fields its ``Attributes:`` section leaves out."""
-    import griffe  # the docs extra's
-
     module_name, _, name = path.rpartition(".")
-    obj = griffe.load(module_name, search_paths=[str(ROOT / "src"), *sys.path], docstring_parser="google")[name]
+    obj = griffe_module(module_name)[name]
     obj = obj.final_target if obj.is_alias else obj
     documents = [obj] + ([obj.members["__init__"]] if obj.is_class and "__init__" in obj.members else [])
     sections = [section for doc in documents if doc.docstring for section in doc.docstring.parse("google")]
