@@ -74,7 +74,7 @@ def test_step_without_grads_is_a_no_op(cls, kw):
     assert same(before, snapshot(model)) and len(opt.state) == 0
 
 
-@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=EAGER_IDS + ["fused"])
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_grads_untouched_and_params_without_grad_skipped(cls, kw, path):
     model, loss_fn = model_and_loss()
@@ -133,7 +133,7 @@ def test_tensor_lr_matches_float_lr(cls, kw, path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # a float32 lr tensor
 
 
-@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=EAGER_IDS + ["fused"])
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_bfloat16_matches_float32_on_the_same_values(cls, kw, path):
     gen = torch.Generator().manual_seed(0)
@@ -169,7 +169,8 @@ def test_sparse_gradients_raise(cls, kw):
     (LARS, dict(lr=-1.0), "lr"), (LARS, dict(momentum=1.0), "momentum"), (LARS, dict(momentum=-0.1), "momentum"),
     (LARS, dict(weight_decay=-1e-4), "weight_decay"), (LARS, dict(eps=-1.0), "eps"),
     (LARS, dict(trust_form="timm"), "trust_form"), (LARS, dict(trust_coefficient=0.0), "trust_coefficient"),
-    (LARS, dict(momentum=0.0, nesterov=True), "nesterov"), (LARS, dict(foreach=True, fused=True), "fused"),
+    (LARS, dict(momentum=0.0, nesterov=True), "nesterov"), (LARS, dict(fused=True), "fused"),
+    (LAMB, dict(fused=True), "fused"), (TVLARS, dict(foreach=True, fused=True), "fused"),
     (LAMB, dict(lr=-1e-3), "lr"), (LAMB, dict(betas=(1.0, 0.999)), "betas"), (LAMB, dict(betas=(0.9, -0.1)), "betas"),
     (LAMB, dict(eps=-1e-6), "eps"), (LAMB, dict(weight_decay=-0.1), "weight_decay"),
     (LAMB, dict(max_weight_norm=0.0), "max_weight_norm"), (LAMB, dict(max_weight_norm=-1.0), "max_weight_norm"),
@@ -210,7 +211,7 @@ def test_zero_weight_or_grad_norm_gives_trust_one(cls, kw, path):
 # -- non-finite gradients -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=EAGER_IDS + ["fused"])
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_non_finite_grads_skip_the_whole_step(cls, kw, path):
     """A bad step changes nothing and counts; the run then continues as if it never happened."""
@@ -276,7 +277,7 @@ def test_grad_scaler_skips_inf_steps_and_reduces_the_scale():
 # -- telemetry ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", EAGER + [dict(fused=True)], ids=EAGER_IDS + ["fused"])
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
 def test_stats_equal_the_reference_norms_and_trust(path):
     model, loss_fn = model_and_loss(torch.float64)
     wd, lr, eta = 1e-2, 0.3, 2e-3
@@ -302,16 +303,16 @@ def test_stats_equal_the_reference_norms_and_trust(path):
         got = [stats.weight_norm[i], stats.grad_norm[i], stats.trust_ratio[i], stats.step_size[i]]
         for e, g in zip(expected, got):
             assert g.item() == pytest.approx(float(e), rel=1e-12)
-    for field in stats[1:]:
+    for field in (stats.weight_norm, stats.grad_norm, stats.trust_ratio, stats.step_size):
         assert field.dtype == torch.float64 and field.device.type == "cpu" and field.ndim == 1
 
 
-@pytest.mark.parametrize("path", DEVICE_SIDE + [dict(fused=True)], ids=["single", "foreach", "fused"])
+@pytest.mark.parametrize("path", DEVICE_SIDE, ids=["single", "foreach"])
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
 def test_no_host_reads_in_step_and_one_transfer_in_last_stats(cls, kw, path):
     model, loss_fn = model_and_loss()
     opt = cls(param_groups(model, 1e-2), **kw, **path, stats=True)
-    for _ in range(2):  # compiled (fused=True) and state made: the steps after the first
+    for _ in range(2):  # state made: the steps after the first
         backward(loss_fn, model)
         opt.step()
     backward(loss_fn, model)
@@ -504,7 +505,7 @@ def test_path_is_chosen_in_one_place_and_the_host_path_is_cpu_default_only():
     from tvlars.optim._base import LayerwiseOptimizer
 
     path = LayerwiseOptimizer._path
-    default = dict(foreach=None, fused=None)
+    default = dict(foreach=None, fused=None)  # torch's keys; fused=True is refused
     cpu, meta = [torch.zeros(2)], [torch.zeros(2, device="meta")]
     cuda = [SimpleNamespace(is_cuda=True)]
     assert path(default, cpu, on_host=True) == "host"
@@ -513,7 +514,7 @@ def test_path_is_chosen_in_one_place_and_the_host_path_is_cpu_default_only():
     assert path(default, cuda, on_host=False) == "multi"
     assert path(dict(foreach=False, fused=None), cpu, on_host=True) == "single"
     assert path(dict(foreach=True, fused=None), cpu, on_host=True) == "multi"
-    assert path(dict(foreach=None, fused=True), cpu, on_host=True) == "fused"
+    assert path(dict(foreach=None, fused=False), cpu, on_host=True) == "host"
 
 
 def test_coupled_norm_falls_back_to_the_exact_norm_when_the_expansion_cancels():
@@ -552,7 +553,7 @@ def test_default_path_handles_non_contiguous_layers_like_the_single_path(cls, kw
     (a, sa), (b, sb) = results
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
-    for x, y in zip(sa[1:], sb[1:]):
+    for x, y in zip(sa[1:5], sb[1:5]):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
 
 
@@ -565,16 +566,17 @@ def large_model_and_loss(dtype=torch.float64):
     return model, lambda: F.cross_entropy(model(x), y)
 
 
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=IDS)
-def test_default_path_compiles_nothing(cls, kw, monkeypatch):
-    """Only fused=True compiles: the default path runs eagerly, so its first step costs what
-    the others cost and needs no C++ toolchain."""
+def test_no_path_compiles_anything(cls, kw, path, monkeypatch):
+    """Every path runs eagerly (fusing is torch.compile's over the user's training step), so
+    a first step costs what the others cost and needs no C++ toolchain."""
     def refuse(*args, **kwargs):
-        raise AssertionError("torch.compile called on the default path")
+        raise AssertionError("torch.compile called inside the optimizer")
 
     monkeypatch.setattr(torch, "compile", refuse)
     model, loss_fn = large_model_and_loss()
-    opt = cls(param_groups(model, 1e-2), **kw)
+    opt = cls(param_groups(model, 1e-2), **kw, **path)
     for _ in range(2):
         backward(loss_fn, model)
         opt.step()

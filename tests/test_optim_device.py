@@ -2,8 +2,8 @@
 host-to-device copy inside step() on the paths CUDA uses, a bounded number of kernel launches
 per step on the multi-tensor path, gradients read once, and per-device copies of a tensor lr.
 
-The paths CUDA takes (the default there is the multi-tensor one; foreach=False and fused=True
-on request) are forced on the CPU and traced with a TorchDispatchMode, which sees every op
+The paths CUDA takes (the default there is the multi-tensor one; foreach=False on request)
+are forced on the CPU and traced with a TorchDispatchMode, which sees every op
 that reaches a kernel. A CUDA run of the same code issues the same ops.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tvlars import LAMB, LARS, TVLARS, param_groups
-from tvlars.optim import _functional, _single_tensor
+from tvlars.optim import _functional
 
 aten = torch.ops.aten
 
@@ -24,8 +24,6 @@ OPTIMIZERS = [(LARS, dict(lr=0.1, weight_decay=1e-2, nesterov=True)),
               (TVLARS, dict(lr=0.1, weight_decay=1e-2, variant="official")),
               (LAMB, dict(lr=1e-2, weight_decay=1e-2))]
 IDS = ["lars", "lars-separate", "tvlars", "tvlars-official", "lamb"]
-# fused=True cannot run under a dispatch mode (torch.compile refuses); test_optim_behaviour's
-# test_no_host_reads_in_step_and_one_transfer_in_last_stats covers it by patching Tensor.item & co.
 DEVICE_PATHS = {"multi (CUDA default)": dict(foreach=True), "single": dict(foreach=False)}
 # Allocations, views, type queries and profiler marks launch no kernel.
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "lift_fresh", "alias", "set_", "promote_types",
@@ -96,7 +94,7 @@ def stack_of_linears(layers, device="cpu", dtype=torch.float32, seed=0):
 
 
 def stepped(cls, kw, path, layers=3, device="cpu"):
-    """An optimizer after two steps (state made, anything compiled), with fresh gradients."""
+    """An optimizer after two steps (state made), with fresh gradients."""
     model, loss_fn = stack_of_linears(layers, device)
     opt = cls(param_groups(model, kw["weight_decay"]), **kw, **path)
     for _ in range(3):
@@ -172,11 +170,6 @@ def test_per_device_copies_of_a_tensor_value_are_made_once():
     meta = per_device.on(torch.device("meta"))
     assert meta.device.type == "meta" and per_device.on(torch.device("meta")) is meta
     assert _functional.PerDevice(0.5).on(torch.device("meta")) == 0.5  # numbers stay numbers
-    # every constant of a compiled kernel comes on the parameter's device
-    params = [torch.zeros(2), torch.zeros(2, device="meta")]
-    h = _single_tensor._numbers(True, params, 0.1, per_device)
-    assert {d.type: t.device.type for d, t in h.items()} == {"cpu": "cpu", "meta": "meta"}
-    assert _single_tensor._numbers(False, params, 0.1, per_device)[torch.device("meta")][1] is meta
 
 
 def test_scalars_of_a_group_follow_its_device_with_a_tensor_lr_elsewhere():

@@ -24,7 +24,7 @@ from test_optim import RefLAMB, RefLARS, RefTVLARS
 from tvlars import LAMB, LARS, TVLARS
 from tvlars.optim import _host
 
-PATHS = {"default": dict(), "single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+PATHS = {"default": dict(), "single": dict(foreach=False), "foreach": dict(foreach=True)}
 REFERENCES = {LARS: RefLARS, TVLARS: RefTVLARS, LAMB: RefLAMB}
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-13), torch.float32: dict(rtol=2e-4, atol=2e-6)}
 
@@ -129,8 +129,6 @@ STRUCTURES = {
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 def test_users_group_structures_match_the_reference(structure, opt_name, path):
-    if path == "fused" and opt_name not in ("tvlars", "lamb"):
-        pytest.skip("fused=True compiles per configuration: one LARS-family and one LAMB case cover it")
     cls, kw = OPTIMIZERS[opt_name]
     groups = STRUCTURES[structure]()
     params = [p for g in groups for p in g["params"]]
@@ -147,8 +145,6 @@ def test_users_group_structures_match_the_reference(structure, opt_name, path):
 @pytest.mark.parametrize("shapes", [[[(9, 4), (3, 3, 2, 2)], [(9, 4), (3, 3, 2, 2)]], [[(9, 4)], [(9, 4)]],
                                     [[(9, 4)], [(4, 10)]]], ids=["same-sizes", "same-shape", "other-sizes"])
 def test_groups_of_equal_sizes_are_independent(shapes, opt_name, path):
-    if path == "fused" and opt_name != "tvlars":
-        pytest.skip("fused=True compiles per configuration: one case covers it")
     cls, kw = OPTIMIZERS[opt_name]
     gen = torch.Generator().manual_seed(0)
     groups = [{"params": [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in g],
@@ -252,7 +248,7 @@ def check_random_structure(cls, path, drawn, monkeypatch):
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.mark.parametrize("path", ["default", "single", "foreach"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("cls", [LARS, TVLARS, LAMB], ids=["lars", "tvlars", "lamb"])
 def test_random_structures_match_the_reference(cls, path, monkeypatch):
     @settings(max_examples=40, **SETTINGS)
@@ -260,17 +256,5 @@ def test_random_structures_match_the_reference(cls, path, monkeypatch):
     def check(drawn):
         with monkeypatch.context() as m:
             check_random_structure(cls, path, copy.deepcopy(drawn), m)
-
-    check()
-
-
-@pytest.mark.parametrize("cls", [LARS, TVLARS, LAMB], ids=["lars", "tvlars", "lamb"])
-def test_random_structures_match_the_reference_compiled(cls, monkeypatch):
-    """fused=True compiles once per configuration of flags and dtype: fewer examples."""
-    @settings(max_examples=8, **SETTINGS)
-    @given(drawn=structures(cls))
-    def check(drawn):
-        with monkeypatch.context() as m:
-            check_random_structure(cls, "fused", copy.deepcopy(drawn), m)
 
     check()

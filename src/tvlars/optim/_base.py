@@ -1,5 +1,5 @@
 """What LARS, TVLARS and LAMB share as torch optimizers: gathering the parameters to step,
-the non-finite-gradient policy, the per-parameter counters, telemetry and path selection.
+the skip rule for non-finite steps, the per-parameter counters, telemetry and path selection.
 The maths is in ``_functional``.
 """
 
@@ -16,7 +16,7 @@ from . import _functional as F
 from . import _sharding
 
 # Per-parameter counters, as torch keeps "step": the steps taken (TVLARS's t, LAMB's bias
-# correction) and the steps skipped for non-finite gradients. float32 0-d tensors on the
+# correction) and the steps skipped for non-finite inputs. float32 0-d tensors on the
 # parameter's device, so that a skipped step changes them without a host read.
 STEP, SKIPPED = "step", "skipped_steps"
 COUNTER_KEYS = (STEP, SKIPPED)
@@ -24,24 +24,48 @@ COUNTER_KEYS = (STEP, SKIPPED)
 LEGACY_COUNTERS = "counters"
 
 
-class LayerStats(NamedTuple):
-    """Per-parameter statistics of the last ``step()``, 1-D float64 CPU tensors.
+class Parameters(list):
+    """The parameters of :class:`LayerStats`' rows: the tensors themselves (so that a dict keyed
+    by parameter still works), printed by shape and dtype rather than by value."""
 
-    ``grad_norm`` is the norm in the trust ratio's denominator: ||g + wd*w|| for the
-    coupled LARS form, ||g|| for the separate form, ||u|| (the Adam direction plus decay)
-    for LAMB. ``step_size`` is the scalar that multiplied the layer's update direction.
+    def __repr__(self) -> str:
+        return "[" + ", ".join(f"{type(p).__name__}(shape={tuple(p.shape)}, dtype={p.dtype})" for p in self) + "]"
+
+
+class LayerStats(NamedTuple):
+    """Per-parameter statistics of the last ``step()``: one row per parameter that had a
+    gradient, in parameter-group order (the order of ``optimizer.param_groups``, group after
+    group, e.g. :func:`tvlars.param_groups`' weights before its biases and norm weights; inside
+    a group that mixes devices or dtypes, bucket by bucket), which is not the order of
+    ``model.named_parameters()``: label rows by ``names`` or ``params``, never by zipping them
+    with the model's parameters.
+
+    ``params`` holds the parameter tensors (printed by shape, not by value); ``names`` each
+    one's name where the optimizer knows it (groups with ``"param_names"``: an optimizer built
+    from ``model.named_parameters()`` or from :func:`tvlars.param_groups`, as torch >= 2.6
+    keeps them), else None. The other fields are 1-D float64 CPU tensors. ``grad_norm`` is the
+    norm in the trust ratio's denominator: ||g + wd*w|| for the coupled LARS form, ||g|| for
+    the separate form, ||u|| (the Adam direction plus decay) for LAMB. ``step_size`` is the
+    scalar that multiplied the layer's update direction.
     """
 
-    params: list
+    params: Parameters
     weight_norm: Tensor
     grad_norm: Tensor
     trust_ratio: Tensor
     step_size: Tensor
+    names: list
 
 
 def check(name: str, value, ok: bool, rule: str) -> None:
     if not ok:
         raise ValueError(f"invalid {name}: {value!r}; {rule}")
+
+
+def _refuse_fused(fused) -> None:
+    if fused:
+        raise ValueError("invalid fused: True; tvlars has no fused path (removed in 0.2.0): for fused kernels, "
+                         "torch.compile the training step with foreach=True")
 
 
 def _value(x):
@@ -51,18 +75,18 @@ def _value(x):
 class LayerwiseOptimizer(Optimizer):
     """Base of the layer-wise optimizers (not public).
 
-    Non-finite gradients: if any gradient of the optimizer holds inf or NaN, the whole step
-    is skipped: weights, state and the step counters stay as they were, and
-    ``skipped_steps`` counts it. On an accelerator the decision is taken on the device, so
-    ``step()`` never waits for it; nothing is printed (that would need a host read). Under
-    ``torch.amp.GradScaler`` the scaler skips such steps before they reach the optimizer.
+    The skip rule, the same on every path: the step is decided from every gradient and every
+    weight it reads, on every layer, adapted or not. If any of them holds inf or NaN, the
+    whole step is skipped: weights, state and the ``step`` counters stay as they were, and
+    ``skipped_steps`` counts it; so a step never writes from a non-finite input. On an
+    accelerator the decision is taken on the device, so ``step()`` never waits for it;
+    nothing is printed (that would need a host read). Under ``torch.amp.GradScaler`` the
+    scaler skips steps with non-finite gradients before they reach the optimizer.
 
     Paths (per group; all compute the same update, see ``_functional``; chosen in ``_path``):
 
-    * ``fused=True``: the single-tensor code compiled by ``torch.compile`` (first step
-      compiles; generated kernels, not a hand-written one as in torch);
     * ``foreach=True``: multi-tensor ``torch._foreach_*`` kernels, a bounded number of
-      launches per step;
+      launches per step (to fuse them, ``torch.compile`` the training step);
     * ``foreach=False``: one parameter at a time, all scalars kept on the device;
     * default (``foreach=None, fused=None``): when every parameter of the step is an
       ordinary CPU tensor, the host path: the skip decision and the per-layer scalars are
@@ -70,6 +94,10 @@ class LayerwiseOptimizer(Optimizer):
       the layers, eagerly (nothing is compiled), the fastest exact path on the CPU
       (BENCHMARKS.md). Otherwise the multi-tensor path when every parameter is on CUDA,
       else ``foreach=False``. No accelerator path reads the host.
+
+    ``fused=True`` is refused: tvlars has no fused kernel of its own (its former compiled
+    per-layer path measured slower than the default on the CPU). A state_dict or pickle saved
+    with ``fused=True`` loads, onto the default path.
 
     Sharded parameters (DTensors, e.g. FSDP2's ``fully_shard``) take any path but the host
     path: each rank measures its shards and one all-reduce per step makes every norm a
@@ -80,8 +108,8 @@ class LayerwiseOptimizer(Optimizer):
     _keys_since_0_1_0: tuple = ()
 
     def __init__(self, params, defaults: dict, foreach: Optional[bool], fused: Optional[bool], stats: bool):
-        if foreach and fused:
-            raise ValueError("invalid foreach/fused: at most one of them can be True")
+        _refuse_fused(fused)
+        # "fused" stays a group key, as in torch's optimizers (None or False).
         defaults = dict(defaults, adapt=True, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
         self.stats = bool(stats)
@@ -97,8 +125,7 @@ class LayerwiseOptimizer(Optimizer):
         check("lr", lr, lr >= 0.0, "must be >= 0")
         check("weight_decay", group["weight_decay"], group["weight_decay"] >= 0.0, "must be >= 0")
         check("eps", group["eps"], group["eps"] >= 0.0, "must be >= 0")
-        if group["foreach"] and group["fused"]:
-            raise ValueError("invalid foreach/fused: at most one of them can be True")
+        _refuse_fused(group["fused"])
         for p in group["params"]:
             check("params", p.dtype, p.is_floating_point(), "parameters must be floating point")
 
@@ -106,8 +133,6 @@ class LayerwiseOptimizer(Optimizer):
     def _path(group: dict, params: list, on_host: bool) -> str:
         """The one place a path is chosen. ``on_host``: every parameter of the step is an
         ordinary CPU tensor, where reading the skip decision costs nothing."""
-        if group["fused"]:
-            return F.FUSED
         if group["foreach"] is None:
             if on_host:
                 return F.HOST
@@ -130,6 +155,8 @@ class LayerwiseOptimizer(Optimizer):
         for group in self.param_groups:  # a key added since the state was saved: the constructor's value
             for key in self._keys_since_0_1_0:
                 group.setdefault(key, self.defaults[key])
+            if group.get("fused"):  # saved before fused=True was removed: the default path
+                group["fused"] = None
         legacy = self.state.pop(LEGACY_COUNTERS, None)  # an optimizer pickled by tvlars 0.1.0
         if legacy is not None:
             self._spread_legacy_counters(legacy)
@@ -146,7 +173,7 @@ class LayerwiseOptimizer(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients (one host read). A parameter counts the
+        """Steps skipped for non-finite inputs (one host read; the skip rule: class doc). A parameter counts the
         steps it took part in; this is the most any parameter counted."""
         counts = [s[SKIPPED] for s in self.state.values() if SKIPPED in s]
         if not counts:
@@ -206,16 +233,18 @@ class LayerwiseOptimizer(Optimizer):
         measured = [measure() for measure, _ in plans]
         norms = _sharding.combine([n for n, _ in measured],
                                   [[_sharding.shard_key(p) for p in params] for _, params in work])
-        # 2. decide: any non-finite norm skips the whole step (on the device, never read)
+        # 2. decide: any non-finite norm, of any weight or gradient, skips the whole step (on the
+        #    device, never read)
         flags = [n.isfinite().all() for n in norms]
         ok = flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
         oks = F.PerDevice(ok)
         # 3. scalars and update, group by group
         records = []
-        for (_, apply), (_, ws), n, (_, params) in zip(plans, measured, norms, work):
-            s = apply(oks.on(n.device), n, ws)
+        for (_, apply), (_, workspace), group_norms, (group, params) in zip(plans, measured, norms, work):
+            scalars = apply(oks.on(group_norms.device), group_norms, workspace)
             if self.stats:
-                records.append((params, torch.stack([s.w_norm, s.u_norm, s.trust, s.step_size])))
+                table = torch.stack([scalars.w_norm, scalars.u_norm, scalars.trust, scalars.step_size])
+                records.append((group, params, table))
         self._records = records
         if all(path == F.HOST for path in paths) and bool(ok):
             return loss  # the host path has read the decision already: nothing to count
@@ -236,19 +265,22 @@ class LayerwiseOptimizer(Optimizer):
 
     # -- telemetry -----------------------------------------------------------------------
     def last_stats(self) -> Optional[LayerStats]:
-        """Statistics of the last step() taken with ``stats`` on; one device-to-host copy.
-
-        Parameters are in group order; inside a group that mixes devices or dtypes they come
-        bucket by bucket, as the multi-tensor path updates them.
-        """
+        """Statistics of the last step() taken with ``stats`` on (rows and their order:
+        :class:`LayerStats`); one device-to-host copy."""
         got = self.last_stats_table()
-        return None if got is None else LayerStats(got[0], *got[1].cpu().unbind(0))
+        if got is None:
+            return None
+        names = []
+        for group, params, _ in self._records:
+            known = dict(zip(group["params"], group["param_names"])) if "param_names" in group else {}
+            names.extend(known.get(p) for p in params)
+        return LayerStats(Parameters(got[0]), *got[1].cpu().unbind(0), names)
 
     def last_stats_table(self) -> Optional[tuple[list[Tensor], Tensor]]:
         """:meth:`last_stats` left on the device, for a caller that copies it without waiting:
         (parameters, [4, n] float64 rows weight_norm, grad_norm, trust_ratio, step_size)."""
         if not self._records:
             return None
-        params = [p for ps, _ in self._records for p in ps]
-        device = self._records[0][1].device
-        return params, torch.cat([t.to(device=device, dtype=torch.float64) for _, t in self._records], dim=1)
+        params = [p for _, group_params, _ in self._records for p in group_params]
+        device = self._records[0][2].device
+        return params, torch.cat([t.to(device=device, dtype=torch.float64) for _, _, t in self._records], dim=1)

@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._multi_tensor import _buckets
-from ._scalars import HEAVY_BALL, LOOK_AHEAD, LAMBOptions, LARSOptions, Scalars, _on, lamb_bias_corrections, lamb_scalars
-from ._single_tensor import _lamb_layer_norms, _lamb_layer_update, _lars_layer_norms, _lars_layer_update
+from ._scalars import (HEAVY_BALL, LOOK_AHEAD, LAMBOptions, LARSOptions, Scalars, _on, buckets, lamb_bias_corrections,
+                       lamb_scalars)
+from ._single_tensor import _lamb_layer_direction, _lamb_layer_update, _lars_layer_norms, _lars_layer_update
 
 
 # =======================================================================================
@@ -32,15 +32,17 @@ from ._single_tensor import _lamb_layer_norms, _lamb_layer_update, _lars_layer_n
 # per element, below the rounding of k*d. LARS measures every layer first, last layer first,
 # so that the update starts on data still in cache: ||g||^2, ||w||^2 and <g, w> by BLAS dots,
 # ||g + wd*w||^2 = ||g||^2 + 2 wd <g,w> + wd^2 ||w||^2, computed from g + wd*w itself when that
-# sum cancels (< 1/16 of its terms) or is not finite; a layer that does not adapt is measured
-# by ||g|| alone (what the decision needs), unless telemetry is on.
+# sum cancels (< 1/16 of its terms) or is not finite. Every layer's ||w|| and ||g|| are
+# measured, adapted or not, because the decision reads them all (``_functional``); a layer that
+# does not adapt skips the dot <g, w> unless telemetry is on (its trust is 1 whatever ||d|| is).
 #
 #   LAMB              its ||u|| needs this step's moments, which no eager kernel computes
-#                     without writing them. So LAMB decides on ||g|| first (a step with
-#                     finite gradients is taken), then goes chunk by chunk: it makes wd*w,
+#                     without writing them. So LAMB measures ||w|| and ||g|| of every layer
+#                     first (the decision; ||w|| again serves the trust ratio), then goes chunk
+#                     by chunk: it makes wd*w,
 #                     to which _fused_adamw_ (taking it as its "parameter", lr=-1, no decay)
 #                     adds Adam's direction m_hat / (sqrt(v_hat) + eps) while it writes the
-#                     moments: that is u; then ||w||, ||u|| and w -= lr*trust*u. A chunk
+#                     moments: that is u; then ||u|| and w -= lr*trust*u. A chunk
 #                     that neither adapts nor records telemetry (trust 1) takes one
 #                     _fused_adamw_(lr=lr, weight_decay=wd): AdamW's decoupled lr*wd*w is
 #                     LAMB's lr*(wd*w) term. bias_correction=False: a step count of 1e30
@@ -49,9 +51,9 @@ from ._single_tensor import _lamb_layer_norms, _lamb_layer_update, _lars_layer_n
 #                     that u is still in cache when it is used, and its workspace, made once
 #                     per step, stays that small.
 #
-# A sum of squares that is not finite is measured again in float64, so that a finite layer
-# never reads as non-finite. Layers of other dtypes or layouts (half precision, channels_last)
-# take the single-tensor functions, with the same scalars.
+# A sum of squares that is not finite is measured again in float64, so that a norm is
+# non-finite exactly when an entry is. Layers of other dtypes or layouts (half precision,
+# channels_last) take the single-tensor functions, with the same scalars.
 
 _HOST_DTYPES = (torch.float32, torch.float64)
 _NO_BIAS_CORRECTION_STEP = 1e30  # beta ** 1e30 == 0.0 for every beta in [0, 1)
@@ -84,131 +86,149 @@ def _plus_decay_norm(x: Tensor, p: Tensor, x_norm: float, w_norm: float, wd: flo
     return torch.linalg.vector_norm(x + wd * p, dtype=torch.float64).item()
 
 
-def _host_lars_measure(params, grads, o: LARSOptions):
-    n = len(params)
-    w_norms, u_norms = [0.0] * n, [0.0] * n
-    wd, measured = o.weight_decay, o.adapt or o.stats
-    for i in reversed(range(n)):
+def _host_lars_measure(params, grads, options: LARSOptions) -> tuple[Tensor, None]:
+    """[||w||; ||u||] of every layer as a float64 [2, n] tensor (u: d = g + wd*w for the
+    coupled form, else g)."""
+    count = len(params)
+    w_norms, u_norms = [0.0] * count, [0.0] * count
+    weight_decay = options.weight_decay
+    # A layer that neither adapts nor records telemetry needs only what the decision reads:
+    # ||g|| then stands for ||u||.
+    in_full = options.adapt or options.stats
+    for i in reversed(range(count)):
         p, g = params[i], grads[i]
         if not _host_ok(p, g):
-            w_norms[i], u_norms[i] = _lars_layer_norms(p, g, (wd,), ndt=torch.float64, decay=o.decay,
-                                                       coupled=o.coupled).tolist()
+            w_norms[i], u_norms[i] = _lars_layer_norms(p, g, weight_decay=weight_decay, coupled=options.coupled,
+                                                       dtype=torch.float64).tolist()
             continue
-        u_norms[i] = g_norm = _norm(g)
-        if measured:
-            w_norms[i] = _norm(p)
-            if o.coupled and o.decay:
-                u_norms[i] = _plus_decay_norm(g, p, g_norm, w_norms[i], wd)
+        g_norm = _norm(g)
+        w_norms[i] = _norm(p)
+        if in_full and options.coupled and options.decay:
+            u_norms[i] = _plus_decay_norm(g, p, g_norm, w_norms[i], weight_decay)
+        else:
+            u_norms[i] = g_norm
     return torch.tensor([w_norms, u_norms], dtype=torch.float64), None
 
 
-def _host_lars_apply(params, grads, bufs, steps, o: LARSOptions, s: Scalars) -> None:
-    if not bool(s.ok):
+def _host_lars_apply(params, grads, bufs, steps, options: LARSOptions, scalars: Scalars) -> None:
+    if not bool(scalars.ok):
         return
-    lr = float(_on(o.lr, torch.device("cpu")))
-    outer = 1.0 if o.momentum_form == LOOK_AHEAD else lr
-    wd, mu = o.weight_decay, o.momentum
+    lr = float(_on(options.lr, torch.device("cpu")))
+    lr_outside = 1.0 if options.momentum_form == LOOK_AHEAD else lr
+    weight_decay, momentum = options.weight_decay, options.momentum
     counted = []
-    for i, k in enumerate(s.scale.tolist()):
+    for i, scale in enumerate(scalars.scale.tolist()):
         p, g, buf = params[i], grads[i], bufs[i]
         if not _host_ok(p, g, buf):
-            _lars_layer_update(p, g, buf, steps[i], s.ok.reshape(1), s.scale[i:i + 1], (wd, mu, outer),
-                               decay=o.decay, form=o.momentum_form)
+            _lars_layer_update(p, g, buf, steps[i], scalars.ok, scalars.scale[i], weight_decay=weight_decay,
+                               momentum=momentum, lr_outside=lr_outside, momentum_form=options.momentum_form)
             continue  # it counts its step
         if buf is None:
-            torch._fused_sgd_([p], [g], [], weight_decay=wd, momentum=0.0, lr=outer * k, dampening=0.0,
-                              nesterov=False, maximize=False, is_first_step=False)
-        elif o.momentum_form == HEAVY_BALL:
-            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer, dampening=1.0 - k,
-                              nesterov=False, maximize=False, is_first_step=False)
+            torch._fused_sgd_([p], [g], [], weight_decay=weight_decay, momentum=0.0, lr=lr_outside * scale,
+                              dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+        elif options.momentum_form == HEAVY_BALL:
+            torch._fused_sgd_([p], [g], [buf], weight_decay=weight_decay, momentum=momentum, lr=lr_outside,
+                              dampening=1.0 - scale, nesterov=False, maximize=False, is_first_step=False)
         else:
-            torch._fused_sgd_([p], [g], [buf], weight_decay=wd, momentum=mu, lr=outer * k, dampening=1.0 - k,
-                              nesterov=True, maximize=False, is_first_step=False)
-            if k != 1.0:
-                p.add_(buf, alpha=-outer * mu * (1.0 - k))
+            torch._fused_sgd_([p], [g], [buf], weight_decay=weight_decay, momentum=momentum, lr=lr_outside * scale,
+                              dampening=1.0 - scale, nesterov=True, maximize=False, is_first_step=False)
+            if scale != 1.0:
+                p.add_(buf, alpha=-lr_outside * momentum * (1.0 - scale))
         counted.append(steps[i])
     if counted:
         torch._foreach_add_(counted, 1.0)
+
+
+def _float64_norm(t: Tensor) -> float:
+    return torch.linalg.vector_norm(t, dtype=torch.float64).item()
 
 
 def _norms(tensors: list[Tensor]) -> Tensor:
     """Each tensor's norm, a float64 vector: ``_norm`` (one BLAS dot) for the tensors torch's
     kernels take, float64 for the others. (One ``_foreach_norm`` per chunk was as fast on one
     thread and 1.4-1.5x slower on two: the CPU runs it as a parallel reduction per tensor.)"""
-    return torch.tensor([_norm(t) if _host_ok(t) else torch.linalg.vector_norm(t, dtype=torch.float64).item()
-                         for t in tensors], dtype=torch.float64)
+    return torch.tensor([_norm(t) if _host_ok(t) else _float64_norm(t) for t in tensors], dtype=torch.float64)
 
 
-def _host_grad_norms(grads: list[Tensor]) -> Tensor:
-    """[1, layers]: ||g|| of every layer, what the host LAMB decides the step on."""
-    return _norms(grads)[None]
+def _host_lamb_measure(params, grads, exp_avgs, exp_avg_sqs) -> tuple[Tensor, list[bool]]:
+    """[||w||; ||g||] of every layer, what the decision reads, and which layers torch's kernels
+    take. ||w|| is measured as the update measures it (a layer the kernels do not take: in
+    float64), since it serves the trust ratio too."""
+    on_kernels = [_host_ok(*tensors) for tensors in zip(params, grads, exp_avgs, exp_avg_sqs)]
+    w_norms = [_norm(p) if kernels else _float64_norm(p) for p, kernels in zip(params, on_kernels)]
+    return torch.stack([torch.tensor(w_norms, dtype=torch.float64), _norms(grads)]), on_kernels
 
 
-def _chunks(params: list[Tensor], host: list[bool]) -> list[tuple[int, int]]:
+def _chunks(params: list[Tensor], on_kernels: list[bool]) -> list[tuple[int, int]]:
     """[start, end) ranges of consecutive layers that torch's kernels take together: one
     (device, dtype) bucket, at most CHUNK_BYTES (a larger layer is a chunk of its own); a layer
-    they do not take (``host`` False) is a chunk of its own."""
+    they do not take (``on_kernels`` False) is a chunk of its own."""
     ranges = []
-    for a, b in _buckets(params):
-        start, size = a, 0
-        for i in range(a, b):
-            n = params[i].numel() * params[i].element_size()
-            if i > start and (size + n > CHUNK_BYTES or not host[i] or not host[i - 1]):
+    for first, end in buckets(params):
+        start, size = first, 0
+        for i in range(first, end):
+            nbytes = params[i].numel() * params[i].element_size()
+            if i > start and (size + nbytes > CHUNK_BYTES or not on_kernels[i] or not on_kernels[i - 1]):
                 ranges.append((start, i))
                 start, size = i, 0
-            size += n
-        ranges.append((start, b))
+            size += nbytes
+        ranges.append((start, end))
     return ranges
 
 
-def _host_lamb_apply(params, grads, ms, vs, steps, o: LAMBOptions, ok: Tensor, g_norms: Tensor) -> Scalars:
+def _host_lamb_apply(params, grads, exp_avgs, exp_avg_sqs, steps, options: LAMBOptions, ok: Tensor,
+                     measured: Tensor, on_kernels: list[bool]) -> Scalars:
+    """The update from ``measured`` = [||w||; ||g||] and the decision ``ok``."""
+    w_norms = measured[0]
     if not bool(ok):
-        return lamb_scalars(torch.zeros_like(g_norms), g_norms, o, ok)
-    lr = float(_on(o.lr, torch.device("cpu")))
-    adam = dict(beta1=o.beta1, beta2=o.beta2, eps=o.eps, amsgrad=False, maximize=False)
-    no_bc = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
-    host = [_host_ok(*t) for t in zip(params, grads, ms, vs)]
-    chunks = _chunks(params, host)
+        return lamb_scalars(w_norms, measured[1], options, ok)
+    lr = float(_on(options.lr, torch.device("cpu")))
+    adam = dict(beta1=options.beta1, beta2=options.beta2, eps=options.eps, amsgrad=False, maximize=False)
+    no_bias_correction = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
+    directions_needed = options.adapt or options.stats
+    chunks = _chunks(params, on_kernels)
     # One workspace per step and dtype, as large as the largest chunk, reused chunk after chunk
     # (a fresh tensor per layer costs more page faults than the update costs time).
-    workspace: dict = {}
-    for a, b in chunks:
-        if host[a]:
-            n = sum(p.numel() for p in params[a:b])
-            workspace[params[a].dtype] = max(workspace.get(params[a].dtype, 0), n)
-    workspace = {dtype: torch.empty(n, dtype=dtype) for dtype, n in workspace.items()} if o.adapt or o.stats else {}
+    sizes: dict = {}
+    for start, end in chunks:
+        if on_kernels[start]:
+            elements = sum(p.numel() for p in params[start:end])
+            sizes[params[start].dtype] = max(sizes.get(params[start].dtype, 0), elements)
+    workspace = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()} if directions_needed else {}
     parts = []
-    for a, b in chunks:
-        ps, gs, m, v, st = params[a:b], grads[a:b], ms[a:b], vs[a:b], steps[a:b]
-        if not host[a]:  # one layer, by the single-tensor functions
-            parts.append(_single_lamb_layer(ps[0], gs[0], m[0], v[0], st[0], o, ok))
+    for start, end in chunks:
+        ps, gs, chunk_steps = params[start:end], grads[start:end], steps[start:end]
+        exp_avg, exp_avg_sq = exp_avgs[start:end], exp_avg_sqs[start:end]
+        if not on_kernels[start]:  # one layer, by the single-tensor functions
+            parts.append(_single_lamb_layer(ps[0], gs[0], exp_avg[0], exp_avg_sq[0], chunk_steps[0], options, ok,
+                                            w_norms[start:end]))
             continue
-        kernel_steps = st if o.bias_correction else [no_bc] * (b - a)
-        if not (o.adapt or o.stats):  # trust 1: AdamW's step is LAMB's
-            zeros = torch.zeros(b - a, dtype=torch.float64)
-            parts.append(lamb_scalars(zeros, zeros, o, ok))
-            torch._foreach_add_(st, 1.0)
-            torch._fused_adamw_(ps, gs, m, v, [], kernel_steps, lr=lr, weight_decay=o.weight_decay, **adam)
+        kernel_steps = chunk_steps if options.bias_correction else [no_bias_correction] * (end - start)
+        if not directions_needed:  # trust 1: AdamW's step is LAMB's
+            parts.append(lamb_scalars(w_norms[start:end], torch.zeros(end - start, dtype=torch.float64), options, ok))
+            torch._foreach_add_(chunk_steps, 1.0)
+            torch._fused_adamw_(ps, gs, exp_avg, exp_avg_sq, [], kernel_steps, lr=lr,
+                                weight_decay=options.weight_decay, **adam)
             continue
         directions, offset = [], 0  # wd*w, to which the kernel adds Adam's direction: u
         for p in ps:
-            directions.append(torch.mul(p, o.weight_decay, out=workspace[p.dtype][offset:offset + p.numel()].view(p.shape)))
+            out = workspace[p.dtype][offset:offset + p.numel()].view(p.shape)
+            directions.append(torch.mul(p, options.weight_decay, out=out))
             offset += p.numel()
-        torch._foreach_add_(st, 1.0)
-        torch._fused_adamw_(directions, gs, m, v, [], kernel_steps, lr=-1.0, weight_decay=0.0, **adam)
-        s = lamb_scalars(_norms(ps), _norms(directions), o, ok)
-        parts.append(s)
-        for p, u, gamma in zip(ps, directions, s.scale.tolist()):
-            p.add_(u, alpha=-gamma)
+        torch._foreach_add_(chunk_steps, 1.0)
+        torch._fused_adamw_(directions, gs, exp_avg, exp_avg_sq, [], kernel_steps, lr=-1.0, weight_decay=0.0, **adam)
+        scalars = lamb_scalars(w_norms[start:end], _norms(directions), options, ok)
+        parts.append(scalars)
+        for p, u, step_size in zip(ps, directions, scalars.scale.tolist()):
+            p.add_(u, alpha=-step_size)
     fields = ("w_norm", "u_norm", "trust", "step_size", "scale")
-    return Scalars(ok, *(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+    return Scalars(ok, *(torch.cat([getattr(part, field) for part in parts]) for field in fields))
 
 
-def _single_lamb_layer(p, g, m, v, step, o: LAMBOptions, ok: Tensor) -> Scalars:
-    """A layer torch's kernels do not take, measured and stepped by the single-tensor functions."""
-    h = (o.beta1, o.beta2, o.eps, o.weight_decay)
-    bc = torch.stack(lamb_bias_corrections(step.reshape(1), o), dim=1)[0]
-    norms = _lamb_layer_norms(p, g, m, v, bc, h, ndt=torch.float64, decay=o.decay)
-    s = lamb_scalars(norms[:1], norms[1:], o, ok)
-    _lamb_layer_update(p, g, m, v, step, ok.reshape(1), s.scale, bc, h, decay=o.decay)
-    return s
+def _single_lamb_layer(p, g, exp_avg, exp_avg_sq, step, options: LAMBOptions, ok: Tensor, w_norm: Tensor) -> Scalars:
+    """A layer torch's kernels do not take, stepped by the single-tensor functions."""
+    bias_corrections = [c[0] for c in lamb_bias_corrections(step.reshape(1), options)]
+    _, _, u = _lamb_layer_direction(p, g, exp_avg, exp_avg_sq, *bias_corrections, options)
+    scalars = lamb_scalars(w_norm, torch.linalg.vector_norm(u, dtype=torch.float64).reshape(1), options, ok)
+    _lamb_layer_update(p, g, exp_avg, exp_avg_sq, step, ok, scalars.scale[0], *bias_corrections, options)
+    return scalars

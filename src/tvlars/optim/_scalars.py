@@ -39,7 +39,7 @@ class LARSOptions:
     momentum_form: str = HEAVY_BALL
     phi_in_ratio: bool = False
     max_norm: Optional[float] = None
-    stats: bool = False  # telemetry wanted: every layer measured in full, adapted or not
+    stats: bool = False  # telemetry wanted: ||u|| measured in full on layers that do not adapt too
 
     @property
     def decay(self) -> bool:
@@ -126,41 +126,53 @@ class Scalars:
     scale: Tensor
 
 
-def lars_scalars(w_norm: Tensor, u_norm: Tensor, o: LARSOptions, ok: Tensor, phi: Optional[Tensor] = None) -> Scalars:
+def lars_scalars(w_norm: Tensor, u_norm: Tensor, options: LARSOptions, ok: Tensor,
+                 phi: Optional[Tensor] = None) -> Scalars:
     """LARS, and TVLARS as LARS times phi_t (``phi``, per layer)."""
-    lr = _on(o.lr, w_norm.device)
-    if o.adapt:
-        coefficient = o.trust_coefficient * phi if o.phi_in_ratio else o.trust_coefficient
-        extra = o.weight_decay * w_norm if not o.coupled and o.decay else None
-        trust = trust_ratio(w_norm, u_norm, coefficient, eps=o.eps, extra=extra,
-                            clip_lr=lr if o.trust_clip else None, max_norm=o.max_norm)
+    lr = _on(options.lr, w_norm.device)
+    if options.adapt:
+        coefficient = options.trust_coefficient * phi if options.phi_in_ratio else options.trust_coefficient
+        extra = options.weight_decay * w_norm if not options.coupled and options.decay else None
+        trust = trust_ratio(w_norm, u_norm, coefficient, eps=options.eps, extra=extra,
+                            clip_lr=lr if options.trust_clip else None, max_norm=options.max_norm)
     else:
         trust = torch.ones_like(w_norm)
-    scale = trust * phi if phi is not None and not o.phi_in_ratio else trust
+    scale = trust * phi if phi is not None and not options.phi_in_ratio else trust
     step_size = lr * scale
     # Look-ahead keeps the step size, lr included, in the buffer; the other forms keep lr out.
-    into_buffer = step_size if o.momentum_form == LOOK_AHEAD else scale
+    into_buffer = step_size if options.momentum_form == LOOK_AHEAD else scale
     return Scalars(ok, w_norm, u_norm, trust, step_size, torch.where(ok, into_buffer, 0.0))
 
 
-def lamb_scalars(w_norm: Tensor, u_norm: Tensor, o: LAMBOptions, ok: Tensor) -> Scalars:
-    lr = _on(o.lr, w_norm.device)
-    if o.adapt:
-        trust = trust_ratio(w_norm, u_norm, 1.0, clip_lr=1.0 if o.trust_clip else None,
-                            max_weight_norm=o.max_weight_norm)
+def lamb_scalars(w_norm: Tensor, u_norm: Tensor, options: LAMBOptions, ok: Tensor) -> Scalars:
+    lr = _on(options.lr, w_norm.device)
+    if options.adapt:
+        trust = trust_ratio(w_norm, u_norm, 1.0, clip_lr=1.0 if options.trust_clip else None,
+                            max_weight_norm=options.max_weight_norm)
     else:
         trust = torch.ones_like(w_norm)
     step_size = lr * trust
     return Scalars(ok, w_norm, u_norm, trust, step_size, torch.where(ok, step_size, 0.0))
 
 
-def lamb_bias_corrections(steps: Tensor, o: LAMBOptions) -> tuple[Tensor, Tensor]:
+def lamb_bias_corrections(steps: Tensor, options: LAMBOptions) -> tuple[Tensor, Tensor]:
     """``1 - b1^t`` and ``sqrt(1 - b2^t)`` per layer for the step t = step + 1 being taken
     (also when it is skipped, so that both stay > 0 and u finite)."""
     t = steps.to(norm_dtype(steps.device)) + 1.0
-    if not o.bias_correction:
+    if not options.bias_correction:
         return torch.ones_like(t), torch.ones_like(t)
-    return 1.0 - torch.pow(o.beta1, t), torch.sqrt(1.0 - torch.pow(o.beta2, t))
+    return 1.0 - torch.pow(options.beta1, t), torch.sqrt(1.0 - torch.pow(options.beta2, t))
+
+
+def buckets(params: list[Tensor]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of ``params`` sharing device and dtype (the optimizer
+    orders each group's layers so)."""
+    ranges, start = [], 0
+    for i in range(1, len(params) + 1):
+        if i == len(params) or (params[i].device, params[i].dtype) != (params[start].device, params[start].dtype):
+            ranges.append((start, i))
+            start = i
+    return ranges
 
 
 class PerDevice:

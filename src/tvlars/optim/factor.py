@@ -12,9 +12,8 @@ falls from 0.99 at the first step to 0.01 at the last,
 
     delay = T / 2,   lam = 2 ln(99) / T,   so   phi_0 = 0.99,  phi_{T/2} = 0.5,  phi_T = 0.01,
 
-with no warm-up and no setting beyond the run's own length (docs/study.md, "A schedule
-without warm-up": on Fashion-MNIST it matches LARS with a tuned warm-up at batch 8,192-16,384,
-is 0.2-0.3 points short of it at 512-4,096, and 0.5-0.8 ahead of TVLARS as published).
+with no warm-up and no setting beyond the run's own length. What it gives against warm-up
+schedules and TVLARS as published is measured in docs/study.md ("A schedule without warm-up").
 """
 
 from __future__ import annotations

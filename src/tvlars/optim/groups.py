@@ -39,20 +39,23 @@ def param_groups(
     ``False`` excludes none, or a predicate ``(name, param) -> bool`` selects the excluded
     ones. Excluded parameters get ``weight_decay=0.0`` / ``adapt=False`` (trust ratio 1).
     ``group_options`` (e.g. ``lr=...``) are copied into every group. Empty groups are
-    dropped; parameter order inside a group follows ``model.named_parameters()``.
+    dropped; parameter order inside a group follows ``model.named_parameters()``. Each group
+    carries its parameters' names under ``"param_names"``, the key torch's optimizers (>= 2.6)
+    keep for named parameters, so that :meth:`tvlars.LARS.last_stats` names its rows.
     """
     if weight_decay < 0:
         raise ValueError(f"invalid weight_decay: {weight_decay}; must be >= 0")
     no_decay, no_adapt = _as_predicate(exclude_from_decay), _as_predicate(exclude_from_adaptation)
-    buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+    named: dict[tuple[bool, bool], list[tuple[str, torch.Tensor]]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         key = (not no_decay(name, p), not no_adapt(name, p))
-        buckets.setdefault(key, []).append(p)
+        named.setdefault(key, []).append((name, p))
     groups = []
     for (decay, adapt) in [(True, True), (False, True), (True, False), (False, False)]:
-        if (decay, adapt) in buckets:
-            groups.append(dict(group_options, params=buckets[(decay, adapt)],
+        if (decay, adapt) in named:
+            members = named[(decay, adapt)]
+            groups.append(dict(group_options, params=[p for _, p in members], param_names=[n for n, _ in members],
                                weight_decay=weight_decay if decay else 0.0, adapt=adapt))
     return groups

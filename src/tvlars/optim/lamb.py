@@ -27,9 +27,12 @@ class LAMB(LayerwiseOptimizer):
 
     The first step moves each adapted layer by exactly lr * ||w||. Without bias correction
     the divisions by 1 - b^t are dropped. See :class:`tvlars.LARS` for ``foreach``,
-    ``fused``, ``stats`` and the non-finite policy; the default CPU path, eager, lets torch's
-    fused AdamW kernel write the moments and Adam's direction, and its fused SGD kernel take
-    the step.
+    ``fused``, ``stats`` and the skip rule. The default CPU path, eager, lets torch's fused
+    AdamW kernel (``_fused_adamw_``) write the moments: for layers that adapt (or when
+    ``stats`` is on) it adds Adam's direction to wd*w in a workspace, which is u, and one
+    ``add_`` per layer takes the step w -= lr * trust * u; for a group that neither adapts
+    nor records statistics (trust 1) it takes LAMB's step itself (AdamW's decoupled decay
+    lr*wd*w is LAMB's lr*(wd*w) term).
     """
 
     _keys_since_0_1_0 = ("max_weight_norm",)
@@ -49,26 +52,26 @@ class LAMB(LayerwiseOptimizer):
         check("max_weight_norm", cap, cap is None or cap > 0, "must be None or > 0")
 
     def _plan(self, group, params, path):
-        b1, b2 = group["betas"]
-        o = F.LAMBOptions(lr=F.PerDevice(group["lr"]), beta1=b1, beta2=b2, eps=group["eps"],
-                          weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                          trust_clip=group["trust_clip"], adapt=group["adapt"],
-                          max_weight_norm=group["max_weight_norm"], stats=self.stats)
-        ms, vs, steps = [], [], []
+        beta1, beta2 = group["betas"]
+        options = F.LAMBOptions(lr=F.PerDevice(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                                trust_clip=group["trust_clip"], adapt=group["adapt"],
+                                max_weight_norm=group["max_weight_norm"], stats=self.stats)
+        exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             steps.append(self._counters(p)[0])
             state = self.state[p]
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            ms.append(local(state["exp_avg"]))
-            vs.append(local(state["exp_avg_sq"]))
-        ps, grads = [local(p) for p in params], [local(p.grad) for p in params]
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
+        weights, grads = [local(p) for p in params], [local(p.grad) for p in params]
 
         def measure():
-            return F.lamb_measure(ps, grads, ms, vs, steps, o, path)
+            return F.lamb_measure(weights, grads, exp_avgs, exp_avg_sqs, steps, options, path)
 
         def apply(ok, measured, work):
-            return F.lamb_apply(ps, grads, ms, vs, steps, o, ok, measured, work, path)
+            return F.lamb_apply(weights, grads, exp_avgs, exp_avg_sqs, steps, options, ok, measured, work, path)
 
         return measure, apply

@@ -30,15 +30,17 @@ class LARS(LayerwiseOptimizer):
     (``weight_decay=0``) and out of adaptation (``adapt=False``).
 
     Args:
-        foreach, fused: the execution path, all exact. Default (both None): on the CPU, per-layer
-            scalars computed on the host and torch's fused SGD kernel doing the update, eagerly
-            (fastest there); on CUDA the multi-tensor path. ``foreach=True``: multi-tensor;
-            ``foreach=False``: one tensor at a time with no host reads; ``fused=True``: the
-            per-layer code compiled by ``torch.compile`` once per process (the first step pays
-            the compile; unlike torch's fused=True, not a hand-written kernel).
+        foreach: the execution path, all exact. Default (None): on the CPU, per-layer scalars
+            computed on the host and torch's fused SGD kernel doing the update, eagerly (fastest
+            there); on CUDA the multi-tensor path. ``True``: multi-tensor (``torch._foreach_*``;
+            to fuse its kernels, ``torch.compile`` the training step); ``False``: one tensor at a
+            time with no host reads.
+        fused: None or False, as torch's optimizers take it; ``True`` raises ``ValueError``
+            (tvlars has no fused kernel of its own).
         stats: record per-layer statistics, read with :meth:`last_stats`.
 
-    Non-finite gradients skip the step (see ``skipped_steps``). ``p.grad`` is never written.
+    A non-finite value in any gradient or weight of the step skips the whole step (the skip
+    rule: ``LayerwiseOptimizer``; ``skipped_steps`` counts them). ``p.grad`` is never written.
     """
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
@@ -80,16 +82,16 @@ class LARS(LayerwiseOptimizer):
         return None
 
     def _plan(self, group, params, path):
-        o = self._options(group)
-        ps, grads = [local(p) for p in params], [local(p.grad) for p in params]
+        options = self._options(group)
+        weights, grads = [local(p) for p in params], [local(p.grad) for p in params]
         bufs = self._buffers(group, params)
         steps = [self._counters(p)[0] for p in params]
 
         def measure():
-            return F.lars_measure(ps, grads, o, path)
+            return F.lars_measure(weights, grads, options, path)
 
         def apply(ok, measured, work):
             phi = self._phi(group, steps, measured.device)
-            return F.lars_apply(ps, grads, bufs, steps, o, ok, measured, phi, work, path)
+            return F.lars_apply(weights, grads, bufs, steps, options, ok, measured, phi, work, path)
 
         return measure, apply

@@ -15,7 +15,7 @@ from .lars import LARS
 
 VARIANTS = ("paper", "official")
 
-# The authors' published code (SPEC.md section 1): phi = 1 / (0.1 + exp(lam * t)), t from 1,
+# The authors' published code (docs/paper.md section 1): phi = 1 / (0.1 + exp(lam * t)), t from 1,
 # both norms clamped to 10 before the ratio.
 OFFICIAL_ALPHA = 0.1
 OFFICIAL_MAX_NORM = 10.0
@@ -28,9 +28,8 @@ class TVLARS(LARS):
     so far (the first step is t = 0; skipped steps do not count), ``delay`` in steps; lam and
     delay default to the paper's 1e-4 and 0. ``total_steps=T`` instead derives them from the
     run's length, ``delay = T/2, lam = 2 ln(99)/T``: phi_t falls from 0.99 to 0.01 over the
-    run, centred on its middle, an anneal that needs no warm-up and no tuning
-    (``tvlars.optim.factor``; on Fashion-MNIST it matches LARS with a tuned warm-up at batch
-    8,192-16,384 and is 0.2-0.3 points short of it at 512-4,096: docs/study.md). As
+    run, centred on its middle, an anneal with no warm-up and no setting beyond the run's
+    length (``tvlars.optim.factor``; how it compares with other schedules: docs/study.md). As
     torch's Adam counts its bias-correction step, t is counted per parameter
     (``state[p]["step"]``): a parameter that had no gradient for a while is behind.
 
@@ -88,10 +87,11 @@ class TVLARS(LARS):
 
     def _options(self, group: dict) -> F.LARSOptions:
         """LARS's options with TVLARS's momentum form (and the authors' ratio for "official")."""
-        o = super()._options(group)
+        options = super()._options(group)
         if group["variant"] == "official":
-            return dataclasses.replace(o, momentum_form=F.HEAVY_BALL, phi_in_ratio=True, max_norm=OFFICIAL_MAX_NORM)
-        return dataclasses.replace(o, momentum_form=F.LOOK_AHEAD)
+            return dataclasses.replace(options, momentum_form=F.HEAVY_BALL, phi_in_ratio=True,
+                                       max_norm=OFFICIAL_MAX_NORM)
+        return dataclasses.replace(options, momentum_form=F.LOOK_AHEAD)
 
     def _phi(self, group: dict, steps: list, device: torch.device) -> torch.Tensor:
         """phi_t of Eq. 4 per layer, t = its step counter. The authors' code counts t from 1,
