@@ -135,7 +135,7 @@ def test_failures_are_not_requeued_and_status_says_why(env, monkeypatch, capsys)
     assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
     lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.split()[1:2]}
     assert lines["lr-1"].startswith("failed") and "failing on purpose" in lines["lr-1"]
-    assert lines["lr-2"].startswith("failed") and "timed-out too many times" in lines["lr-2"]
+    assert lines["lr-2"].startswith("failed") and "timed out 1 time; run the sweep again to continue" in lines["lr-2"]
 
 
 # ------------------------------------------------------------------ one owner per run folder
@@ -204,46 +204,103 @@ def test_a_second_sweep_of_the_same_folder_is_refused(env, capsys):
 
 
 SBATCH = """#!/bin/sh
-# stands in for sbatch: keeps the script it was given, answers as sbatch does
+# stands in for sbatch: keeps the script it was given, answers as sbatch does; refuses the
+# partition "nope" as sbatch refuses a partition it does not know
+if grep -q -- '--partition=nope' "$1"; then
+    echo "sbatch: error: invalid partition specified: nope" >&2
+    echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2
+    exit 1
+fi
 n=$(cat {dir}/next_id)
 echo $((n + 1)) > {dir}/next_id
 cp "$1" {dir}/sbatch.$n.sh
 echo "Submitted batch job $n"
 """
+SQUEUE = """#!/bin/sh
+# stands in for squeue: a job asking when its time limit falls (--Format=EndTime, with
+# SLURM_TIME_FORMAT=%s), or the queue (--format=%i|%T)
+case "$*" in *EndTime*) echo $(( $(date +%s) + $(cat {dir}/end_in_s) )); exit 0 ;; esac
+cat {dir}/queue.txt
+"""
 SACCT = """#!/bin/sh
-cat {dir}/sacct.txt
+# stands in for sacct; without sacct.txt it answers as SLURM without slurmdbd does
+[ -f {dir}/sacct.txt ] && exec cat {dir}/sacct.txt
+echo "Slurm accounting storage is disabled" >&2
+exit 1
+"""
+SCONTROL = """#!/bin/sh
+echo "$*" >> {dir}/scontrol.log
 """
 
 
 @pytest.fixture
 def slurm(env, monkeypatch):
-    """srun, sbatch and sacct stand-ins on PATH; returns a function setting sacct's answer."""
+    """srun, sbatch, squeue, sacct and scontrol stand-ins on PATH; returns a function setting
+    what squeue and sacct answer (``accounts=None``: SLURM keeps no accounting)."""
     bin_dir = env["tmp"] / "slurm-bin"
     bin_dir.mkdir()
-    for name, text in (("sbatch", SBATCH), ("sacct", SACCT), ("srun", "#!/bin/sh\nexit 1\n")):
+    for name, text in (("sbatch", SBATCH), ("squeue", SQUEUE), ("sacct", SACCT), ("scontrol", SCONTROL),
+                       ("srun", "#!/bin/sh\nexit 1\n")):
         (bin_dir / name).write_text(text.format(dir=shlex.quote(str(bin_dir))))
         (bin_dir / name).chmod(0o755)
     (bin_dir / "next_id").write_text("4242\n")
-    (bin_dir / "sacct.txt").write_text("JobID|State|NodeList\n")
+    (bin_dir / "end_in_s").write_text("3600\n")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
-    def answer(states: dict[str, str]) -> None:
-        rows = "".join(f"{job}|{state}|node1\n" for job, state in states.items())
-        (bin_dir / "sacct.txt").write_text("JobID|State|NodeList\n" + rows)
+    def answer(queue: dict[str, str] | None = None, accounts: dict[str, str] | None = {}) -> None:
+        (bin_dir / "queue.txt").write_text("".join(f"{job}|{state}\n" for job, state in (queue or {}).items()))
+        (bin_dir / "sacct.txt").unlink(missing_ok=True)
+        if accounts is not None:
+            (bin_dir / "sacct.txt").write_text("".join(f"{job}|{state}\n" for job, state in accounts.items()))
 
+    answer()
     answer.scripts = lambda: sorted(bin_dir.glob("sbatch.*.sh"))
+    answer.end_in = lambda seconds: (bin_dir / "end_in_s").write_text(f"{seconds}\n")
+    answer.scontrol = lambda: (bin_dir / "scontrol.log").read_text() if (bin_dir / "scontrol.log").exists() else ""
     return answer
 
 
-def run_as_slurm_would(out: Path, job_id: str, monkeypatch) -> str:
-    """The pickled job of a SLURM array task, run in the environment SLURM gives it."""
-    array, task = job_id.split("_")
-    job = submitit.SlurmJob(out.absolute() / cluster.SUBMITIT_FOLDER, job_id)
+def _pids(run_dir: Path) -> list[int]:
+    return (run_holder(run_dir) or {}).get("pids", [])
+
+
+def run_as_slurm_would(out: Path, job_id: str, monkeypatch, signal_after_start: str | None = None):
+    """The pickled job of a SLURM job (``4242``) or array task (``4242_1``), run in the
+    environment SLURM gives it, as submitit's ``_submit`` runs it: with submitit's signal
+    handlers in place. ``signal_after_start``: send this process SLURM's time-limit signal
+    (USR2) once the run of that name has started."""
+    array, _, task = job_id.partition("_")
+    folder = out.absolute() / cluster.SUBMITIT_FOLDER
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)}
     with monkeypatch.context() as m:
-        for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": array,
-                           "SLURM_ARRAY_TASK_ID": task}.items():
-            m.setenv(key, value)
-        return job.submission().function()
+        for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder),
+                           "SLURM_JOB_ID": "9" if task else array, "SLURM_ARRAY_JOB_ID": array if task else None,
+                           "SLURM_ARRAY_TASK_ID": task or None}.items():
+            if value is None:
+                m.delenv(key, raising=False)
+            else:
+                m.setenv(key, value)
+        environment = submitit.JobEnvironment()
+        delayed = submitit.helpers.DelayedSubmission.load(environment.paths.submitted_pickle)
+        if signal_after_start:
+            marks, begun = Path(os.environ["FAKE_MARKS"]), starts(Path(os.environ["FAKE_MARKS"]), signal_after_start)
+
+            def send():  # to every process of the job, as SLURM sends it: the job's and its run's
+                while starts(marks, signal_after_start) == begun or len(_pids(out / signal_after_start)) < 2:
+                    time.sleep(0.05)
+                send.at = time.time()
+                for pid in _pids(out / signal_after_start):
+                    os.kill(pid, signal.SIGUSR2)
+
+            threading.Thread(target=send, daemon=True).start()
+        try:
+            environment._handle_signals(environment.paths, delayed)
+            return delayed.result()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+            if signal_after_start:
+                run_as_slurm_would.signalled_at = send.at
 
 
 def test_slurm_job_array_submission_status_and_resubmission(env, slurm, monkeypatch, capsys):
@@ -279,11 +336,11 @@ def test_slurm_job_array_submission_status_and_resubmission(env, slurm, monkeypa
     monkeypatch.setenv(launch.LAUNCHER_ENV, f"{sys.executable} {env['script']}")
     records = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
     assert {n: (r["status"], r["launcher"], r["job_id"]) for n, r in records.items()} == {
-        "lr-1": ("queued", "slurm", "4242_0"), "lr-2": ("queued", "slurm", "4242_1"),
-        "lr-3": ("queued", "slurm", "4242_2")}
+        "lr-1": ("submitted", "slurm", "4242_0"), "lr-2": ("submitted", "slurm", "4242_1"),
+        "lr-3": ("submitted", "slurm", "4242_2")}
 
     # submitted again while SLURM still holds the jobs: nothing is submitted twice
-    slurm({"4242_0": "PENDING", "4242_1": "PENDING", "4242_2": "PENDING"})
+    slurm(queue={"4242_0": "PENDING", "4242_1": "PENDING", "4242_2": "PENDING"})
     assert tvlars_sweep(argv) == 0
     assert "3 already queued or running, 0 submitted" in capsys.readouterr().out
     assert len(slurm.scripts()) == 1
@@ -294,12 +351,22 @@ def test_slurm_job_array_submission_status_and_resubmission(env, slurm, monkeypa
     monkeypatch.setenv("FAKE_FAIL", "lr-2")
     with pytest.raises(RunFailed, match="exit status 3: failing on purpose"):
         run_as_slurm_would(out, "4242_1", monkeypatch)
-    slurm({"4242_0": "COMPLETED", "4242_1": "FAILED", "4242_2": "RUNNING"})
+    (out / "submitit" / "4242_1_0_log.err").write_text(  # as submitit and srun leave it
+        "submitit ERROR (2026-12-07 13:05:51,019) - Submitted job triggered an exception\n"
+        "Traceback (most recent call last):\n  File \"launch.py\", line 215, in __call__\n"
+        "tvlars.study.launch.RunFailed: exit status 3: failing on purpose (see log.txt)\n"
+        "srun: error: vm: task 0: Exited with exit code 1\n")
+    slurm(queue={"4242_2": "RUNNING"}, accounts={"4242_0": "COMPLETED", "4242_1": "FAILED"})
     assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
-    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.split()[1:2]}
+    captured = capsys.readouterr()
+    lines = {line.split()[1]: line for line in captured.out.splitlines() if line.split()[1:2]}
     assert lines["lr-1"].startswith("completed")
-    assert lines["lr-2"].startswith("failed") and "slurm job 4242_1 FAILED: failing on purpose" in lines["lr-2"]
+    assert lines["lr-2"].startswith("failed") and "slurm job 4242_1 FAILED: exit status 3: failing on purpose" \
+        in lines["lr-2"] and f"(the run's output: {out / 'lr-2' / 'log.txt'})" in lines["lr-2"]
     assert lines["lr-3"].startswith("running") and "slurm job 4242_2" in lines["lr-3"]
+    assert captured.err == ""  # SLURM keeps accounting: nothing to say about it
+    records = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
+    assert {n: r["status"] for n, r in records.items()} == {"lr-1": "completed", "lr-2": "failed", "lr-3": "running"}
 
     # submitted again: only the failed run goes back to SLURM (a job of its own)
     monkeypatch.delenv("FAKE_FAIL")
@@ -309,12 +376,95 @@ def test_slurm_job_array_submission_status_and_resubmission(env, slurm, monkeypa
     assert json.loads((out / "sweep.json").read_text())["runs"][1]["job_id"] == "4243"
 
 
+def test_a_slurm_job_uses_its_time_then_requeues_and_ends_after_max_requeues(env, slurm, monkeypatch, capsys):
+    """At SLURM's time-limit signal the run goes on until STOP_MARGIN_S before the limit
+    (squeue's EndTime), then the job requeues itself through submitit; after
+    --max-requeues time limits it ends, its run unfinished, and says so (log.txt, --status)."""
+    monkeypatch.setattr(launch, "STOP_MARGIN_S", 1)
+    monkeypatch.setattr(launch, "SIGNAL_WAIT_S", 0.1)  # a run killed by the signal would end the job at once
+    slurm.end_in(3)  # the limit falls 3 s after the job asks: 2 s more for the run
+    monkeypatch.setenv("FAKE_HANG", "lr-1")
+    path = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1]}})
+    out = env["tmp"] / "sweep"
+    assert tvlars_sweep([str(path), "--out", str(out), "--launcher", "slurm", "--time-limit", "10",
+                         "--max-requeues", "1"]) == 0
+    log = out / "lr-1" / "log.txt"
+
+    with pytest.raises(SystemExit):  # submitit's handler: requeued, the job exits
+        run_as_slurm_would(out, "4242", monkeypatch, signal_after_start="lr-1")
+    assert time.time() - run_as_slurm_would.signalled_at >= 1.5  # it used its time, not stopped at the signal
+    assert slurm.scontrol() == "requeue 4242\n"
+    assert log.read_text().count("stopped by the job's time limit or a preemption") == 1
+    assert run_holder(out / "lr-1") is None and starts(env["marks"], "lr-1") == 1
+
+    with pytest.raises(RunFailed, match="^timed out 2 times; run the sweep again to continue$"):
+        run_as_slurm_would(out, "4242", monkeypatch, signal_after_start="lr-1")  # the requeued job, signalled again
+    assert time.time() - run_as_slurm_would.signalled_at >= 1.5
+    assert slurm.scontrol() == "requeue 4242\n" and starts(env["marks"], "lr-1") == 2
+    assert log.read_text().splitlines()[-1].endswith(": timed out 2 times; run the sweep again to continue")
+
+    (out / "submitit" / "4242_0_log.err").write_text(
+        "tvlars.study.launch.RunFailed: timed out 2 times; run the sweep again to continue\n"
+        "srun: error: vm: task 0: Exited with exit code 1\n")
+    slurm(accounts={"4242": "FAILED"})
+    capsys.readouterr()
+    assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
+    assert "failed      lr-1  slurm job 4242 FAILED: timed out 2 times; run the sweep again to continue (the run's " \
+        "output: " in capsys.readouterr().out
+
+
+def test_status_and_resubmission_without_accounting(env, slurm, capsys):
+    """Without slurmdbd, squeue says which jobs wait or run: a pending run is queued, not
+    failed, and is not submitted again; what cannot be known is said once, in one line,
+    and SLURM's own complaints stay off the terminal."""
+    path = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1, 2, 3]}})
+    out = env["tmp"] / "sweep"
+    argv = [str(path), "--out", str(out), "--launcher", "slurm", "--time-limit", "10"]
+    assert tvlars_sweep(argv) == 0
+    slurm(queue={"4242_0": "PENDING", "4242_1": "RUNNING"}, accounts=None)  # 4242_2 has left the queue
+    capsys.readouterr()
+    assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
+    captured = capsys.readouterr()
+    lines = {line.split()[1]: line for line in captured.out.splitlines() if line.split()[1:2]}
+    assert lines["lr-1"].startswith("queued") and "slurm job 4242_0 (pending)" in lines["lr-1"]
+    assert lines["lr-2"].startswith("running") and "slurm job 4242_1" in lines["lr-2"]
+    assert lines["lr-3"].startswith("failed") and "slurm job 4242_2 ended: no output" in lines["lr-3"]
+    assert captured.err == f"tvlars sweep: {sweep.NO_ACCOUNTING}\n"
+
+    assert tvlars_sweep(argv) == 0
+    captured = capsys.readouterr()
+    assert "2 already queued or running, 1 submitted" in captured.out and captured.err == ""
+    assert "--array" not in slurm.scripts()[1].read_text()  # lr-3 alone
+
+
+def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(env, slurm, capsys):
+    path = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1]}})
+    out = env["tmp"] / "sweep"
+    refused = [str(path), "--out", str(out), "--launcher", "slurm", "--time-limit", "10", "--slurm-partition", "nope"]
+    assert tvlars_sweep(refused) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tvlars: error: SLURM refused the job array, nothing was submitted: "
+                   "sbatch: error: Batch job submission failed: Invalid partition name specified"], err
+    assert not out.exists() and not slurm.scripts()
+
+    # a sweep folder in use: a refused submission of a run more leaves it as it was
+    assert tvlars_sweep(refused[:-2]) == 0
+    slurm(queue={"4242": "RUNNING"})
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    path = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1, 2]}})
+    assert tvlars_sweep(refused) == 2
+    assert "Invalid partition name specified" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_slurm_settings_errors_are_one_line(env, slurm, monkeypatch, capsys):
     path = write_grid(env["tmp"], {"command": "train", "grid": {"lr": [1]}})
     out = str(env["tmp"] / "sweep")
     cases = [
         ([], "needs a time limit"),
         (["--time-limit", "90", "--slurm-option", "nonsense"], "--slurm-option takes KEY=VALUE"),
+        (["--time-limit", "2"], "a SLURM time limit must be at least 3 minutes, not 2: SLURM signals a job up to "
+                                "2.5 minutes before its limit"),
         (["--time-limit", "90", "--workers", "2"], "--workers is for --launcher subprocess or local"),
         (["--launcher", "local", "--gpus-per-run", "2"], "--gpus-per-run is for --launcher slurm"),
     ]

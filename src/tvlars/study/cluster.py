@@ -20,13 +20,18 @@ SlurmExecutor (``partition``, ``account``, ``qos``, ``constraint``, ``gpus_per_n
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import re
 import shutil
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from tvlars.errors import UserError
-from tvlars.study.launch import RunJob, failure_line, last_line
+from tvlars.study.launch import RunJob, failure_line
 
 SUBMITIT_FOLDER = "submitit"  # under the sweep folder
 #: SLURM job states (sacct) of a job that waits to run, and of one that runs.
@@ -34,6 +39,12 @@ QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
           "CONFIGURING"}
 RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING"}
 DEFAULT_MAX_REQUEUES = 3
+#: The shortest time limit (minutes) --launcher slurm accepts. SLURM sends its time-limit
+#: signal (USR2, asked for 90 s before the limit) up to 2.5 minutes early, as its controller
+#: checks time limits every 30 s (measured: 112-120 s before the limit, Debian's 22.05); a
+#: job signalled while it is still starting (Python, torch) has no handler yet and is
+#: killed instead of requeued, which a limit of 1 or 2 minutes did 3 times out of 3.
+MIN_TIME_LIMIT_MIN = 3
 #: The local executor's time limit (minutes) when none is given: none, in practice.
 NO_TIME_LIMIT_MIN = 60 * 24 * 365
 #: Flags that set a SlurmExecutor parameter of the same meaning.
@@ -124,6 +135,10 @@ def slurm_parameters(grid_slurm: dict, args: argparse.Namespace, job_name: str =
         parameters["time"] = parse_minutes(parameters["time"])
     except argparse.ArgumentTypeError as err:
         raise UserError(f"slurm: time: {err}") from None
+    if parameters["time"] < MIN_TIME_LIMIT_MIN:
+        raise UserError(f"a SLURM time limit must be at least {MIN_TIME_LIMIT_MIN} minutes, not {parameters['time']}: "
+                        f"SLURM signals a job up to 2.5 minutes before its limit, and a job signalled while it "
+                        f"starts is killed, not requeued")
     parameters.setdefault("job_name", job_name)
     return parameters
 
@@ -159,11 +174,28 @@ def local_executor(folder: Path, time_limit_min: int | None, max_requeues: int):
 def submit_array(executor, jobs: Sequence[RunJob]) -> list[str]:
     """One job array (one sbatch), the job id of each run in order. Submitted from inside
     a SLURM job (an interactive allocation), the jobs must not inherit its SLURM_*
-    variables: submitit's clean_env hides them."""
+    variables: submitit's clean_env hides them.
+
+    sbatch refusing the array (a partition, account or limit it does not know) is one
+    line, and the files submitit wrote for it (pickled jobs, the job script) are removed."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
     from submitit.helpers import clean_env
 
-    with clean_env():
-        return [job.job_id for job in executor.submit_array(list(jobs))]
+    folder = Path(executor.folder)
+    before = set(folder.iterdir()) if folder.is_dir() else None
+    refused = io.StringIO()  # submitit prints sbatch's stderr besides raising it
+    try:
+        with clean_env(), contextlib.redirect_stderr(refused):
+            return [job.job_id for job in executor.submit_array(list(jobs))]
+    except (FailedJobError, FailedSubmissionError) as err:
+        if before is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for path in set(folder.iterdir()) - before:
+                path.unlink(missing_ok=True)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        why = next((line for line in reversed(lines) if "error:" in line), lines[-1] if lines else "no reason given")
+        raise UserError(f"SLURM refused the job array, nothing was submitted: {why}") from None
 
 
 def _job_paths(folder: Path, job_id: str):
@@ -176,9 +208,23 @@ def _job_paths(folder: Path, job_id: str):
 
 
 def job_error_line(folder: Path, job_id: str) -> str | None:
-    """The last line a job wrote to its stderr: the exception that ended it, if one did."""
+    """Why a job ended, from its stderr: the last line that is neither srun's nor submitit's
+    own logging (``srun: error: vm: task 0: Exited with exit code 1`` comes after the
+    exception that ended the job; slurmstepd's ``*** JOB 7 CANCELLED AT ... ***`` stays)."""
     paths = _job_paths(folder, job_id)
-    return failure_line(last_line(paths.stderr)) if paths is not None else None
+    if paths is None:
+        return None
+    try:
+        with open(paths.stderr, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 16384))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        line = line.strip()
+        if line and not line.startswith(("srun: ", "submitit ")):
+            return failure_line(line)
+    return None
 
 
 def job_ended(folder: Path, job_id: str) -> bool:
@@ -188,21 +234,58 @@ def job_ended(folder: Path, job_id: str) -> bool:
     return paths is not None and paths.result_pickle.exists()
 
 
-def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """SLURM's state of each job (one sacct call through submitit), {} without sacct."""
-    if not job_ids or shutil.which("sacct") is None:
-        return {}
-    try:
-        from submitit.slurm.slurm import SlurmInfoWatcher
-    except ImportError:
-        return {}
+@dataclass
+class JobStates:
+    """What SLURM says of a sweep's jobs: ``states`` by job id (``17_2``: ``PENDING``,
+    ``RUNNING``, ``COMPLETED``, ``TIMEOUT``, ...) for the jobs it still knows; ``asked``:
+    whether SLURM's commands are here at all; ``accounting``: whether it keeps records of
+    jobs that have left the queue (slurmdbd; False: squeue forgets a job minutes after it
+    ended, MinJobAge, and sacct answers "accounting storage is disabled")."""
 
-    watcher = SlurmInfoWatcher()
-    for job_id in job_ids:
-        watcher.register_job(job_id)
-    watcher.update()
-    states = {}
-    for job_id in job_ids:
-        state = watcher.get_state(job_id, mode="cache")
-        states[job_id] = state.split()[0].upper() if state.strip() else "UNKNOWN"  # "CANCELLED by 42"
-    return states
+    states: dict[str, str] = field(default_factory=dict)
+    asked: bool = False
+    accounting: bool = True
+
+
+def _slurm_command(argv: list[str]) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "SLURM_TIME_FORMAT": "standard"})
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def slurm_states(job_ids: Sequence[str]) -> JobStates:
+    """SLURM's state of each job: squeue for the jobs in the queue (or ended minutes ago),
+    sacct for the others when SLURM keeps accounting. Their stderr is kept from the
+    terminal: without accounting, every sacct call would print that it is disabled."""
+    result = JobStates()
+    if not job_ids or shutil.which("squeue") is None:
+        return result
+    result.asked = True
+    arrays = sorted({job.split("_")[0] for job in job_ids})
+    queue = _slurm_command(["squeue", "--noheader", "--array", "--format=%i|%T", "--jobs=" + ",".join(arrays)])
+    for line in queue.stdout.splitlines() if queue is not None else ():
+        job, _, state = line.strip().partition("|")
+        if job and state:
+            result.states[job] = state.split()[0].upper()
+    gone = [job for job in job_ids if job not in result.states]
+    if not gone or shutil.which("sacct") is None:
+        result.accounting = shutil.which("sacct") is not None
+        return result
+    asked = sorted({job.split("_")[0] for job in gone})
+    accounts = _slurm_command(["sacct", "--noheader", "--parsable2", "--format=JobID,State",
+                               *[f"--jobs={job}" for job in asked]])
+    if accounts is None or accounts.returncode != 0:
+        result.accounting = False  # "Slurm accounting storage is disabled"
+        return result
+    try:
+        from submitit.slurm.slurm import SlurmInfoWatcher  # reads sacct's array ranges (17_[3-5])
+    except ImportError:
+        return result
+    known = SlurmInfoWatcher().read_info("JobID|State\n" + accounts.stdout)
+    for job in gone:
+        state = (known.get(job) or {}).get("State", "").strip()
+        if state:
+            result.states[job] = state.split()[0].upper()  # "CANCELLED by 42"
+    return result

@@ -52,6 +52,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or grid.out or Path("runs") / grid.name)
     runs = plan(grid)
     if args.status:
-        print_status(out, runs)
+        print_status(out, runs, grid, args.grid)
         return 0
     _check_launcher_flags(args)
     if args.launcher == "slurm":
@@ -492,7 +493,8 @@ class _Launcher:
         with self.lock:
             if self.stopping.is_set():
                 return "interrupted", None
-            job = self.executor.submit(RunJob(self.command, run_dir.absolute(), env=env))
+            job = self.executor.submit(RunJob(self.command, run_dir.absolute(), env=env,
+                                              max_requeues=self.executor.max_num_timeout))
             self.running[name] = job
         self.index.update(name, job_id=str(job.job_id))
         while not job.done():
@@ -598,52 +600,71 @@ def submit_to_slurm(grid: Grid, runs: list[Run], out: Path, parameters: dict, *,
                     threads: int | None = None, grid_path: str | None = None,
                     log: Callable[[str], None] | None = None) -> list[str]:
     """Submit the runs that are not finished, running or queued as one SLURM job array;
-    returns the job ids (one per run submitted)."""
+    returns the job ids (one per run submitted). sweep.json records each submitted run as
+    ``submitted`` with its job id (what it does next, SLURM and its folder say: --status).
+    If sbatch refuses the array, what this call wrote is removed again."""
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out)
     folder = out.absolute() / cluster.SUBMITIT_FOLDER
     nproc = cluster.processes_per_run(parameters)
     executor = cluster.slurm_executor(folder, parameters, max_requeues)  # bad settings fail before any write
-    out.mkdir(parents=True, exist_ok=True)
     _check_existing(runs, out)
-    with _sweep_lock(out):
-        _save_grid_copy(out, grid)
-        index = SweepIndex(out, grid, runs, grid_path)
-        statuses = run_statuses(out, runs, index.records)
-        busy = [r for r in runs if statuses[r.name][0] in ("running", "queued")]
-        todo = [r for r in runs if statuses[r.name][0] not in (*FINISHED, "running", "queued")]
-        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
-        jobs = [RunJob(grid.command, _prepare_run(out, r).absolute(), nproc=nproc, env=env) for r in todo]
-        job_ids = cluster.submit_array(executor, jobs) if jobs else []
-        for r, job_id in zip(todo, job_ids):
-            record = index.records[r.name]
-            record.update(status="queued", attempts=int(record.get("attempts") or 0) + 1, launcher="slurm",
-                          job_id=job_id, returncode=None, wall_time_s=None, device=None, started=now(),
-                          finished=None, error=None)
-        index.save()
+    created = [path for path in (*out.parents, out) if not path.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    refused = False
+    try:
+        with _sweep_lock(out):
+            index = SweepIndex(out, grid, runs, grid_path)
+            states = run_statuses(out, runs, index.records)
+            busy = [r for r in runs if states[r.name][0] in ("running", "queued")]
+            todo = [r for r in runs if states[r.name][0] not in (*FINISHED, "running", "queued")]
+            env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+            new_folders = [out / r.name for r in todo if not (out / r.name).exists()]
+            jobs = [RunJob(grid.command, _prepare_run(out, r).absolute(), nproc=nproc, env=env,
+                           max_requeues=max_requeues) for r in todo]
+            try:
+                job_ids = cluster.submit_array(executor, jobs) if jobs else []
+            except UserError:
+                refused = True
+                for run_dir in new_folders:  # they hold only the sweep-run.yaml written above
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            _save_grid_copy(out, grid)
+            for r, job_id in zip(todo, job_ids):
+                record = index.records[r.name]
+                record.update(status="submitted", attempts=int(record.get("attempts") or 0) + 1, launcher="slurm",
+                              job_id=job_id, returncode=None, wall_time_s=None, device=None, started=now(),
+                              finished=None, error=None)
+            index.save()
+    except UserError:
+        if refused:  # the sweep folder too, if this call made it: nothing left behind
+            for path in reversed(created):
+                shutil.rmtree(path, ignore_errors=True)
+        raise
     finished = len(runs) - len(busy) - len(todo)
     log(f"sweep {out}: {len(runs)} runs, {finished} finished, {len(busy)} already queued or running, "
         f"{len(todo)} submitted")
     if job_ids:
         array = job_ids[0].split("_")[0]
         log(f"SLURM job array {array}: {job_ids[0]} .. {job_ids[-1]}" if len(job_ids) > 1 else f"SLURM job {array}")
-        log(f"job scripts and logs: {folder}; follow with: tvlars sweep {grid_path or grid.name} --out {out} --status")
+        log(f"job scripts and logs: {folder}; each run's output: <run>/log.txt; "
+            f"follow with: tvlars sweep {grid_path or grid.name} --out {out} --status")
     return job_ids
 
 
 # --------------------------------------------------------------------------- status
 
 
-def run_statuses(out: Path, runs: list[Run], records: dict[str, dict],
-                 sweeping: dict | None = None) -> dict[str, tuple[str, str]]:
+def run_statuses(out: Path, runs: list[Run], records: dict[str, dict], sweeping: dict | None = None,
+                 slurm: cluster.JobStates | None = None) -> dict[str, tuple[str, str]]:
     """(state, detail) of each run: completed or diverged, running (someone holds its
     folder), queued (its SLURM job waits, or the sweep holding the folder, ``sweeping``,
     will run it), failed (with the failure's last line), interrupted, partial (started,
-    resumable) or pending."""
+    resumable) or pending. ``slurm``: SLURM's answer about the runs' jobs, asked here
+    when not given."""
     out = Path(out)
-    jobs = [records[r.name]["job_id"] for r in runs
-            if records.get(r.name, {}).get("launcher") == "slurm" and records[r.name].get("job_id")]
-    states = cluster.slurm_states(jobs)
+    if slurm is None:
+        slurm = cluster.slurm_states(slurm_jobs(out, runs, records))
     folder = out.absolute() / cluster.SUBMITIT_FOLDER
     statuses = {}
     for r in runs:
@@ -655,7 +676,7 @@ def run_statuses(out: Path, runs: list[Run], records: dict[str, dict],
         elif holder is not None:
             statuses[r.name] = ("running", describe_holder(holder))
         elif record.get("launcher") == "slurm" and job:
-            statuses[r.name] = _slurm_status(job, states.get(job), folder, run_dir)
+            statuses[r.name] = _slurm_status(job, slurm, folder, run_dir)
         elif sweeping is not None and record.get("status") != "failed":
             statuses[r.name] = ("queued", f"{describe_holder(sweeping)} will run it")
         elif record.get("status") in ("failed", "interrupted"):
@@ -665,20 +686,40 @@ def run_statuses(out: Path, runs: list[Run], records: dict[str, dict],
     return statuses
 
 
-def _slurm_status(job: str, state: str | None, folder: Path, run_dir: Path) -> tuple[str, str]:
+def slurm_jobs(out: Path, runs: list[Run], records: dict[str, dict]) -> list[str]:
+    """The SLURM job ids the sweep recorded for the unfinished ones of ``runs`` (a
+    finished run's folder says all there is to say)."""
+    return [records[r.name]["job_id"] for r in runs
+            if records.get(r.name, {}).get("launcher") == "slurm" and records[r.name].get("job_id")
+            and run_state(Path(out) / r.name) not in FINISHED]
+
+
+def _slurm_status(job: str, slurm: cluster.JobStates, folder: Path, run_dir: Path) -> tuple[str, str]:
+    state = slurm.states.get(job)
     if state in cluster.QUEUED:
         return "queued", f"slurm job {job} ({state.lower()})"
     if state in cluster.RUNNING:
         return "running", f"slurm job {job}"
-    if state is None and not cluster.job_ended(folder, job):
-        return "queued", f"slurm job {job} (no sacct here to ask SLURM)"
-    why = cluster.job_error_line(folder, job) or last_line(run_dir / runfolder.SWEEP_LOG) or "no output"
-    return "failed", f"slurm job {job} {state or 'ended'}: {why}"
+    if state is None and not slurm.asked and not cluster.job_ended(folder, job):
+        return "queued", f"slurm job {job} (no squeue here to ask SLURM)"
+    log = run_dir / runfolder.SWEEP_LOG
+    why = cluster.job_error_line(folder, job) or last_line(log) or "no output"
+    return "failed", f"slurm job {job} {state or 'ended'}: {why} (the run's output: {log})"
 
 
-def print_status(out: Path, runs: list[Run]) -> None:
-    records = read_index(Path(out) / "sweep.json")
-    statuses = run_statuses(out, runs, records, sweeping=run_holder(out, SWEEP_LOCK))
+#: What --status says once where SLURM keeps no accounting.
+NO_ACCOUNTING = ("SLURM keeps no accounting here (no slurmdbd): a job gone from squeue shows as ended, with its "
+                 "log's last line; whether it timed out, was cancelled or failed is not known")
+
+
+def print_status(out: Path, runs: list[Run], grid: Grid | None = None, grid_path: str | None = None) -> None:
+    """The state of each run and a count; sweep.json and sweep.csv are brought up to date
+    with it (where a sweep has written them and no sweep command holds the folder)."""
+    out = Path(out)
+    records = read_index(out / "sweep.json")
+    slurm = cluster.slurm_states(slurm_jobs(out, runs, records))
+    sweeping = run_holder(out, SWEEP_LOCK)
+    statuses = run_statuses(out, runs, records, sweeping=sweeping, slurm=slurm)
     width = max((len(r.name) for r in runs), default=0)
     counts: dict[str, int] = {}
     for r in runs:
@@ -687,3 +728,31 @@ def print_status(out: Path, runs: list[Run]) -> None:
         print(f"{state:11s} {r.name:{width}s}  {detail}".rstrip())
     order = ("completed", "diverged", "running", "queued", "failed", "interrupted", "partial", "pending")
     print(f"sweep {out}: {len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)))
+    if slurm.asked and not slurm.accounting:
+        print(f"tvlars sweep: {NO_ACCOUNTING}", file=sys.stderr)
+    if grid is not None and sweeping is None and records:
+        _refresh_index(out, grid, runs, grid_path, statuses)
+
+
+def _refresh_index(out: Path, grid: Grid, runs: list[Run], grid_path: str | None,
+                   statuses: dict[str, tuple[str, str]]) -> None:
+    """sweep.json and sweep.csv as --status found the runs, so that they do not go on
+    saying ``submitted`` or ``queued`` of runs that have finished. Best effort: a folder
+    another sweep command holds, or one this user cannot write, is left as it is."""
+    lock = _sweep_lock(out)
+    try:
+        if lock.acquire() is not None:
+            return
+    except OSError:
+        return
+    try:
+        index = SweepIndex(out, grid, runs, grid_path)
+        for name, (state, detail) in statuses.items():
+            index.records[name]["status"] = state
+            if state == "failed":
+                index.records[name]["error"] = detail
+        index.save()
+    except OSError:
+        pass
+    finally:
+        lock.release()
