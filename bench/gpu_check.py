@@ -9,7 +9,7 @@ section's "fail" with its first line; the others still run):
 
 reference       every optimizer path (tvlars.LARS / LAMB / TVLARS with foreach=False,
                 foreach=True, fused=True and the default) on the device, in float64 and
-                float32, against a float64 CPU loop of SPEC.md's equations written out here
+                float32, against a float64 CPU loop of docs/paper.md's equations written out here
 sync-optimizer  torch.cuda.set_sync_debug_mode("error") over optimizer steps of every path
                 (after two warm-up steps): a host synchronisation inside step() raises
 sync-training   the same over `tvlars train` and `tvlars ssl` training steps (every step but
@@ -130,7 +130,7 @@ def _ratio(wn: float, un: float, coefficient: float, denominator: float) -> floa
 
 
 class Reference:
-    """SPEC.md section 1, one parameter at a time, norms as Python floats, float64 CPU."""
+    """docs/paper.md section 1, one parameter at a time, norms as Python floats, float64 CPU."""
 
     def __init__(self, name: str, groups: list, hp: dict):
         self.name, self.groups, self.hp, self.state, self.t = name, groups, hp, {}, 0

@@ -1,6 +1,6 @@
 """Learning-rate schedules, stepped once per OPTIMIZER step.
 
-The paper's schedules (SPEC.md section 2, Appendix A of the paper):
+The paper's schedules (docs/paper.md section 2, Appendix A of the paper):
 
 * ``warmup-cosine``: linear warm-up from 0 to the target lr over ``warmup_steps``
   (gamma_t = target * t / T), then cosine decay to the floor ``min_lr``:

@@ -1,4 +1,4 @@
-"""The paper's published Table 1, as data (SPEC.md section 3; accuracy in percent).
+"""The paper's published Table 1, as data (docs/paper.md section 3; accuracy in percent).
 
 ``TABLE1[(dataset, task)][optimizer][batch_size]`` is the tuple of accuracies for the
 three learning rates ``LEARNING_RATES[batch_size]`` (the paper's "lr a/b/c").
@@ -26,7 +26,7 @@ LAM = {"train": 1e-4, "ssl": 1e-5}
 #: lam values of the ablation (Section 5.2.1, Figures 3 and 4)
 ABLATION_LAMS = (1e-2, 5e-3, 1e-3, 1e-4, 1e-5, 1e-6)
 
-# Rows as printed in SPEC.md: per batch size, per optimizer, four groups of three
+# Rows as printed in docs/paper.md: per batch size, per optimizer, four groups of three
 # (CIFAR-10 CLF | Tiny ImageNet CLF | CIFAR-10 BT | Tiny ImageNet BT).
 _RAW = {
     512: {
