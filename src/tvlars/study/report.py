@@ -9,15 +9,19 @@ Layout, as Table 1: rows are optimizer variants ("LARS (warm-up)", "LARS (no war
 "LAMB ...", "TVLARS") for each batch size; columns are that batch size's learning rates in
 increasing order ("lr a/b/c"). A cell is the test accuracy (percent) of the runs with that
 setting: mean ± sample standard deviation over seeds, with n when there are several;
-"—" where no finished run exists; "†" when some of its runs diverged (their accuracy is
-the one the run recorded), "‡" when some exploded: completed, but with a training loss that
+"—" where no finished run has an accuracy; "†" when some of its runs diverged (their accuracy
+is the one the run recorded; "— †" when they diverged before their first test), in every
+table, as ``n_diverged`` counts them in report.csv, "‡" when some exploded: completed, but with a training loss that
 ended non-finite or at least 10 times an untrained classifier's (runs.exploded), so that its
 accuracy is a broken network's or from before the blow-up. Only finished runs (summary.json
 "completed" or "diverged") count. ``--metric best`` (default) uses each run's best test accuracy over epochs,
 ``final`` the last epoch's; the report holds both tables, the chosen one first. A
 ``tvlars ssl`` sweep has one table: each run's linear probe after the probe's last epoch (the
 probe's best epoch is chosen on the test set, so it is no run's accuracy), and no
-epochs-to-target table (an ssl run tests once). When the
+epochs-to-target table (an ssl run tests once); the report says which probe measured it
+(``tvlars ssl --probe-norm``: ``bn``, standardised features, or ``none``, the raw features
+of the Barlow Twins reference; an ssl run from before the flag probed raw), and
+report.csv has it per row (``probe_norm``). When the
 sweep's dataset and task match a column of the paper's Table 1 (cifar10 / tinyimagenet,
 train / ssl), the published numbers are shown beside the measured ones.
 
@@ -85,6 +89,7 @@ class Cell:
     reached: int = 0   # runs that reached the epochs-to-target goal
     peak_lr: float | None = None   # the schedule's peak (config.yaml's peak_lr: lr after --lr-scaling)
     knn: tuple[float | None, float | None, int] = (None, None, 0)   # tvlars ssl: the final encoder's kNN
+    probe_norm: str = ""   # tvlars ssl: the linear probe's --probe-norm ("bn", "none"; "bn+none" if mixed)
 
 
 @dataclass
@@ -144,6 +149,7 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
             reached=sum(e is not None for e in epochs),
             peak_lr=number(members[0].get("peak_lr")),
             knn=mean_std(number(r.summary.get("knn_acc")) for r in members),
+            probe_norm="+".join(sorted({probe_norm(r) for r in members} - {""})),
         )
     datasets = {str(r.get("dataset", "?")).lower() for r in runs}
     tasks = {str(r.get("command", "train")).lower() for r in runs}
@@ -154,6 +160,19 @@ def build_table(runs: Sequence[RunData], target: float = 0.95) -> Table:
                  headline=headline_metric(runs))
 
 
+def probe_norm(run: RunData) -> str:
+    """The --probe-norm a tvlars ssl run's linear probe ran with; "none" (raw features) for one
+    from before the flag (2026-12-07), "" for a tvlars train run."""
+    if not run.ssl:
+        return ""
+    return str(run.summary.get("probe_norm") or run.get("probe_norm") or "none")
+
+
+#: How report.md names each linear probe.
+PROBE_NAMES = {"bn": "standardised features (--probe-norm bn: a parameter-free batch norm before the head)",
+               "none": "raw features (--probe-norm none: the Barlow Twins reference's protocol)"}
+
+
 # --------------------------------------------------------------------------- formatting
 
 
@@ -162,7 +181,7 @@ def fmt_stat(stat: tuple[float | None, float | None, int], digits: int = 2, dive
     """``mean ± std (n)``; a single value shows ``(1)`` only with ``show_n`` (a table with seeds)."""
     mean, std, n = stat
     if mean is None:
-        return "—"
+        return "—" + _marks(diverged, exploded)
     text = f"{mean:.{digits}f}"
     if std is not None:
         text += f" ± {std:.{digits}f} ({n})"
@@ -179,9 +198,10 @@ def fmt_epochs(cell: Cell | None) -> str:
     if cell is None:
         return "—"
     if cell.reached == 0:
-        return "never"
+        return "never" + _marks(cell.diverged, cell.exploded)
     text = fmt_stat(cell.epochs, digits=1, show_n=cell.runs > 1)
-    return text + (f" ({cell.reached}/{cell.runs} reached)" if cell.reached < cell.runs else "")
+    return text + (f" ({cell.reached}/{cell.runs} reached)" if cell.reached < cell.runs else "") + _marks(
+        cell.diverged, cell.exploded)
 
 
 def _letters(n: int) -> list[str]:
@@ -241,9 +261,13 @@ def _peak_text(table: Table, label: str, batch: int) -> str:
 
 
 def markdown_accuracy(table: Table, metric: str, with_paper: bool) -> str:
+    mixed = len(probe_norms(table)) > 1
+
     def text(cell):
+        if not cell:
+            return "—"
         return fmt_stat(getattr(cell, metric), diverged=cell.diverged, show_n=table.seeded,
-                        exploded=cell.exploded) if cell else "—"
+                        exploded=cell.exploded) + (f" [{cell.probe_norm}]" if mixed and cell.probe_norm else "")
 
     return _markdown_lr_table(table, text, (lambda label, batch: paper_values(table, label, batch))
                               if with_paper else None)
@@ -285,8 +309,9 @@ def markdown_best(table: Table, metric: str) -> str:
         row = [str(batch)]
         for label in table.rows:
             acc, lr, cell = best[(label, batch)]
-            if acc is None:
-                row.append("—")
+            if acc is None:  # no lr has an accuracy: say whether its runs diverged
+                cells = [table.cells.get((label, batch, x)) for x in table.lrs[batch]]
+                row.append("—" + _marks(sum(c.diverged for c in cells if c), sum(c.exploded for c in cells if c)))
                 continue
             std = getattr(cell, metric)[1]
             row.append(f"{acc:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (lr {format_value(lr)})"
@@ -312,13 +337,20 @@ def render_markdown(table: Table, metric: str | None = None, target: float = 0.9
              f"{blown} exploded), {table.unfinished} not finished "
              f"(not counted). Dataset {table.dataset}, tvlars {table.task}.\n",
              "Cells: accuracy in %, mean ± sample std over seeds (n) where there are several; "
-             "— no finished run; † some runs diverged; ‡ some runs exploded (completed, but the training loss "
+             "— no accuracy (no finished run, or — † runs that diverged before their first test); "
+             "† some runs diverged; ‡ some runs exploded (completed, but the training loss "
              f"ended non-finite or at least {EXPLODED_FACTOR:g}x an untrained classifier's).\n"]
     with_paper = has_paper(table)
     if table.headline == "final":
         parts.append("An ssl run's accuracy is its linear probe's, on the whole test set after the probe's last "
                      "epoch; the probe's best epoch, chosen on the test set, stays in summary.json "
                      "(probe_best_acc).\n")
+        norms = probe_norms(table)
+        if len(norms) == 1:
+            parts.append(f"The linear probe saw {PROBE_NAMES.get(norms[0], norms[0])}.\n")
+        elif norms:
+            parts.append("The runs' linear probes differ, so each cell names its probe: "
+                         + "; ".join(f"[{n}] {PROBE_NAMES.get(n, n)}" for n in norms) + ".\n")
     parts.append(f"\n## Table 1: {words[metric]} (%)\n")
     if with_paper:
         parts.append(f"\nBeside it, the paper's Table 1 ({paper.TITLES[(table.dataset, table.task)]}); "
@@ -343,13 +375,19 @@ def render_markdown(table: Table, metric: str | None = None, target: float = 0.9
     return "".join(parts)
 
 
+def probe_norms(table: Table) -> list[str]:
+    """The --probe-norm settings of the table's ssl runs (none for tvlars train)."""
+    return sorted({n for c in table.cells.values() for n in c.probe_norm.split("+") if n})
+
+
 def render_csv(table: Table) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
+    ssl = table.headline == "final"
     writer.writerow(["dataset", "task", "row", "optimizer", "batch_size", "lr", "lr_index", "n", "n_diverged",
                      "best_mean", "best_std", "final_mean", "final_std", "epochs_to_target_mean",
                      "epochs_to_target_std", "n_reached_target", "paper_acc", "peak_lr", "knn_mean", "knn_std",
-                     "n_exploded"])
+                     "n_exploded"] + (["probe_norm"] if ssl else []))
 
     def num(x):
         return "" if x is None else f"{x:.6g}"
@@ -368,7 +406,8 @@ def render_csv(table: Table) -> str:
                                  num(cell.best[0]), num(cell.best[1]), num(cell.final[0]), num(cell.final[1]),
                                  num(cell.epochs[0]), num(cell.epochs[1]), cell.reached,
                                  num(papers[i] if i < len(papers) else None), num(cell.peak_lr),
-                                 num(cell.knn[0]), num(cell.knn[1]), cell.exploded])
+                                 num(cell.knn[0]), num(cell.knn[1]), cell.exploded]
+                                + ([cell.probe_norm] if ssl else []))
     return buf.getvalue()
 
 
