@@ -56,7 +56,7 @@ def test_base_batch_size_and_warm_up_reach_the_scaled_peak():
 @pytest.mark.parametrize("argv,words", [
     (["--base-batch-size", "0"], "--base-batch-size"),
     (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
-    (["--min-lr-ratio", "0.1", "--min-lr", "0.01"], "not both"),
+    (["--optimizer", "lars", "--min-lr-ratio", "0.1", "--min-lr", "0.01"], "not both"),
     (["--optimizer", "lamb", "--max-weight-norm", "0"], "--max-weight-norm"),
 ])
 def test_bad_values_are_user_errors(argv, words):
@@ -221,7 +221,7 @@ def test_phi_anneal_takes_lam_and_delay_from_the_run_length(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--optimizer", "lars"], "--optimizer tvlars or --tv-factor"),
+    (["--optimizer", "lars"], "^--phi-anneal applies to tvlars, or any optimizer with --tv-factor, not to"),
     (["--optimizer", "tvlars", "--variant", "official"], "paper"),
     (["--optimizer", "tvlars", "--lam", "1e-3"], "drop --lam"),
     (["--optimizer", "tvlars", "--delay-epochs", "5"], "drop --delay-epochs"),

@@ -38,6 +38,8 @@ DEFAULT_SSL_MODEL = {**DEFAULT_MODEL, "fashion-mnist": "cnn-pool", "mnist": "cnn
 DEFAULT_DELAY_EPOCHS = 10.0
 #: The paper's warm-up, in epochs (at most half the run).
 DEFAULT_WARMUP_EPOCHS = 20.0
+#: The schedules that decay to a floor (--min-lr, --min-lr-ratio).
+DECAYS = ("warmup-cosine", "poly")
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,49 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
+    def given(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The settings the user chose: those that differ from their defaults (a --config file
+        or a grid sets defaults too, as the user's). A resumed run's values come from its
+        config.yaml, which records lam resolved: the command's default lam counts as unset."""
+        defaults = cls.defaults()
+        defaults_resolved = {"lam": flags.LAM[cls.command]}
+        return {name: value for name, value in values.items()
+                if name in defaults and not _same(value, defaults[name])
+                and not (name in defaults_resolved and _same(value, defaults_resolved[name]))}
+
+    @classmethod
+    def _check_applied(cls, values: dict[str, Any], given: dict[str, Any]) -> None:
+        """Every setting the user chose acts in this run, or the run is refused before anything
+        is built: optimizer flags by tvlars.harness.optimizers.OPTIMIZER_INFO, schedule flags by
+        the schedule they shape, phi_t's delay by the run's length."""
+        from tvlars.harness.optimizers import check_optimizer_flags
+
+        optimizer, schedule = values["optimizer"], values["schedule"]
+        check_optimizer_flags(optimizer, given, tv_factor=values["tv_factor"])
+        for name, schedules in (("min_lr", DECAYS), ("min_lr_ratio", DECAYS), ("power", ("poly",))):
+            if name in given and schedule not in schedules:
+                raise UserError(f"--{name.replace('_', '-')} shapes --schedule {' or '.join(schedules)}, not "
+                                f"--schedule {schedule}; drop it")
+        if "base_batch_size" in given and values["lr_scaling"] == "none":
+            raise UserError("--base-batch-size acts only with --lr-scaling linear or sqrt; drop it")
+        phi_acts = optimizer == "tvlars" or values["tv_factor"]
+        if phi_acts and not values["phi_anneal"] and values["delay_epochs"] is not None \
+                and values["delay_epochs"] >= values["epochs"]:
+            raise UserError(f"--delay-epochs {values['delay_epochs']:g} is past the run's end (--epochs "
+                            f"{values['epochs']}): phi_t would not pass its midpoint; use a shorter delay "
+                            f"or --phi-anneal")
+
+    def notes(self) -> list[str]:
+        """What the user should know of a default that cannot act in this run (one line each)."""
+        phi_acts = self.optimizer == "tvlars" or self.tv_factor
+        if phi_acts and not self.phi_anneal and self.delay_epochs is None and self.delay_steps is None \
+                and DEFAULT_DELAY_EPOCHS >= self.epochs:
+            return [f"phi_t's delay (the paper's {DEFAULT_DELAY_EPOCHS:g} epochs, the default) is past the run's "
+                    f"end ({self.epochs} epochs): phi_t stays near its start; set --delay-epochs below "
+                    f"{self.epochs} or use --phi-anneal"]
+        return []
+
+    @classmethod
     def _resolve(cls, values: dict[str, Any]) -> None:
         if values["model"] is None:
             values["model"] = cls.default_model[values["dataset"]]
@@ -148,6 +193,7 @@ class TrainConfig:
             values["lr"] = DEFAULT_LR[values["optimizer"]]
         if values["schedule"] is None:  # phi_t is TVLARS's schedule
             values["schedule"] = "none" if (values["optimizer"] == "tvlars" or values["tv_factor"]) else "warmup-cosine"
+        cls._check_applied(values, cls.given(values))
         if values["tv_factor"] and values["schedule"] != "none":
             raise UserError("--tv-factor replaces the learning-rate schedule; use --schedule none with it")
         if values["warmup_epochs"] is None:
@@ -187,9 +233,7 @@ class TrainConfig:
                 raise UserError(f"--micro-batch-size must be positive, got {values['micro_batch_size']}")
         if values["delay_epochs"] is not None and values["delay_steps"] is not None:
             raise UserError("give --delay-epochs or --delay-steps, not both")
-        if values["phi_anneal"]:
-            if values["optimizer"] != "tvlars" and not values["tv_factor"]:
-                raise UserError("--phi-anneal shapes phi_t: use it with --optimizer tvlars or --tv-factor")
+        if values["phi_anneal"]:  # the flag table has refused it for an optimizer without phi_t
             if values["variant"] != "paper":
                 raise UserError("--phi-anneal is for the paper's TVLARS, not --variant official")
             given = [flag for flag, key in (("--lam", "lam"), ("--delay-epochs", "delay_epochs"),
@@ -239,6 +283,10 @@ class TrainConfig:
 
             derived = anneal_factor_args(self.epochs * steps_per_epoch)
             return dict(lam=derived["lam"], delay_steps=derived["delay"])
+        if self.delay_steps is not None and self.delay_steps >= self.epochs * steps_per_epoch:
+            raise UserError(f"--delay-steps {self.delay_steps} is past the run's end ({self.epochs} epochs of "
+                            f"{steps_per_epoch} steps): phi_t would not pass its midpoint; use a shorter delay "
+                            f"or --phi-anneal")
         return dict(lam=self.lam, delay_steps=self.delay_in_steps(steps_per_epoch))
 
     def record(self, **derived) -> dict:
@@ -269,8 +317,8 @@ class SSLConfig(TrainConfig):
     probe_lr: float
     probe_batch_size: int
     probe_weight_decay: float
-    probe_augment: bool
     probe_norm: str
+    probe_augment: bool
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from tvlars.harness.optimizers import OPTIMIZERS
+from tvlars.harness.optimizers import OPTIMIZERS, taken_by
 from tvlars.harness.schedules import KINDS as SCHEDULES
 
 # The builders' own lists (tvlars.harness.data.datasets, tvlars.harness.models) import torch;
@@ -103,7 +103,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint.pt (the saved config.yaml wins; "
                         "changing a flag that affects results is an error); starts the run if --out "
-                        "holds none yet, does nothing if it already completed")
+                        "holds none yet, does nothing if it already completed, and refuses (changing "
+                        "nothing) a run whose checkpoint.pt or config.yaml is gone")
     g.add_argument("--seed", type=int, default=0, help="random seed for init, data order and augmentation (default: 0)")
     g.add_argument("--device", default="auto",
                    help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps; under torchrun each "
@@ -171,18 +172,19 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser, command: str) -> N
     g.add_argument("--lr", type=float, default=None,
                    help="base (target) learning rate; the paper's grid is 1..19 for batch 512..16K "
                         "(default: 1.0 for lars/tvlars, 0.01 lamb, 0.1 sgd, 0.001 adamw)")
-    g.add_argument("--momentum", type=float, default=0.9, help="momentum mu: lars, tvlars, sgd (default: 0.9)")
+    g.add_argument("--momentum", type=float, default=0.9, help=f"momentum mu: {taken_by('momentum')} (default: 0.9)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4, the paper's)")
     g.add_argument("--trust-coefficient", type=float, default=1e-3,
-                   help="LARS coefficient eta: lars, tvlars (default: 1e-3)")
+                   help=f"LARS coefficient eta: {taken_by('trust_coefficient')} (default: 1e-3)")
     g.add_argument("--trust-form", default="coupled", choices=("coupled", "separate"),
-                   help="LARS trust ratio: coupled = eta*||w||/||g + wd*w|| (official code, Barlow Twins); "
-                        "separate = eta*||w||/(||g|| + wd*||w|| + eps) (You et al., timm) (default: coupled)")
+                   help=f"{taken_by('trust_form')}: the trust ratio: coupled = eta*||w||/||g + wd*w|| (official "
+                        "code, Barlow Twins); separate = eta*||w||/(||g|| + wd*||w|| + eps) (You et al., timm) "
+                        "(default: coupled)")
     g.add_argument("--trust-clip", action="store_true",
                    help="clip the trust ratio (LARC for lars: min(trust/lr, 1); <= 1 for lamb)")
     g.add_argument("--eps", type=float, default=None,
                    help="epsilon: lars denominator (default 0), lamb (default 1e-6), adamw (default 1e-8)")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum: lars, sgd")
+    g.add_argument("--nesterov", action="store_true", help=f"Nesterov momentum: {taken_by('nesterov')}")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
                    help="lamb / adamw moment coefficients (default: 0.9 0.999)")
     g.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
@@ -191,14 +193,16 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser, command: str) -> N
                    help="lamb: cap ||w|| at C in the trust ratio min(||w||, C) / ||u|| (the TVLARS "
                         "authors' LAMB, cybertronai/pytorch-lamb: 10) (default: no cap)")
     g.add_argument("--layer-adaptation", action=argparse.BooleanOptionalAction, default=True,
-                   help="lars, lamb, tvlars: the layer-wise trust ratio; --no-layer-adaptation sets it to 1 "
-                        "for every parameter (the authors' Barlow Twins 'LAMB' ran that way, as Adam "
+                   help=f"{taken_by('layer_adaptation')}: the layer-wise trust ratio; --no-layer-adaptation sets it "
+                        "to 1 for every parameter (the authors' Barlow Twins 'LAMB' ran that way, as Adam "
                         "without bias correction) (default: on)")
     g.add_argument("--exclude-1d-decay", action=argparse.BooleanOptionalAction, default=True,
                    help="no weight decay on 1-D parameters (biases, norm weights) (default: on)")
     g.add_argument("--exclude-1d-adapt", action=argparse.BooleanOptionalAction, default=True,
-                   help="trust ratio 1 (no layer-wise adaptation) for 1-D parameters (default: on)")
-    t = parser.add_argument_group("TVLARS time-varying factor phi_t = 1/(alpha + exp(lam*(t - d))) + min-factor")
+                   help=f"{taken_by('exclude_1d_adapt')}: trust ratio 1 (no layer-wise adaptation) for 1-D parameters "
+                        "(default: on)")
+    t = parser.add_argument_group("TVLARS time-varying factor phi_t = 1/(alpha + exp(lam*(t - d))) + min-factor",
+                                  f"{taken_by('lam')}")
     t.add_argument("--lam", type=float, default=None,
                    help="decay coefficient lambda of phi_t (default: 1e-5, the paper's for Barlow Twins)"
                    if command == "ssl" else

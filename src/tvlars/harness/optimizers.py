@@ -8,9 +8,66 @@ a test with only what they use. Unknown or invalid settings surface as one-line 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvlars.errors import UserError
 
-OPTIMIZERS = ("lars", "lamb", "tvlars", "sgd", "adamw")
+#: phi_t's settings (Eq. 4): TVLARS's own, and any optimizer's under --tv-factor (TVFactorLR).
+PHI_FLAGS = ("lam", "delay_epochs", "delay_steps", "alpha", "min_factor", "phi_anneal")
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """One optimizer of ``tvlars train --optimizer`` and the optimizer flags it takes (timm's
+    OptimInfo, as data). --lr, --weight-decay and --exclude-1d-decay reach every optimizer and
+    are not listed; a listed flag reaches only the optimizers that list it, and a user who sets
+    it for another one is refused (check_optimizer_flags): config.yaml never records a setting
+    that did not run."""
+
+    name: str
+    flags: tuple[str, ...]
+
+
+#: The one table of which optimizer flag reaches which optimizer. TVLARS fixes the trust
+#: ratio's form (coupled, no eps, no clipping) and its momentum (Algorithm 1's look-ahead), so
+#: --trust-form, --trust-clip, --eps and --nesterov are LARS's; --tv-factor puts phi_t on top
+#: of the others, TVLARS has it built in.
+OPTIMIZER_INFO = {info.name: info for info in (
+    OptimInfo("lars", ("momentum", "trust_coefficient", "trust_form", "trust_clip", "eps", "nesterov",
+                       "layer_adaptation", "exclude_1d_adapt", "tv_factor")),
+    OptimInfo("lamb", ("betas", "eps", "bias_correction", "trust_clip", "max_weight_norm", "layer_adaptation",
+                       "exclude_1d_adapt", "tv_factor")),
+    OptimInfo("tvlars", ("momentum", "trust_coefficient", "layer_adaptation", "exclude_1d_adapt", *PHI_FLAGS,
+                         "variant")),
+    OptimInfo("sgd", ("momentum", "nesterov", "tv_factor")),
+    OptimInfo("adamw", ("betas", "eps", "tv_factor")),
+)}
+OPTIMIZERS = tuple(OPTIMIZER_INFO)
+#: Every flag the table governs.
+TABLE_FLAGS = tuple(dict.fromkeys(flag for info in OPTIMIZER_INFO.values() for flag in info.flags))
+
+
+def takes(optimizer: str, flag: str, *, tv_factor: bool = False) -> bool:
+    """Whether ``flag`` (a configuration field) reaches ``optimizer`` (under --tv-factor or not)."""
+    if flag not in TABLE_FLAGS:
+        return True
+    return flag in OPTIMIZER_INFO[optimizer].flags or (tv_factor and flag in PHI_FLAGS)
+
+
+def taken_by(flag: str) -> str:
+    """Who takes ``flag``, for --help and errors: "lars, tvlars, sgd" (phi_t's: "tvlars, or
+    any optimizer with --tv-factor")."""
+    names = ", ".join(name for name, info in OPTIMIZER_INFO.items() if flag in info.flags)
+    return f"{names}, or any optimizer with --tv-factor" if flag in PHI_FLAGS else names
+
+
+def check_optimizer_flags(optimizer: str, given: dict, *, tv_factor: bool) -> None:
+    """Refuse the first flag in ``given`` (field -> value, the flags the user set) that
+    ``optimizer`` does not take, naming it and the optimizers it applies to."""
+    for flag in given:
+        if not takes(optimizer, flag, tv_factor=tv_factor):
+            raise UserError(f"--{flag.replace('_', '-')} applies to {taken_by(flag)}, not to --optimizer "
+                            f"{optimizer}{' with --tv-factor' if tv_factor else ''}; drop it")
 
 
 def optimizer_kwargs(cfg, steps_per_epoch: int) -> dict:

@@ -64,7 +64,26 @@ def open_run(args: argparse.Namespace, runtime, kind: type[TrainConfig]) -> Open
             raise UserError(f"run in {out} diverged{at}; nothing to resume")
         if (out / runfolder.CHECKPOINT).exists():
             state = ckpt.load_checkpoint(out / runfolder.CHECKPOINT)
+        else:
+            _refuse_lost_checkpoint(out, summary)
+    elif args.resume and runfolder.holds_run(out):
+        found = ", ".join(name for name in runfolder.RUN_FILES if (out / name).exists())
+        raise UserError(f"--resume: run folder {out} holds {found} but no {runfolder.CONFIG}, so there is no run "
+                        f"to resume; nothing was changed (choose another --out to start a new run)")
     return OpenedRun(kind.from_flags(args, out=str(out)), out, saved, state)
+
+
+def _refuse_lost_checkpoint(out: Path, summary: dict) -> None:
+    """--resume of a run whose checkpoint.pt is gone: starting over would overwrite the epochs
+    its metrics.csv records, so that is refused; a run that died before its first checkpoint
+    (no epoch recorded) has nothing to lose and starts over."""
+    done = summary.get("epochs_done")
+    rows = len(runfolder.read_metrics(out / runfolder.METRICS))
+    recorded = max(done if type(done) is int else 0, rows)
+    if recorded:
+        raise UserError(f"--resume: run in {out} records {recorded} epoch(s) but its {runfolder.CHECKPOINT} is gone, "
+                        f"so there is nothing to resume from; its records were left as they are (choose another "
+                        f"--out to start the run again)")
 
 
 def load_run_data(cfg: TrainConfig, runtime):
@@ -326,6 +345,8 @@ def start_session(opened: OpenedRun, runtime, record: dict, *, started: float, r
     fields), once every rank has checked the folder. ``resume_epoch``/``resume_step``: see
     RunLog (None starts the folder over)."""
     saved = opened.saved
+    for note in opened.config.notes():  # once the run is sure to start
+        say(runtime, f"tvlars: note: {note}")
     if saved is not None and saved.get("world_size") not in (None, runtime.world_size):
         say(runtime, f"tvlars: note: resuming a run started with {saved['world_size']} process(es) "
                      f"on {runtime.world_size}")
