@@ -74,6 +74,23 @@ def test_the_site_builds_in_strict_mode(site):
     assert (out / "index.html").is_file() and (out / "api" / "optimizers" / "index.html").is_file()
 
 
+# What a page would fetch from elsewhere when it is opened: a script, a stylesheet or a font (Material
+# loads Roboto from Google Fonts unless `font: false`), a preconnect, or a CSS url() or @import.
+FETCHED = re.compile(r"""<script[^>]*\ssrc="(?:https?:)?//|<link[^>]*\shref="(?:https?:)?//[^"]*"[^>]*>|"""
+                     r"""url\(\s*["']?(?:https?:)?//|@import\s+["'](?:https?:)?//""")
+
+
+def test_the_site_loads_nothing_from_the_network(site):
+    out, done = site
+    assert (out / "index.html").is_file(), done.stderr[-4000:]
+    fetched = []
+    for page in sorted([*out.rglob("*.html"), *out.rglob("*.css")]):
+        text = page.read_text(encoding="utf-8", errors="replace")
+        fetched += [f"{page.relative_to(out).as_posix()}: {m.group(0)[:120]}" for m in FETCHED.finditer(text)
+                    if "<link" not in m.group(0) or re.search(r'rel="(?:stylesheet|preconnect|preload|icon)"', m.group(0))]
+    assert not fetched, "the site fetches from the network when a page is opened:\n" + "\n".join(fetched[:20])
+
+
 def test_the_api_reference_documents_every_public_name(site):
     out, done = site
     assert (out / "api").is_dir(), done.stderr[-4000:]
