@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -213,3 +215,166 @@ def test_curves_at_the_best_lr_keep_one_line_per_variant(tmp_path, monkeypatch):
     plot.run(parser.parse_args([str(tmp_path), "--figures", "curves", "--format", "png"]))
     assert len(figures["curves_B512"]) == 4                      # the default: every lr
     check_png(tmp_path / "figures" / "curves_B512.png")
+
+
+# ------------------------------------------------------------- issue 27: every run shown
+
+NAN = float("nan")
+
+
+@pytest.fixture()
+def diverged_sweep(tmp_path):
+    """Issue 27's case, fabricated: at batch 55, LAMB without warm-up diverges in epoch 1 (no
+    finite number at all), LAMB with warm-up in epoch 3 after its loss exploded; LARS with
+    warm-up has two seeds (a band); TVLARS trained with lam 1e-4 and a 48-step delay."""
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    (folder / "sweep.json").write_text("{}")
+    accs = tuple(60.0 + 30 * (1 - math.exp(-e / 3)) for e in range(20))
+    for seed in (0, 1):
+        make_run(folder, f"lars-w-s{seed}", optimizer="lars", warmup_epochs=4, batch_size=55, lr=5.0, seed=seed,
+                 accs=tuple(a + seed for a in accs), losses=[2.0 / (e + 1) for e in range(20)])
+    make_run(folder, "lars-nw", optimizer="lars", warmup_epochs=0, batch_size=55, lr=5.0,
+             accs=tuple(a + 0.5 for a in accs), losses=[1.5 / (e + 1) for e in range(20)])
+    make_run(folder, "lamb-w", optimizer="lamb", warmup_epochs=4, batch_size=55, lr=5.0, status="diverged",
+             accs=(3.0, 10.0, NAN), losses=[8e11, 3e18, NAN], extra={"diverged_at_epoch": 3})
+    make_run(folder, "lamb-nw", optimizer="lamb", warmup_epochs=0, batch_size=55, lr=5.0, status="diverged",
+             accs=(NAN,), losses=[NAN])
+    make_run(folder, "tvlars", optimizer="tvlars", batch_size=55, lr=5.0, accs=tuple(a + 0.2 for a in accs),
+             losses=[1.8 / (e + 1) for e in range(20)], extra={"lam": 1e-4, "lam_resolved": 1e-4,
+                                                                "delay_steps_resolved": 48})
+    for name, epoch in (("lamb-w", 3), ("lamb-nw", 1)):
+        summary_path = folder / name / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        summary_path.write_text(json.dumps({**summary, "diverged_at_epoch": epoch, "final_test_acc": None}))
+    return folder
+
+
+def _capture(monkeypatch):
+    figures = {}
+    real_save = plot.save
+
+    def capture(fig, out, stem, formats, *args, **kwargs):
+        figures[stem] = fig
+        paths = real_save(fig, out, stem, formats, *args, **kwargs)
+        return paths
+
+    monkeypatch.setattr(plot, "save", capture)
+    monkeypatch.setattr(plot._pyplot(), "close", lambda fig: None)  # keep the figures to look at
+    return figures
+
+
+def _x_marks(ax):
+    return [line for line in ax.get_lines() if line.get_marker() == "X"]
+
+
+def test_a_diverged_run_is_drawn_until_it_diverged_and_marked(diverged_sweep, monkeypatch):
+    figures = _capture(monkeypatch)
+    plot.make_figures(diverged_sweep, formats=("png",), figures=("curves",))
+    fig = figures["curves_B55"]
+    ax_acc, ax_loss = fig.axes[:2]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "LAMB (no warm-up), lr 5: diverged in epoch 1" in legend
+    assert "LAMB (warm-up), lr 5: diverged in epoch 3" in legend
+    assert "LARS (warm-up), lr 5 (mean of 2)" in legend and "TVLARS, lr 5" in legend
+    # both LAMB runs marked in both panels: warm-up on its last finite point, no-warm-up (no point) on the edge
+    for ax in (ax_acc, ax_loss):
+        assert len(_x_marks(ax)) == 2
+    acc_marks = sorted((float(m.get_xdata()[0]), float(m.get_ydata()[0])) for m in _x_marks(ax_acc))
+    assert acc_marks[1] == (2.0, 10.0)           # LAMB warm-up: its epoch-2 accuracy, the last it had
+    assert acc_marks[0][0] == 1.0               # LAMB no warm-up: at epoch 1, on the axis' bottom edge
+    # the LAMB warm-up accuracy line is drawn up to where it diverged
+    lamb = [line for line in ax_acc.get_lines() if line.get_label() == "LAMB (warm-up), lr 5: diverged in epoch 3"]
+    assert list(lamb[0].get_xdata()) == [1.0, 2.0]
+    # every setting with a finite loss has its loss line (LAMB's too, above the axis, marked where it leaves)
+    loss_lines = [line for line in ax_loss.get_lines() if len(line.get_xdata()) > 1]
+    assert len(loss_lines) == 4
+    low, high = ax_loss.get_ylim()
+    assert low >= 1.5 / 20 / 1.3 and high <= 2.0 * 1.3  # the kept lines' range, no empty decades
+    assert "▲" in ax_loss.get_title()
+    check_png(diverged_sweep / "figures" / "curves_B55.png")
+
+
+def test_seed_spread_is_a_band_and_the_final_band_is_zoomed(diverged_sweep, monkeypatch):
+    from matplotlib.collections import PolyCollection
+
+    figures = _capture(monkeypatch)
+    plot.make_figures(diverged_sweep, formats=("png",), figures=("curves",))
+    fig = figures["curves_B55"]
+    ax_acc, _, ax_zoom = fig.axes[:3]
+    bands = [c for c in ax_acc.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1  # only LARS (warm-up) has two seeds
+    assert "mean ± std over seeds" in " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    low, high = ax_zoom.get_ylim()
+    assert 85 < low < high < 93 and ax_zoom.get_xlim()[0] >= 9  # the leaders' last half, not 0-100
+    assert ax_acc.get_ylim()[1] - ax_acc.get_ylim()[0] > 5 * (high - low)
+
+
+def test_a_narrow_loss_range_has_labelled_ticks():
+    plt = plot._pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [179.0, 120.0, 87.0])  # the SSL loss of issue 27: one labelled tick before
+    ax.set_yscale("log")
+    plot._fit_log_axis(ax)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    labelled = [t for t in ax.get_yticklabels() if t.get_text() and low <= t.get_position()[1] <= high]
+    assert len(labelled) >= 3
+    plt.close(fig)
+
+
+def test_epochs_to_target_hatches_a_variant_that_diverged_before_its_first_test(diverged_sweep, monkeypatch):
+    from tvlars.study import runs
+
+    table, _ = plot.epochs_to_target_table(runs.load_runs(diverged_sweep), 0.95)
+    assert table[("LAMB (no warm-up)", 55)][0] == math.inf and table[("LAMB (warm-up)", 55)][0] == math.inf
+    figures = _capture(monkeypatch)
+    plot.make_figures(diverged_sweep, formats=("png",), figures=("epochs",))
+    ax = figures["epochs-to-target"].axes[0]
+    hatched = [p for p in ax.patches if p.get_hatch() == "//"]
+    assert len(hatched) == 2
+    assert [t.get_text() for t in ax.texts].count("never reached (diverged)") == 2
+
+
+def test_tv_factor_uses_the_runs_own_lam_and_delay_and_ignores_diverged_lengths(diverged_sweep, monkeypatch):
+    figures = _capture(monkeypatch)
+    plot.make_figures(diverged_sweep, formats=("png",), figures=("tv-factor",))
+    ax = figures["tv-factor"].axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "λ = 0.0001, d_e = 48 steps" in labels and not any("0.01" in label for label in labels)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    # the completed runs' 200 steps, not a span down to the diverged runs' 10 and 30
+    assert "steps trained here (200)" in legend and not any("–" in text for text in legend)
+
+
+def test_layer_figures_plot_what_layers_csv_records_smoothed_when_long(tmp_path, monkeypatch):
+    import csv
+
+    run = make_run(tmp_path, "long", optimizer="lamb", accs=tuple(50.0 + e / 10 for e in range(300)))
+    rows = list(csv.DictReader((run / "layers.csv").open()))
+    figures = _capture(monkeypatch)
+    plot.make_figures(run, formats=("png",), figures=("layers",))
+    fig = figures["layers"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:4] == ["weight norm ||w|| (lr 1)", "update norm ||u|| (Adam direction + decay) (lr 1)",
+                          "trust ratio (lr 1)", "step size (lr 1)"]
+    trust = [float(r["trust_ratio"]) for r in rows if r["layer"] == "conv1.weight"]
+    raw, smooth = [line for line in fig.axes[2].get_lines() if line.get_color() == fig.axes[2].get_lines()[0].get_color()][:2]
+    assert list(raw.get_ydata()) == pytest.approx(trust)           # the recorded trust ratio, not ||w||/||g||
+    assert raw.get_alpha() < 0.3 and smooth.get_label() == "conv1.weight" and 0.5 < smooth.get_alpha() < 1
+    assert len(trust) > plot.SMOOTH_ABOVE and list(smooth.get_ydata()) != pytest.approx(trust)
+    styles = {line.get_linestyle() for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")}
+    assert len(styles) == 3  # three layers, three dashes: none hides another
+
+
+def test_plot_says_why_it_drew_nothing_and_exits_non_zero(diverged_sweep, capsys):
+    from tvlars import cli
+
+    assert cli.main(["plot", str(diverged_sweep), "--figures", "lam", "--format", "png"]) == 2
+    err = capsys.readouterr().err
+    assert "lam" in err and "two or more lam values" in err and len(err.strip().splitlines()) == 1
+    assert not (diverged_sweep / "figures" / "accuracy-vs-lam.png").exists()
+    # the default set: what cannot be drawn is named on stderr, the rest is drawn
+    assert cli.main(["plot", str(diverged_sweep), "--format", "png"]) == 0
+    captured = capsys.readouterr()
+    assert "not drawn: lam:" in captured.err and "curves_B55.png" in captured.out

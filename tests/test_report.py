@@ -299,3 +299,56 @@ def test_rows_name_a_schedule_other_than_the_papers_pairing(tmp_path):
     assert labels == {"paper-warm": "LARS (warm-up)", "paper-cold": "LARS (no warm-up)",
                       "ramp-constant": "LARS (warm-up, constant)", "cosine-cold": "LARS (no warm-up, cosine)",
                       "phi": "LARS (no warm-up, phi_t anneal)", "anneal": "TVLARS-anneal", "tvlars": "TVLARS"}
+
+
+def test_runs_that_diverged_before_their_first_test_are_marked_in_every_table(tmp_path):
+    """Issue 27: a setting whose only run diverged in epoch 1 showed "—" ("no finished run")
+    while the header counted it as finished and diverged and report.csv had n_diverged=1."""
+    (tmp_path / "sweep.json").write_text("{}")
+    make_run(tmp_path, "lars", optimizer="lars", warmup_epochs=0, batch_size=55, lr=5.0, accs=(80.0, 90.0),
+             dataset="digits")
+    make_run(tmp_path, "lamb", optimizer="lamb", warmup_epochs=0, batch_size=55, lr=5.0, status="diverged",
+             accs=(float("nan"),), dataset="digits")
+    table = report.build_table(runs.load_runs(tmp_path))
+    text = report.render_markdown(table)
+    assert "2 finished (1 diverged" in text
+    sections = text.split("\n## ")[1:]
+    assert len(sections) == 4  # best, final, best over lrs, epochs to target
+    for section in sections:
+        lamb = [line for line in section.splitlines() if line.startswith(("| LAMB", "| 55 |"))]
+        assert lamb and all("†" in line for line in lamb), section
+    assert "| LAMB (no warm-up) | 55 (5) | — † |" in text
+    assert "| LAMB (no warm-up) | 55 (5) | never † |" in text
+    assert "— † runs that diverged before their first test" in text  # the header says what it means
+    rows = {r["row"]: r for r in csv.DictReader(io.StringIO(report.render_csv(table)))}
+    assert rows["LAMB (no warm-up)"]["n_diverged"] == "1" and rows["LAMB (no warm-up)"]["best_mean"] == ""
+
+
+def test_ssl_report_names_the_probe_each_number_comes_from(tmp_path):
+    (tmp_path / "sweep.json").write_text("{}")
+
+    def ssl_run(folder, name, probe, norm, **kw):
+        d = make_run(folder, name, command="ssl", dataset="fashion-mnist", accs=(probe,), **kw)
+        summary = ssl_summary(probe, 80.0)
+        if norm is not None:  # None: a run from before --probe-norm, whose probe was raw
+            summary["probe_norm"] = norm
+        (d / "summary.json").write_text(json.dumps(summary))
+
+    ssl_run(tmp_path, "bn", 84.0, "bn")
+    table = report.build_table(runs.load_runs(tmp_path))
+    assert "standardised features (--probe-norm bn" in report.render_markdown(table)
+    assert next(csv.DictReader(io.StringIO(report.render_csv(table))))["probe_norm"] == "bn"
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "sweep.json").write_text("{}")
+    ssl_run(mixed, "new", 84.0, "bn", optimizer="lars")
+    ssl_run(mixed, "old", 70.0, None, optimizer="tvlars")
+    table = report.build_table(runs.load_runs(mixed))
+    text = report.render_markdown(table)
+    assert "[none] raw features (--probe-norm none" in text and "[bn] standardised" in text
+    assert "| TVLARS | 512 (1) | 70.00 [none] |" in text and "| LARS (warm-up) | 512 (1) | 84.00 [bn] |" in text
+    rows = {r["row"]: r["probe_norm"] for r in csv.DictReader(io.StringIO(report.render_csv(table)))}
+    assert rows == {"LARS (warm-up)": "bn", "TVLARS": "none"}
+    # a classification report has no probe column
+    assert "probe_norm" not in report.render_csv(report.build_table(runs.load_runs(fabricate_sweep(tmp_path / "c"))))
