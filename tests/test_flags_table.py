@@ -17,7 +17,7 @@ from torch import nn
 from tvlars.cli import command_parser
 from tvlars.errors import UserError
 from tvlars.harness import flags, optimizers
-from tvlars.harness.config import SSLConfig, TrainConfig
+from tvlars.harness.config import SSLConfig, TrainConfig, check_run
 from tvlars.harness.optimizers import OPTIMIZERS, PHI_FLAGS, TABLE_FLAGS, takes, taken_by
 from tvlars.study.grid import expand_grid, load_grid, shipped_grids
 
@@ -143,13 +143,15 @@ def test_a_delay_past_the_end_of_the_run_is_refused_or_said():
     assert resolve("train", ["--optimizer", "tvlars", "--epochs", "11"]).notes() == []
 
 
-def test_the_default_delay_note_is_one_line_of_the_command(tmp_path):
-    from helpers import tvlars_cli
+def test_the_default_delay_note_is_one_line_of_the_command(tmp_path, capsys):
+    from tvlars.harness.supervised import train
 
-    done = tvlars_cli("train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "512",
-                      "--no-progress", "--layer-stats-every", "0", "--out", str(tmp_path / "run"))
-    assert done.returncode == 0, done.stderr
-    notes = [line for line in done.stderr.splitlines() if line.startswith("tvlars: note: phi_t's delay")]
+    from helpers import run_command
+
+    assert run_command(train, tmp_path / "run", "--dataset", "digits", "--model", "mlp", "--epochs", "1",
+                       "--batch-size", "512", "--no-progress", "--layer-stats-every", "0") == 0
+    lines = capsys.readouterr().err.splitlines()
+    notes = [line for line in lines if line.startswith("tvlars: note: phi_t's delay")]
     assert len(notes) == 1 and "past the run's end (1 epochs)" in notes[0]
 
 
@@ -177,27 +179,14 @@ def test_help_names_who_takes_each_flag():
     assert phi_group.description == taken_by("lam")
 
 
-def _shipped_runs():
+def test_every_run_of_every_shipped_grid_resolves():
+    """What `tvlars sweep GRID` would launch resolves under the flag rules (config.check_run)."""
+    count = 0
     for name in sorted(shipped_grids()):
         grid = load_grid(name)
         for run in expand_grid(grid, command_parser(grid.command)):
-            yield grid.command, name, run
-
-
-def test_every_run_of_every_shipped_grid_resolves():
-    """What `tvlars sweep GRID` would launch resolves under the flag rules (one parser per command)."""
-    parsers = {}
-    count = 0
-    for command, name, run in _shipped_runs():
-        if command not in parsers:
-            parsers[command] = argparse.ArgumentParser()
-            KINDS[command].add_arguments(parsers[command])
-        parser = parsers[command]
-        parser.set_defaults(**flags.defaults(KINDS[command].add_arguments))  # as --config sets them, per run
-        parser.set_defaults(**run.flags)
-        try:
-            KINDS[command].from_flags(parser.parse_args(["--out", "unused"]))
-        except UserError as err:
-            pytest.fail(f"grid {name}, run {run.name}: {err}")
-        count += 1
+            check_run(grid.command, run.flags, f"grid {name}, run {run.name}")
+            count += 1
     assert count > 500
+    with pytest.raises(UserError, match="^grid g, run r: --nesterov applies to lars, sgd, not to --optimizer tvlars"):
+        check_run("ssl", {"optimizer": "tvlars", "nesterov": True}, "grid g, run r")

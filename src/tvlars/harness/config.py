@@ -357,6 +357,17 @@ class SSLConfig(TrainConfig):
         return folder.replace("runs/", "runs/ssl-", 1)
 
 
+def check_run(command: str, flags: dict[str, Any], where: str) -> None:
+    """Resolve one run of a grid (``flags``: destination -> value, over the command's defaults)
+    as ``tvlars COMMAND --config FILE`` will, so that a sweep refuses a run its command would
+    refuse before any run starts; the UserError names ``where`` (the grid and the run)."""
+    kind = {"train": TrainConfig, "ssl": SSLConfig}[command]
+    try:
+        kind.from_flags(kind.check_flags(argparse.Namespace(**{**kind.defaults(), **flags})), out="unused")
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
 def merge_resume(args: argparse.Namespace, saved: dict, defaults: dict, *, free=RUNTIME_FLAGS) -> argparse.Namespace:
     """The flags of a resumed run: the saved config wins. A flag the user set (it differs
     from its default) to something other than the saved value is refused, naming it: a

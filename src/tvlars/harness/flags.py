@@ -13,6 +13,7 @@ Barlow Twins, the shared groups take ``command`` rather than being patched after
 from __future__ import annotations
 
 import argparse
+import functools
 
 from tvlars.harness.optimizers import OPTIMIZERS, taken_by
 from tvlars.harness.schedules import KINDS as SCHEDULES
@@ -77,7 +78,13 @@ def add_ssl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def defaults(add_arguments) -> dict:
-    """Every flag's default, as the parser built by ``add_arguments`` has it."""
+    """Every flag's default, as the parser built by ``add_arguments`` has it (a copy: resolving
+    a run asks for them, and a sweep resolves each of its runs)."""
+    return dict(_defaults(add_arguments))
+
+
+@functools.cache
+def _defaults(add_arguments) -> dict:
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser)
     return {a.dest: a.default for a in parser._actions if a.dest != argparse.SUPPRESS}
