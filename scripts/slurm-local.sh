@@ -152,7 +152,6 @@ start() {
     owned_or_absent $CONF
     install -d -o slurm -g slurm -m 0755 $SPOOL_CTLD $SPOOL_D $LOGS
     start_munge
-    [[ $accounting == yes ]] && start_accounting
     local wanted
     wanted=$(slurm_conf $accounting)
     if [[ ! -f $CONF || $(cat $CONF) != "$wanted" ]]; then
@@ -161,6 +160,7 @@ start() {
         printf '%s\n' "$wanted" >$CONF
         say "wrote $CONF (accounting: $accounting)"
     fi
+    if [[ $accounting == yes ]]; then start_accounting; fi  # sacctmgr reads slurm.conf
     if ! alive /run/slurmctld.pid; then
         /usr/sbin/slurmctld
         wait_for slurmctld 30 scontrol ping

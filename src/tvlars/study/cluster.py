@@ -40,10 +40,10 @@ QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
 RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING"}
 DEFAULT_MAX_REQUEUES = 3
 #: The shortest time limit (minutes) --launcher slurm accepts. SLURM sends its time-limit
-#: signal (USR2, asked for 90 s before the limit) up to 2.5 minutes early, as its controller
-#: checks time limits every 30 s (measured: 112-120 s before the limit, Debian's 22.05); a
-#: job signalled while it is still starting (Python, torch) has no handler yet and is
-#: killed instead of requeued, which a limit of 1 or 2 minutes did 3 times out of 3.
+#: signal (USR2, asked for 90 s before the limit) up to 60 s earlier than asked (sbatch's
+#: manual; 100-121 s before the limit here, Debian's 22.05); a job signalled while it is
+#: still starting (Python, torch: 5-10 s) has no handler yet and is killed instead of
+#: requeued, which a limit of 1 or 2 minutes did 3 times out of 3.
 MIN_TIME_LIMIT_MIN = 3
 #: The local executor's time limit (minutes) when none is given: none, in practice.
 NO_TIME_LIMIT_MIN = 60 * 24 * 365
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--time-limit", type=parse_minutes, metavar="TIME", default=None,
                        help="time limit of one job: minutes, or [D-]HH:MM:SS; a run still going then is "
                             "stopped and requeued, and resumes from its last epoch (slurm: required, "
-                            "here or as the grid's slurm: time; local: none by default)")
+                            "here or as the grid's slurm: time, at least 3 minutes; local: none by default)")
     group.add_argument("--array-parallelism", type=_positive, metavar="N", default=None,
                        help="slurm: at most N runs of the job array at a time (local: --workers)")
     group.add_argument("--max-requeues", type=int, metavar="N", default=None,

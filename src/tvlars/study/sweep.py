@@ -704,12 +704,13 @@ def _slurm_status(job: str, slurm: cluster.JobStates, folder: Path, run_dir: Pat
         return "queued", f"slurm job {job} (no squeue here to ask SLURM)"
     log = run_dir / runfolder.SWEEP_LOG
     why = cluster.job_error_line(folder, job) or last_line(log) or "no output"
-    return "failed", f"slurm job {job} {state or 'ended'}: {why} (the run's output: {log})"
+    where = "" if runfolder.SWEEP_LOG in why else f" (the run's output: {log})"  # RunFailed names it already
+    return "failed", f"slurm job {job} {state or 'ended'}: {why}{where}"
 
 
 #: What --status says once where SLURM keeps no accounting.
-NO_ACCOUNTING = ("SLURM keeps no accounting here (no slurmdbd): a job gone from squeue shows as ended, with its "
-                 "log's last line; whether it timed out, was cancelled or failed is not known")
+NO_ACCOUNTING = ("SLURM keeps no job accounting here (no slurmdbd): of a job squeue no longer shows, --status "
+                 "reads its log; SLURM's own end state (CANCELLED, TIMEOUT, NODE_FAIL, ...) is not known")
 
 
 def print_status(out: Path, runs: list[Run], grid: Grid | None = None, grid_path: str | None = None) -> None:
