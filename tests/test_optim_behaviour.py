@@ -581,3 +581,57 @@ def test_no_path_compiles_anything(cls, kw, path, monkeypatch):
         backward(loss_fn, model)
         opt.step()
     assert all(s["step"].item() == 2 for s in opt.state.values())
+
+
+# -- telemetry rows: names and order ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", EAGER, ids=EAGER_IDS)
+def test_last_stats_names_each_row_and_prints_no_weights(path):
+    """param_groups(model) and named_parameters() name the rows (torch's "param_names"); the
+    rows come in group order (weights before biases), not in model.named_parameters() order;
+    plain parameters leave the names None; .params prints shapes, not values."""
+    model, loss_fn = model_and_loss(torch.float64)
+    by_name = dict(model.named_parameters())
+    for params, named in ((param_groups(model, 1e-2), True), (model.named_parameters(), True),
+                          (model.parameters(), False)):
+        opt = LARS(params, lr=0.1, stats=True, **path)
+        backward(loss_fn, model)
+        opt.step()
+        stats = opt.last_stats()
+        assert [id(p) for p in stats.params] == [id(p) for g in opt.param_groups for p in g["params"]]
+        if named:
+            assert all(by_name[name] is p for name, p in zip(stats.names, stats.params))
+        else:
+            assert stats.names == [None] * len(stats.params)
+        assert "tensor(" not in repr(stats.params) and "(6, 5)" in repr(stats.params)
+        assert "[-" not in repr(stats).split("weight_norm")[0]  # no weight values before the norms
+    groups = param_groups(model, 1e-2)
+    stats = LARS(groups, lr=0.1, stats=True, **path)
+    backward(loss_fn, model)
+    stats.step()
+    names = stats.last_stats().names
+    assert names == ["0.weight", "3.weight", "0.bias", "1.weight", "1.bias", "3.bias"]
+    assert names != list(by_name)  # why zipping rows with model.named_parameters() mislabels them
+
+
+def test_named_and_unnamed_groups_mix():
+    """torch >= 2.6 refuses groups with and without names in one optimizer; tvlars names the
+    unnamed ones None, so param_groups(model) plus a group of one's own still works."""
+    model, loss_fn = model_and_loss(torch.float64)
+    head = nn.Linear(3, 2).double()
+    for build in (lambda: LARS(param_groups(model, 1e-2) + [{"params": head.parameters(), "lr": 0.2}], stats=True),
+                  lambda: LARS([{"params": head.parameters(), "lr": 0.2}] + param_groups(model, 1e-2), stats=True)):
+        opt = build()
+        loss = loss_fn() + head(torch.ones(1, 3, dtype=torch.float64)).sum()
+        for p in list(model.parameters()) + list(head.parameters()):
+            p.grad = None
+        loss.backward()
+        opt.step()
+        names = dict(zip((id(p) for p in opt.last_stats().params), opt.last_stats().names))
+        assert names[id(head.weight)] is None and names[id(model[0].weight)] == "0.weight"
+        opt.load_state_dict(opt.state_dict())
+    opt = LARS(model.parameters())
+    opt.add_param_group({"params": head.named_parameters(), "lr": 0.2})
+    assert opt.param_groups[0]["param_names"] == [None, None, None, None, None, None]
+    assert opt.param_groups[1]["param_names"] == ["weight", "bias"]

@@ -157,3 +157,35 @@ def test_optimizer_pickled_by_0_1_0_unpickles_with_per_parameter_counters():
     restored.__setstate__(state)
     assert all(isinstance(k, torch.Tensor) for k in restored.state)
     assert all(restored.state[p]["step"].item() == 2 for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", ["state_dict", "pickle"])
+@pytest.mark.parametrize("name", ["tvlars", "lamb"])
+def test_state_saved_with_fused_true_loads_onto_the_default_path(name, how):
+    """tvlars up to 0.1.0 took fused=True (a compiled path, since removed): what such an
+    optimizer saved loads, runs on the default path and resumes as the straight run would.
+    A new fused=True is refused."""
+    cls, kw = OPTIMIZERS[name]
+    data = make_data(8)
+    straight = [p.detach().clone() for p in trained(cls, kw, data)[0].parameters()]
+    model, opt = trained(cls, kw, data[:4])
+    if how == "state_dict":
+        saved = copy.deepcopy(opt.state_dict())
+        for group in saved["param_groups"]:
+            group["fused"] = True
+        opt = cls(param_groups(model, WEIGHT_DECAY), **kw)
+        opt.load_state_dict(saved)
+    else:  # what unpickling an optimizer object does
+        state = opt.__getstate__()
+        for group in state["param_groups"]:
+            group["fused"] = True
+        opt = cls.__new__(cls)
+        opt.__setstate__(state)
+    assert all(group["fused"] is None for group in opt.param_groups)
+    train(model, opt, data[4:])
+    for a, b in zip(model.parameters(), straight):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="fused"):
+        cls(param_groups(model, WEIGHT_DECAY), **kw, fused=True)
+    with pytest.raises(ValueError, match="fused"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "fused": True})

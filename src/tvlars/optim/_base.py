@@ -117,6 +117,19 @@ class LayerwiseOptimizer(Optimizer):
 
     # -- hyper-parameters ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        """torch's, except that groups with parameter names (``"param_names"``, as
+        :func:`tvlars.param_groups` and ``named_parameters()`` give them) and groups without
+        mix, which torch >= 2.6 refuses: the unnamed parameters are named None, so that
+        ``param_groups(model) + [a group of one's own]`` works as it did before names."""
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):
+            param_group["params"] = params = list(params)
+            named = "param_names" in param_group or any(isinstance(p, tuple) for p in params)
+            if not named and any("param_names" in group for group in self.param_groups):
+                param_group["param_names"] = [None] * len(params)
+            elif named:
+                for group in self.param_groups:
+                    group.setdefault("param_names", [None] * len(group["params"]))
         super().add_param_group(param_group)
         self._validate(self.param_groups[-1])
 

@@ -78,10 +78,9 @@ def _lars_layer_update(p: Tensor, g: Tensor, buf: Optional[Tensor], step: Tensor
     lr_outside * (scale*d + mu*buf) (nesterov, and look-ahead, whose lr is inside ``scale``
     and ``lr_outside`` 1); without a buffer w -= lr_outside * scale*d. ``scale`` is 0 on a
     skipped step, and every write then keeps the old value. ``p.grad`` is never written."""
-    d = _zero_if_skipped(ok, _widened(g))  # finite, so that scale = 0 clears it
-    if weight_decay:
-        d = d + weight_decay * _widened(p)
-    d = d * scale
+    d = _widened(g) + weight_decay * _widened(p) if weight_decay else _widened(g)
+    # 0 on a skipped step, where g or w may hold inf or NaN: the buffer and w then keep their values
+    d = _zero_if_skipped(ok, d) * scale
     if buf is None:
         update = d
     else:
@@ -109,12 +108,12 @@ def _lamb_layer_update(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
                        scale: Tensor, bias_correction1: Tensor, bias_correction2_sqrt: Tensor,
                        options: LAMBOptions) -> None:
     """The moments, and w -= scale * u (``scale`` = lr * trust, 0 on a skipped step)."""
-    g = _zero_if_skipped(ok, _widened(g))
+    g = _zero_if_skipped(ok, _widened(g))  # finite, so that the moments keep their values on a skipped step
     new_exp_avg, new_exp_avg_sq, u = _lamb_layer_direction(p, g, exp_avg, exp_avg_sq, bias_correction1,
                                                            bias_correction2_sqrt, options)
     exp_avg.copy_(_new_if_taken(ok, new_exp_avg, exp_avg))
     exp_avg_sq.copy_(_new_if_taken(ok, new_exp_avg_sq, exp_avg_sq))
-    p.sub_(u * scale)
+    p.sub_(_zero_if_skipped(ok, u * scale))  # u holds wd*w, which a non-finite weight makes non-finite
     step.add_(ok.to(step.dtype))
 
 
