@@ -64,9 +64,10 @@ def taken_by(flag: str) -> str:
 def check_optimizer_flags(optimizer: str, given: dict, *, tv_factor: bool) -> None:
     """Refuse the first flag in ``given`` (field -> value, the flags the user set) that
     ``optimizer`` does not take, naming it and the optimizers it applies to."""
-    for flag in given:
+    for flag, value in given.items():
         if not takes(optimizer, flag, tv_factor=tv_factor):
-            raise UserError(f"--{flag.replace('_', '-')} applies to {taken_by(flag)}, not to --optimizer "
+            written = f"--{'no-' if value is False else ''}{flag.replace('_', '-')}"  # as the user wrote it
+            raise UserError(f"{written} applies to {taken_by(flag)}, not to --optimizer "
                             f"{optimizer}{' with --tv-factor' if tv_factor else ''}; drop it")
 
 
