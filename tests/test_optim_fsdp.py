@@ -2,8 +2,11 @@
 ratios on every path, so that sharded training equals one process training the unsharded
 model on the same global batch, in float64; the same skip decision on every rank; telemetry
 of whole layers; torch.distributed.checkpoint save and load resume exactly (issue 8, point 3).
+And the compositions large models train with, on 4 processes: HSDP, tensor parallelism, FSDP2
+over tensor parallelism, each equal to one unsharded process (issue 25, point 2).
 
-One spawned job runs every case (process start-up dominates); the tests read its results.
+One spawned job per world size runs every case (process start-up dominates); the tests read
+its results.
 """
 
 import os
@@ -27,8 +30,7 @@ OPTIMIZERS = {"lars": (LARS, dict(lr=0.1, nesterov=True)),
               "tvlars-official": (TVLARS, dict(lr=0.1, lam=0.1, variant="official")),
               "lamb": (LAMB, dict(lr=1e-2))}
 PATHS = {"default": dict(), "single": dict(foreach=False), "multi": dict(foreach=True)}
-CASES = [(name, path) for name in OPTIMIZERS for path in PATHS] + [("tvlars", "fused")]
-PATHS["fused"] = dict(fused=True)
+CASES = [(name, path) for name in OPTIMIZERS for path in PATHS]
 
 
 def build():
@@ -57,11 +59,18 @@ def train(model, opt, data, rank=0, world=1, skip_at=None):
         opt.step()
 
 
-def shard(model, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def fully_shard(module, mesh):
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.4-2.5: FSDP2 under torch.distributed._composable
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard(module, mesh=mesh)
 
-    mesh = init_device_mesh("cpu", (world,))
+
+def shard(model, world_or_mesh):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_or_mesh,)) if isinstance(world_or_mesh, int) else world_or_mesh
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
@@ -173,3 +182,93 @@ def test_distributed_checkpoint_resumes_bit_for_bit(ranks, name):
     for rank in ranks:
         assert rank[name, "dcp"]["equal"]
         assert set(rank[name, "dcp"]["steps"].values()) == {3.0}  # saved after 3 steps, by parameter name
+
+
+# ---- 4 processes: HSDP, tensor parallelism, FSDP2 over tensor parallelism ----------------------
+# With FSDP2 over TP the column-parallel layer's data-parallel placement is a _StridedShard
+# (torch >= 2.5), which torch 2.14 does not derive from Shard: its mesh dimension must still
+# enter the all-reduce of the whole-layer norms.
+
+TP_WORLD = 4
+TP_STEPS = 10
+COMPOSITIONS = ["hsdp", "tp", "fsdp-over-tp"]
+TP_CASES = [(name, path) for name in OPTIMIZERS for path in PATHS] + [("sgd", "torch")]
+TP_PLAN = {"2": "colwise", "4": "rowwise"}  # the two middle layers
+
+
+def build_tp():
+    """Linear layers 2 and 4 are tensor-parallel (12 divides by 4); the last one has 3 rows,
+    which FSDP2 shards unevenly on 2."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 8),
+                         nn.LayerNorm(8), nn.Linear(8, 3)).double()
+
+
+def tp_optimizer(name, path, model):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cls, kw = OPTIMIZERS[name]
+    return cls(param_groups(model, 1e-2), **kw, **PATHS[path])
+
+
+def tp_batches():
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen))
+            for _ in range(TP_STEPS)]
+
+
+def _tp_worker(rank, world):
+    """Every (composition, optimizer, path): the final whole weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    hsdp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    tp_mesh = init_device_mesh("cpu", (world,))
+    dp_tp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+    def tensor_parallel(model, mesh):
+        return parallelize_module(model, mesh, {layer: styles[style]() for layer, style in TP_PLAN.items()})
+
+    def compose(composition):
+        """The model, and which part of each batch this rank sees (part, parts)."""
+        model = build_tp()
+        if composition == "hsdp":
+            return shard(model, hsdp_mesh), (rank, world)
+        if composition == "tp":
+            return tensor_parallel(model, tp_mesh), (0, 1)  # every rank computes on the whole batch
+        model = shard(tensor_parallel(model, dp_tp_mesh["tp"]), dp_tp_mesh["dp"])
+        return model, (dp_tp_mesh.get_local_rank("dp"), 2)
+
+    out = {}
+    data = tp_batches()
+    for composition in COMPOSITIONS:
+        for name, path in TP_CASES:
+            model, (part, parts) = compose(composition)
+            train(model, tp_optimizer(name, path, model), data, part, parts)
+            out[composition, name, path] = whole(model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp_ranks(tmp_path_factory):
+    return run_gloo(TP_WORLD, _tp_worker, tmp_path_factory.mktemp("tp"))
+
+
+@pytest.fixture(scope="module")
+def unsharded():
+    """One process, the unsharded model, the whole batch: the final weights of every case."""
+    out = {}
+    for name, path in TP_CASES:
+        model = build_tp()
+        train(model, tp_optimizer(name, path, model), tp_batches())
+        out[name, path] = [p.detach() for p in model.parameters()]
+    return out
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+@pytest.mark.parametrize("name,path", TP_CASES)
+def test_hsdp_and_tensor_parallel_equal_one_unsharded_process(tp_ranks, unsharded, composition, name, path):
+    for rank in tp_ranks:
+        for got, expected in zip(rank[composition, name, path], unsharded[name, path], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

@@ -18,10 +18,12 @@ from ._scalars import to_device
 
 try:
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.placement_types import Partial, Shard
+    try:
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+    except ImportError:  # torch 2.4: DTensor was private (torch.distributed._tensor)
+        from torch.distributed._tensor import DTensor, Partial, Replicate
 except ImportError:  # torch built without distributed
-    dist = DTensor = Partial = Shard = None
+    dist = DTensor = Partial = Replicate = None
 
 
 def local(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -36,13 +38,18 @@ def is_distributed(t: Tensor) -> bool:
 
 
 def shard_key(p: Tensor) -> Optional[tuple]:
-    """(mesh, mesh dimensions that shard ``p``) for a sharded DTensor; None for a whole tensor."""
+    """(mesh, mesh dimensions that shard ``p``) for a sharded DTensor; None for a whole tensor.
+
+    A mesh dimension splits ``p`` unless it replicates it: not only ``Shard`` but every sharding
+    placement torch has or will add counts, such as ``_StridedShard``, which FSDP2 uses for a
+    dimension tensor parallelism already shards and which is no ``Shard`` (nor ``is_shard()``)
+    in torch 2.14. Leaving one out would take the trust ratio from a partial norm."""
     if not is_distributed(p):
         return None
     placements = p.placements
     if any(isinstance(pl, Partial) for pl in placements):
         raise ValueError("parameters with Partial placements are not supported (reduce them first)")
-    dims = tuple(i for i, pl in enumerate(placements) if isinstance(pl, Shard))
+    dims = tuple(i for i, pl in enumerate(placements) if not isinstance(pl, Replicate))
     return (p.device_mesh, dims) if dims else None
 
 
@@ -50,7 +57,10 @@ def combine(norms: list[Tensor], keys: list[list[Optional[tuple]]]) -> list[Tens
     """Whole-layer norms: ``norms[g]`` is group g's [2, layers] tensor of local norms and
     ``keys[g]`` the layers' shard keys. Layers that are not sharded keep their norms."""
     flat_keys = [k for ks in keys for k in ks]
-    distinct = {k for k in flat_keys if k is not None}
+    # in order of first appearance, the same on every rank: a set's order follows hashes that
+    # differ between processes (a mesh's dimension names), and ranks that all-reduce over
+    # different groups in different orders deadlock
+    distinct = list(dict.fromkeys(k for k in flat_keys if k is not None))
     if not distinct:
         return norms
     device = norms[0].device
