@@ -226,7 +226,7 @@ class LayerwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
+        stepped = []  # (group, its parameters with a gradient)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
@@ -236,25 +236,26 @@ class LayerwiseOptimizer(Optimizer):
                 # Layers in (device, dtype) buckets, the order every path and telemetry use.
                 order = {}
                 params = sorted(params, key=lambda p: order.setdefault((p.device, p.dtype), len(order)))
-                work.append((group, params))
-        if not work:
+                stepped.append((group, params))
+        if not stepped:
             return loss
-        on_host = all(p.device.type == "cpu" and not _sharding.is_distributed(p) for _, params in work for p in params)
+        on_host = all(p.device.type == "cpu" and not _sharding.is_distributed(p)
+                      for _, params in stepped for p in params)
         # 1. measure every layer (reads only); sharded layers become whole
-        paths = [self._path(group, params, on_host) for group, params in work]
-        plans = [self._plan(group, params, path) for (group, params), path in zip(work, paths)]
+        paths = [self._path(group, params, on_host) for group, params in stepped]
+        plans = [self._plan(group, params, path) for (group, params), path in zip(stepped, paths)]
         measured = [measure() for measure, _ in plans]
-        norms = _sharding.combine([n for n, _ in measured],
-                                  [[_sharding.shard_key(p) for p in params] for _, params in work])
+        norms = _sharding.combine([group_norms for group_norms, _ in measured],
+                                  [[_sharding.shard_key(p) for p in params] for _, params in stepped])
         # 2. decide: any non-finite norm, of any weight or gradient, skips the whole step (on the
         #    device, never read)
-        flags = [n.isfinite().all() for n in norms]
-        ok = flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
-        oks = F.PerDevice(ok)
+        finite = [group_norms.isfinite().all() for group_norms in norms]
+        ok = finite[0] if len(finite) == 1 else torch.stack([f.to(finite[0].device) for f in finite]).all()
+        decision = F.PerDevice(ok)
         # 3. scalars and update, group by group
         records = []
-        for (_, apply), (_, workspace), group_norms, (group, params) in zip(plans, measured, norms, work):
-            scalars = apply(oks.on(group_norms.device), group_norms, workspace)
+        for (_, apply), (_, workspace), group_norms, (group, params) in zip(plans, measured, norms, stepped):
+            scalars = apply(decision.on(group_norms.device), group_norms, workspace)
             if self.stats:
                 table = torch.stack([scalars.w_norm, scalars.u_norm, scalars.trust, scalars.step_size])
                 records.append((group, params, table))
@@ -262,12 +263,12 @@ class LayerwiseOptimizer(Optimizer):
         if all(path == F.HOST for path in paths) and bool(ok):
             return loss  # the host path has read the decision already: nothing to count
         skipped = {}
-        for _, params in work:
+        for _, params in stepped:
             for p in params:
                 count = self._counters(p)[1]
                 skipped.setdefault(count.device, []).append(count)
         for device, counts in skipped.items():
-            F.add_scalar_(counts, (~oks.on(device)).to(torch.float32))
+            F.add_scalar_(counts, (~decision.on(device)).to(torch.float32))
         return loss
 
     def _plan(self, group: dict, params: list, path: str) -> tuple:
