@@ -90,12 +90,18 @@ def status(path: Path, out: Path, capsys) -> tuple[dict[str, str], str]:
     return lines, captured.err
 
 
-def wait_for(what: str, condition, timeout_s: float, every_s: float = 1.0):
+def wait_for(what: str, condition, timeout_s: float, every_s: float = 1.0, sweep_of: tuple | None = None):
+    """Poll ``condition`` until it holds; ``sweep_of`` (path, out, capsys): fail at once
+    when --status says a run of that sweep failed, rather than wait on."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         value = condition()
         if value:
             return value
+        if sweep_of is not None:
+            failed = [line for line in status(*sweep_of)[0].values() if line.startswith("failed")]
+            if failed:
+                pytest.fail(f"while waiting for {what}: {failed[0]}")
         time.sleep(every_s)
     pytest.fail(f"waited {timeout_s:.0f} s for {what}")
 
@@ -137,7 +143,8 @@ def test_a_grid_is_submitted_finishes_is_reported_and_is_not_submitted_again(tmp
     assert "2 runs, 0 finished, 0 already queued or running, 2 submitted" in text
     assert {r["status"] for r in json.loads((out / "sweep.json").read_text())["runs"]} == {"submitted"}
     runs = [out / "optimizer-lars", out / "optimizer-tvlars"]
-    wait_for("both runs to complete", lambda: all(run_state(r) == "completed" for r in runs), 600)
+    wait_for("both runs to complete", lambda: all(run_state(r) == "completed" for r in runs), 600,
+             sweep_of=(path, out, capsys))
     wait_for("the jobs to leave the queue", lambda: not in_queue(jobs[0]), 120)
 
     lines, err = status(path, out, capsys)
@@ -175,7 +182,7 @@ def test_a_time_limit_requeues_the_run_which_resumes_exactly(tmp_path, capsys, j
     uninterrupted = reference(run_dir, tmp_path / "reference")
     try:
         wait_for("the time limit", lambda: "stopped by the job's time limit" in log_text(run_dir),
-                 400, every_s=5)
+                 400, every_s=5, sweep_of=(path, out, capsys))
         first = starts(run_dir)
         began = time.mktime(time.strptime(first[0][:20], "%Y-%m-%dT%H:%M:%SZ"))
         stopped = time.mktime(time.strptime(first[1][:20], "%Y-%m-%dT%H:%M:%SZ"))
@@ -190,7 +197,8 @@ def test_a_time_limit_requeues_the_run_which_resumes_exactly(tmp_path, capsys, j
         if len(starts(run_dir)) == 2:  # still waiting for its requeue: not submitted again
             assert "1 already queued or running, 0 submitted" in submit(path, out, capsys, jobs, "--time-limit", "3")
         stopped_at = len(metrics(run_dir))
-        wait_for("the run to resume and go 3 epochs on", lambda: len(metrics(run_dir)) >= stopped_at + 3, 300)
+        wait_for("the run to resume and go 3 epochs on", lambda: len(metrics(run_dir)) >= stopped_at + 3, 300,
+                 sweep_of=(path, out, capsys))
         resumed = starts(run_dir)[-1]
         assert "slurm job" in resumed and f"epoch {stopped_at + 1}/5000" in resumed
         assert "epoch 1/5000" not in resumed
@@ -210,7 +218,7 @@ def test_a_cancelled_run_is_failed_and_the_same_sweep_resumes_it(tmp_path, capsy
     run_dir = out / "optimizer-lars"
     uninterrupted = reference(run_dir, tmp_path / "reference")
     try:
-        wait_for("10 epochs", lambda: len(metrics(run_dir)) >= 10, 300)
+        wait_for("10 epochs", lambda: len(metrics(run_dir)) >= 10, 300, sweep_of=(path, out, capsys))
         subprocess.run(["scancel", jobs[0]], check=True, timeout=30)
         wait_for("the run to show as failed", lambda: status(path, out, capsys)[0]["optimizer-lars"].startswith("failed"),
                  120, every_s=2)
@@ -219,7 +227,8 @@ def test_a_cancelled_run_is_failed_and_the_same_sweep_resumes_it(tmp_path, capsy
         cancelled_at = len(metrics(run_dir))
 
         assert "0 already queued or running, 1 submitted" in submit(path, out, capsys, jobs, "--time-limit", "10")
-        wait_for("the resumed run to complete", lambda: run_state(run_dir) == "completed", 600, every_s=2)
+        wait_for("the resumed run to complete", lambda: run_state(run_dir) == "completed", 600, every_s=2,
+                 sweep_of=(path, out, capsys))
         assert uninterrupted.wait(timeout=600) == 0
     finally:
         uninterrupted.kill()
@@ -259,7 +268,7 @@ def test_status_of_a_job_gone_from_the_queue(tmp_path, capsys, jobs):
     out = tmp_path / "sweep"
     submit(path, out, capsys, jobs, "--time-limit", "10")
     run_dir = out / "optimizer-lars"
-    wait_for("an epoch", lambda: len(metrics(run_dir)) >= 1, 300)
+    wait_for("an epoch", lambda: len(metrics(run_dir)) >= 1, 300, sweep_of=(path, out, capsys))
     subprocess.run(["scancel", jobs[0]], check=True, timeout=30)
     age = int(slurm_config("MinJobAge") or 300)
     wait_for("squeue to forget the job", lambda: subprocess.run(

@@ -222,6 +222,10 @@ SQUEUE = """#!/bin/sh
 # stands in for squeue: a job asking when its time limit falls (--Format=EndTime, with
 # SLURM_TIME_FORMAT=%s), or the queue (--format=%i|%T)
 case "$*" in *EndTime*) echo $(( $(date +%s) + $(cat {dir}/end_in_s) )); exit 0 ;; esac
+if [ -f {dir}/down ]; then
+    echo "slurm_load_jobs error: Unable to contact slurm controller (connect failure)" >&2
+    exit 1
+fi
 cat {dir}/queue.txt
 """
 SACCT = """#!/bin/sh
@@ -257,6 +261,7 @@ def slurm(env, monkeypatch):
 
     answer()
     answer.scripts = lambda: sorted(bin_dir.glob("sbatch.*.sh"))
+    answer.down = lambda: (bin_dir / "down").write_text("")
     answer.end_in = lambda seconds: (bin_dir / "end_in_s").write_text(f"{seconds}\n")
     answer.scontrol = lambda: (bin_dir / "scontrol.log").read_text() if (bin_dir / "scontrol.log").exists() else ""
     return answer
@@ -437,6 +442,13 @@ def test_status_and_resubmission_without_accounting(env, slurm, capsys):
     captured = capsys.readouterr()
     assert "2 already queued or running, 1 submitted" in captured.out and captured.err == ""
     assert "--array" not in slurm.scripts()[1].read_text()  # lr-3 alone
+
+    slurm.down()  # SLURM does not answer: nothing is called failed, nothing is submitted again
+    assert tvlars_sweep([str(path), "--out", str(out), "--status"]) == 0
+    assert "queued      lr-1  slurm job 4242_0 (not known: slurm_load_jobs error: Unable to contact slurm " \
+        "controller (connect failure))" in capsys.readouterr().out
+    assert tvlars_sweep(argv) == 0
+    assert "3 already queued or running, 0 submitted" in capsys.readouterr().out and len(slurm.scripts()) == 2
 
 
 def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(env, slurm, capsys):

@@ -237,47 +237,50 @@ def job_ended(folder: Path, job_id: str) -> bool:
 @dataclass
 class JobStates:
     """What SLURM says of a sweep's jobs: ``states`` by job id (``17_2``: ``PENDING``,
-    ``RUNNING``, ``COMPLETED``, ``TIMEOUT``, ...) for the jobs it still knows; ``asked``:
-    whether SLURM's commands are here at all; ``accounting``: whether it keeps records of
-    jobs that have left the queue (slurmdbd; False: squeue forgets a job minutes after it
-    ended, MinJobAge, and sacct answers "accounting storage is disabled")."""
+    ``RUNNING``, ``COMPLETED``, ``TIMEOUT``, ...) for the jobs it still knows; ``unasked``:
+    why SLURM could not be asked (no squeue here, or its error), None when it answered;
+    ``accounting``: whether it keeps records of jobs that have left the queue (slurmdbd;
+    False: squeue forgets a job minutes after it ended, MinJobAge, and sacct answers
+    "Slurm accounting storage is disabled")."""
 
     states: dict[str, str] = field(default_factory=dict)
-    asked: bool = False
+    unasked: str | None = None
     accounting: bool = True
 
 
-def _slurm_command(argv: list[str]) -> subprocess.CompletedProcess | None:
+def _slurm_command(argv: list[str]) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "SLURM_TIME_FORMAT": "standard"})
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return subprocess.CompletedProcess(argv, 1, "", f"{argv[0]}: {err}")
 
 
 def slurm_states(job_ids: Sequence[str]) -> JobStates:
     """SLURM's state of each job: squeue for the jobs in the queue (or ended minutes ago),
-    sacct for the others when SLURM keeps accounting. Their stderr is kept from the
+    sacct for the others when SLURM keeps accounting. Their stderr is kept off the
     terminal: without accounting, every sacct call would print that it is disabled."""
     result = JobStates()
-    if not job_ids or shutil.which("squeue") is None:
+    if not job_ids:
         return result
-    result.asked = True
+    if shutil.which("squeue") is None:
+        result.unasked = "no squeue here to ask SLURM"
+        return result
     arrays = sorted({job.split("_")[0] for job in job_ids})
     queue = _slurm_command(["squeue", "--noheader", "--array", "--format=%i|%T", "--jobs=" + ",".join(arrays)])
-    for line in queue.stdout.splitlines() if queue is not None else ():
+    if queue.returncode != 0 and "Invalid job id" not in queue.stderr:  # (none of them left in the queue)
+        result.unasked = (queue.stderr.strip().splitlines() or ["squeue failed"])[0]
+        return result
+    for line in queue.stdout.splitlines():
         job, _, state = line.strip().partition("|")
         if job and state:
             result.states[job] = state.split()[0].upper()
     gone = [job for job in job_ids if job not in result.states]
-    if not gone or shutil.which("sacct") is None:
-        result.accounting = shutil.which("sacct") is not None
+    if not gone:
         return result
-    asked = sorted({job.split("_")[0] for job in gone})
     accounts = _slurm_command(["sacct", "--noheader", "--parsable2", "--format=JobID,State",
-                               *[f"--jobs={job}" for job in asked]])
-    if accounts is None or accounts.returncode != 0:
-        result.accounting = False  # "Slurm accounting storage is disabled"
+                               "--jobs=" + ",".join(sorted({job.split("_")[0] for job in gone}))])
+    if accounts.returncode != 0:
+        result.accounting = False  # "Slurm accounting storage is disabled", or no sacct at all
         return result
     try:
         from submitit.slurm.slurm import SlurmInfoWatcher  # reads sacct's array ranges (17_[3-5])

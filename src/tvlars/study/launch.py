@@ -40,7 +40,7 @@ STOP_GRACE_S = 15
 #: a moment later.
 SIGNAL_WAIT_S = 3
 #: Seconds before its time limit a SLURM job stops its run and requeues itself. SLURM's
-#: signal comes 2-2.5 minutes before the limit; the run goes on until this margin, which
+#: signal comes 1.5-2.5 minutes before the limit; the run goes on until this margin, which
 #: covers stopping it (STOP_GRACE_S), requeueing the job and SLURM's clock.
 STOP_MARGIN_S = 30
 
@@ -181,7 +181,7 @@ class RunJob:
     finished one is not run again), runs the run's process and returns its status. A run
     that fails raises :class:`RunFailed`, which ends the job: it is not requeued.
 
-    Time limits: SLURM signals the job (USR2) 2-2.5 minutes before its limit. The run goes
+    Time limits: SLURM signals the job (USR2) 1.5-2.5 minutes before its limit. The run goes
     on until :data:`STOP_MARGIN_S` before the limit (the epochs it finishes meanwhile are
     kept) or until it ends; then the job hands over to submitit's handler of the signal,
     which calls :meth:`checkpoint` (the run is stopped, its last epoch's checkpoint stays)

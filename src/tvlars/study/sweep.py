@@ -700,8 +700,8 @@ def _slurm_status(job: str, slurm: cluster.JobStates, folder: Path, run_dir: Pat
         return "queued", f"slurm job {job} ({state.lower()})"
     if state in cluster.RUNNING:
         return "running", f"slurm job {job}"
-    if state is None and not slurm.asked and not cluster.job_ended(folder, job):
-        return "queued", f"slurm job {job} (no squeue here to ask SLURM)"
+    if state is None and slurm.unasked and not cluster.job_ended(folder, job):
+        return "queued", f"slurm job {job} (not known: {slurm.unasked})"  # and so not submitted again
     log = run_dir / runfolder.SWEEP_LOG
     why = cluster.job_error_line(folder, job) or last_line(log) or "no output"
     where = "" if runfolder.SWEEP_LOG in why else f" (the run's output: {log})"  # RunFailed names it already
@@ -729,7 +729,7 @@ def print_status(out: Path, runs: list[Run], grid: Grid | None = None, grid_path
         print(f"{state:11s} {r.name:{width}s}  {detail}".rstrip())
     order = ("completed", "diverged", "running", "queued", "failed", "interrupted", "partial", "pending")
     print(f"sweep {out}: {len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)))
-    if slurm.asked and not slurm.accounting:
+    if not slurm.accounting:
         print(f"tvlars sweep: {NO_ACCOUNTING}", file=sys.stderr)
     if grid is not None and sweeping is None and records:
         _refresh_index(out, grid, runs, grid_path, statuses)
