@@ -8,7 +8,7 @@ Sections, each reported pass / fail / skip on its own (an exception in one is th
 section's "fail" with its first line; the others still run):
 
 reference       every optimizer path (tvlars.LARS / LAMB / TVLARS with foreach=False,
-                foreach=True, fused=True and the default) on the device, in float64 and
+                foreach=True and the default) on the device, in float64 and
                 float32, against a float64 CPU loop of docs/paper.md's equations written out here
 sync-optimizer  torch.cuda.set_sync_debug_mode("error") over optimizer steps of every path
                 (after two warm-up steps): a host synchronisation inside step() raises
@@ -16,7 +16,10 @@ sync-training   the same over `tvlars train` and `tvlars ssl` training steps (ev
                 the run's first, logging steps included), in this process
 step-time       one optimizer step on ResNet-50's and a large transformer's parameter shapes
                 (BERT-large: 24 layers, width 1024, 335M parameters), every path, against
-                torch's fused SGD (LARS, TVLARS) and fused AdamW (LAMB)
+                torch's fused SGD (LARS, TVLARS) and fused AdamW (LAMB): its time, and the
+                most memory a step held beyond what it began with (CUDA: max_memory_allocated
+                after reset_peak_memory_stats, every timed step; the dry run: the profiler's
+                memory events over one more step), in MB and in units of the parameters' size
 throughput      `tvlars train` on CIFAR-shaped synthetic data, ResNet-18, batch 512 and
                 16,384, bf16 + channels_last + torch.compile; images/s of the last epochs
 torchrun        1-GPU `torchrun -m tvlars train` smoke runs: DDP (+ SyncBatchNorm), and FSDP2
@@ -52,7 +55,7 @@ from tvlars import runfolder
 
 SECTIONS = ("reference", "sync-optimizer", "sync-training", "step-time", "throughput", "torchrun")
 WEIGHT_DECAY = 5e-3
-PATHS = {"default": {}, "single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+PATHS = {"default": {}, "single": {"foreach": False}, "foreach": {"foreach": True}}
 # (name, class, our kwargs, reference hyper-parameters)
 OPTIMIZERS = [
     ("LARS", tvlars.LARS, dict(lr=0.1), dict(lr=0.1, eta=1e-3, momentum=0.9)),
@@ -194,10 +197,7 @@ def section_reference(ctx) -> Section:
         expected = [p.detach() for p in ref_model.parameters()]
         moved = math.sqrt(sum((q - p0).square().sum().item() for q, p0 in zip(expected, start.parameters())))
         for path in paths:
-            # fused float64 is checked by the CPU suite; here each compile costs tens of seconds
-            dtypes = ((torch.float64, 1e-8), (torch.float32, 2e-3)) if path != "fused" or ctx.dry_run \
-                else ((torch.float32, 2e-3),)
-            for dtype, tol in dtypes:
+            for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 2e-3)):
                 model = copy.deepcopy(start).to(ctx.device, dtype)
                 opt = cls(tvlars.param_groups(model, WEIGHT_DECAY), **kw, **PATHS[path])
                 _train(model, opt.step, data, ctx.device, dtype)
@@ -342,8 +342,24 @@ class _Shapes(nn.Module):
             nn.Parameter(torch.randn(shape, generator=gen).mul_(0.02).to(device)) for shape in shapes)
 
 
-def _time_steps(opt, steps: int, device) -> tuple[float, float]:
-    """(first step s, median step ms after two warm-up steps)."""
+def _step_peak_bytes(opt, device) -> int:
+    """The most bytes one ``opt.step()`` holds beyond what existed when it began."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        opt.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from memory import step_peak_bytes  # bench/memory.py: the profiler's memory events
+
+    return step_peak_bytes(opt.step)
+
+
+def _time_steps(opt, steps: int, device) -> tuple[float, float, int]:
+    """(first step s, median step ms after two warm-up steps, the most bytes a step held
+    beyond what it began with: over the timed steps on CUDA, over one more step elsewhere)."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -354,25 +370,31 @@ def _time_steps(opt, steps: int, device) -> tuple[float, float]:
     sync()
     first = time.perf_counter() - t0
     opt.step()
-    times = []
+    times, peak = [], 0
     for _ in range(steps):
         if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             opt.step()
             end.record()
             end.synchronize()
             times.append(begin.elapsed_time(end))
+            peak = max(peak, torch.cuda.max_memory_allocated(device) - before)
         else:
             t0 = time.perf_counter()
             opt.step()
             times.append(1000 * (time.perf_counter() - t0))
-    return first, statistics.median(times)
+    if device.type != "cuda":
+        peak = _step_peak_bytes(opt, device)
+    return first, statistics.median(times), peak
 
 
 def section_step_time(ctx) -> Section:
     s = Section("step-time", "one optimizer step against torch's fused SGD / AdamW (lower is better)")
-    s.header = ("shapes", "optimizer", "path", "median ms", "vs baseline", "first step s")
+    s.header = ("shapes", "optimizer", "path", "median ms", "vs baseline", "peak MB beyond state",
+                "x params", "first step s")
     if ctx.dry_run:
         models = {"tiny (dry run)": [(16, 3, 3, 3), (16,), (16,), (32, 16), (32,)]}
     else:
@@ -384,8 +406,10 @@ def section_step_time(ctx) -> Section:
         master = _Shapes(shapes, ctx.device, gen)
         grads = [torch.randn(p.shape, generator=gen).mul_(1e-2).to(ctx.device) for p in master.parameters()]
         n = sum(p.numel() for p in master.parameters())
+        param_bytes = sum(p.numel() * p.element_size() for p in master.parameters())
         makers = [("SGD fused (baseline)", None, lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, fused=fused_ok)),
-                  ("AdamW fused (baseline)", None, lambda g: torch.optim.AdamW(g, lr=1e-3, fused=fused_ok))]
+                  ("AdamW fused (baseline)", None, lambda g: torch.optim.AdamW(g, lr=1e-3, fused=fused_ok)),
+                  ("AdamW foreach", None, lambda g: torch.optim.AdamW(g, lr=1e-3, foreach=True))]
         for name, cls, kw, _ in OPTIMIZERS:
             for path, path_kw in PATHS.items():
                 makers.append((name, path, lambda g, cls=cls, kw=kw, path_kw=path_kw: cls(g, **kw, **path_kw)))
@@ -395,17 +419,19 @@ def section_step_time(ctx) -> Section:
             for p, g in zip(model.parameters(), grads):
                 p.grad = g
             opt = make(tvlars.param_groups(model, 5e-4))
-            first, median = _time_steps(opt, steps, ctx.device)
+            first, median, peak = _time_steps(opt, steps, ctx.device)
+            memory = (peak / 2**20, f"{peak / param_bytes:.2f}")
             if path is None:
-                base[name.split()[0]] = median
-                s.row(f"{label} ({len(shapes)} tensors, {n / 1e6:.1f}M)", name, "", median, "", first)
+                base.setdefault(name.split()[0], median)
+                s.row(f"{label} ({len(shapes)} tensors, {n / 1e6:.1f}M)", name, "", median, "", *memory, first)
             else:
                 ratio = median / base["AdamW" if name == "LAMB" else "SGD"]
-                s.row(f"{label}", name, path, median, f"{ratio:.2f}x", first)
+                s.row(f"{label}", name, path, median, f"{ratio:.2f}x", *memory, first)
             del opt, model
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
-    s.note = f"{steps} timed steps each, median; float32; {ctx.device}"
+    s.note = (f"{steps} timed steps each, median; float32; {ctx.device}; peak: the most a step held beyond "
+              "parameters, gradients and state")
     return s
 
 
@@ -529,8 +555,8 @@ def machine(device: torch.device) -> dict:
 @contextlib.contextmanager
 def eager_compile():
     """torch.compile returning the function itself: compiling takes minutes on a small CPU,
-    so in the dry run the compiled paths (fused=True, and whatever a default path compiles)
-    run their Python code eagerly."""
+    so in the dry run what would be compiled (the throughput section's model) runs its Python
+    code eagerly."""
     real = torch.compile
 
     def eager(fn=None, **_options):

@@ -1,7 +1,7 @@
 """Time one optimizer step on the parameter shapes of ResNet-18 and ResNet-50.
 
     .venv/bin/python bench/step_time.py [--steps 30] [--models resnet18,resnet50] [--quick]
-        [--threads default,1] [--paths default,single,foreach,fused] [--device cpu|cuda]
+        [--threads default,1] [--paths default,single,foreach] [--device cpu|cuda]
         [--against REV[,REV...]]
 
 Gradients are random; every optimizer owns its parameters and shares the gradients (no
@@ -10,8 +10,7 @@ so that a change in machine load hits them all alike; the table shows the median
 the rounds and, for the ratios, the median over rounds of the ratio within the round (robust
 to load that drifts between rounds): to the baseline (LARS, TVLARS: torch SGD momentum=0.9
 fused; LAMB: torch AdamW fused) and to timm's counterpart (timm Lars, Lamb with
-foreach=True). The first step of each fused optimizer includes torch.compile; it is
-reported separately.
+foreach=True). The first step (state allocation) is reported separately.
 
 ``--against REV`` also times the optimizers of another commit in the same rounds (its
 ``tvlars.optim`` extracted with ``git archive`` and imported under another name), and adds
@@ -40,7 +39,7 @@ import torchvision
 import tvlars
 
 WEIGHT_DECAY = 5e-4
-PATHS = {"default": dict(), "single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+PATHS = {"default": dict(), "single": dict(foreach=False), "foreach": dict(foreach=True)}
 
 
 def lscpu_model() -> str:
@@ -54,8 +53,8 @@ def lscpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def optim_at(rev: str):
-    """``tvlars.optim`` as of commit ``rev``, importable beside this checkout's."""
+def extract_optim(rev: str) -> Path:
+    """``src/tvlars/optim`` as of commit ``rev``, extracted into a temporary folder: the package's path."""
     root = Path(tempfile.mkdtemp(prefix=f"tvlars-{rev}-"))
     archive = subprocess.run(["git", "archive", rev, "src/tvlars/optim"], capture_output=True, check=True,
                              cwd=Path(__file__).resolve().parents[1]).stdout
@@ -63,14 +62,23 @@ def optim_at(rev: str):
     archive_path.write_bytes(archive)
     with tarfile.open(archive_path) as tar:
         tar.extractall(root, filter="data")
-    package = root / "src" / "tvlars" / "optim"
-    name = f"tvlars_optim_{rev.replace('-', '_').replace('~', '_').replace('^', '_')}"
+    return root / "src" / "tvlars" / "optim"
+
+
+def import_optim(package: Path, name: str):
+    """The package at ``package`` (an extracted ``tvlars.optim``), imported as ``name``."""
     spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
                                                   submodule_search_locations=[str(package)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def optim_at(rev: str):
+    """``tvlars.optim`` as of commit ``rev``, importable beside this checkout's."""
+    name = f"tvlars_optim_{rev.replace('-', '_').replace('~', '_').replace('^', '_')}"
+    return import_optim(extract_optim(rev), name)
 
 
 def make_optimizers(model_name: str, paths: list[str], device: str, against: dict):
@@ -116,7 +124,7 @@ def _sync(device: str) -> None:
 def bench(model_name: str, steps: int, paths: list[str], device: str, against: dict) -> None:
     optimizers = make_optimizers(model_name, paths, device, against)
     first = {}
-    for name, opt in optimizers.items():  # first step: state allocation and compilation
+    for name, opt in optimizers.items():  # first step: state allocation
         _sync(device)
         t0 = time.perf_counter()
         opt.step()
