@@ -57,7 +57,8 @@ PROBE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_to
 #       as the paper's Table 1 does)
 #   ssl: linear_top5 (the probe after its last epoch), probe_best_acc and probe_best_epoch (the
 #       probe's best epoch, chosen on the test set: a diagnostic, never a run's accuracy),
-#       probe_lr; knn_acc, knn20_acc, online_acc of the last evaluated encoder
+#       probe_lr, probe_norm (--probe-norm: "bn" standardised features, "none" raw); knn_acc,
+#       knn20_acc, online_acc of the last evaluated encoder
 
 
 # --------------------------------------------------------------------------- writing
