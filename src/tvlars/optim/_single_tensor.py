@@ -40,17 +40,6 @@ def _zero_if_skipped(ok: Tensor, x: Tensor) -> Tensor:
     return torch.where(ok, x, 0.0)
 
 
-def _zero_if_skipped_(ok: Tensor, x: Tensor) -> Tensor:
-    """``_zero_if_skipped`` in place."""
-    if _eager_cpu(x):
-        return torch.nan_to_num_(x.mul_(ok.to(x.dtype)), nan=0.0, posinf=0.0, neginf=0.0)
-    return x.masked_fill_(~ok, 0.0)
-
-
-# The multi-tensor path imports it under its former name until its rewrite (issue 25).
-_keep_ = _zero_if_skipped_
-
-
 def _new_if_taken(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` when the step is taken, else ``old`` (both finite); exact: lerp by 1 gives
     ``new``, by 0 ``old``."""
