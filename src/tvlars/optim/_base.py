@@ -25,7 +25,7 @@ LEGACY_COUNTERS = "counters"
 
 
 class Parameters(list):
-    """The parameters of :class:`LayerStats`' rows: the tensors themselves (so that a dict keyed
+    """The parameters of [LayerStats][tvlars.LayerStats]' rows: the tensors themselves (so that a dict keyed
     by parameter still works), printed by shape and dtype rather than by value."""
 
     def __repr__(self) -> str:
@@ -35,18 +35,22 @@ class Parameters(list):
 class LayerStats(NamedTuple):
     """Per-parameter statistics of the last ``step()``: one row per parameter that had a
     gradient, in parameter-group order (the order of ``optimizer.param_groups``, group after
-    group, e.g. :func:`tvlars.param_groups`' weights before its biases and norm weights; inside
+    group, e.g. [tvlars.param_groups][]' weights before its biases and norm weights; inside
     a group that mixes devices or dtypes, bucket by bucket), which is not the order of
     ``model.named_parameters()``: label rows by ``names`` or ``params``, never by zipping them
     with the model's parameters.
 
-    ``params`` holds the parameter tensors (printed by shape, not by value); ``names`` each
-    one's name where the optimizer knows it (groups with ``"param_names"``: an optimizer built
-    from ``model.named_parameters()`` or from :func:`tvlars.param_groups`, as torch >= 2.6
-    keeps them), else None. The other fields are 1-D float64 CPU tensors. ``grad_norm`` is the
-    norm in the trust ratio's denominator: ||g + wd*w|| for the coupled LARS form, ||g|| for
-    the separate form, ||u|| (the Adam direction plus decay) for LAMB. ``step_size`` is the
-    scalar that multiplied the layer's update direction.
+    Attributes:
+        params: the parameter tensors (printed by shape, not by value).
+        weight_norm: `||w||` per row; this and the three below are 1-D float64 CPU tensors.
+        grad_norm: the norm in the trust ratio's denominator: `||g + wd*w||` for the coupled
+            LARS form, `||g||` for the separate form, `||u||` (the Adam direction plus decay)
+            for LAMB.
+        trust_ratio: the trust ratio per row (TVLARS ``variant="official"``: times phi_t).
+        step_size: the scalar that multiplied the row's update direction.
+        names: each parameter's name where the optimizer knows it (groups with
+            ``"param_names"``: an optimizer built from ``model.named_parameters()`` or from
+            [tvlars.param_groups][], as torch >= 2.6 keeps them), else None.
     """
 
     params: Parameters
@@ -118,7 +122,7 @@ class LayerwiseOptimizer(Optimizer):
     # -- hyper-parameters ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         """torch's, except that groups with parameter names (``"param_names"``, as
-        :func:`tvlars.param_groups` and ``named_parameters()`` give them) and groups without
+        [tvlars.param_groups][] and ``named_parameters()`` give them) and groups without
         mix, which torch >= 2.6 refuses: the unnamed parameters are named None, so that
         ``param_groups(model) + [a group of one's own]`` works as it did before names."""
         params = param_group["params"]
@@ -186,7 +190,7 @@ class LayerwiseOptimizer(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for non-finite inputs (one host read; the skip rule: class doc). A parameter counts the
+        """Steps skipped for non-finite inputs (one host read; the [skip rule][skip-rule]). A parameter counts the
         steps it took part in; this is the most any parameter counted."""
         counts = [s[SKIPPED] for s in self.state.values() if SKIPPED in s]
         if not counts:
@@ -280,7 +284,7 @@ class LayerwiseOptimizer(Optimizer):
     # -- telemetry -----------------------------------------------------------------------
     def last_stats(self) -> Optional[LayerStats]:
         """Statistics of the last step() taken with ``stats`` on (rows and their order:
-        :class:`LayerStats`); one device-to-host copy."""
+        [LayerStats][tvlars.LayerStats]); one device-to-host copy."""
         got = self.last_stats_table()
         if got is None:
             return None
@@ -291,7 +295,7 @@ class LayerwiseOptimizer(Optimizer):
         return LayerStats(Parameters(got[0]), *got[1].cpu().unbind(0), names)
 
     def last_stats_table(self) -> Optional[tuple[list[Tensor], Tensor]]:
-        """:meth:`last_stats` left on the device, for a caller that copies it without waiting:
+        """``last_stats()`` left on the device, for a caller that copies it without waiting:
         (parameters, [4, n] float64 rows weight_norm, grad_norm, trust_ratio, step_size)."""
         if not self._records:
             return None

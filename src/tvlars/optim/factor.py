@@ -1,7 +1,10 @@
-"""The time-varying factor phi_t of TVLARS (paper Eq. 4), as a function and as a scheduler.
+r"""The time-varying factor phi_t of TVLARS (paper Eq. 4), as a function and as a scheduler:
 
-    phi_t = 1 / (alpha + exp(lam * (t - delay))) + min_factor
+$$
+\phi_t = \frac{1}{\alpha + e^{\lambda (t - d)}} + \phi_{\min}
+$$
 
+with $\lambda$ = ``lam``, $d$ = ``delay``, $\alpha$ = ``alpha``, $\phi_{\min}$ = ``min_factor``.
 phi_t only multiplies the step size, so it is also a learning-rate schedule in its own
 right: ``TVFactorLR`` runs any optimizer (LAMB, LARS, SGD) "time-varying".
 
@@ -10,7 +13,10 @@ published never anneals. Given the run's length T instead (``total_steps``), lam
 follow from it (``anneal_factor_args``): a sigmoid centred on the middle of the run that
 falls from 0.99 at the first step to 0.01 at the last,
 
-    delay = T / 2,   lam = 2 ln(99) / T,   so   phi_0 = 0.99,  phi_{T/2} = 0.5,  phi_T = 0.01,
+$$
+d = T / 2, \quad \lambda = 2 \ln 99 / T, \quad \text{so} \quad
+\phi_0 = 0.99, \quad \phi_{T/2} = 0.5, \quad \phi_T = 0.01,
+$$
 
 with no warm-up and no setting beyond the run's own length. What it gives against warm-up
 schedules and TVLARS as published is measured in docs/study.md ("A schedule without warm-up").
@@ -42,7 +48,14 @@ ANNEAL_END = 0.01
 
 def anneal_factor_args(total_steps: float) -> dict:
     """``lam`` and ``delay`` of the phi_t that anneals a run of ``total_steps`` optimizer steps
-    (module doc), for :class:`tvlars.TVLARS` or :class:`TVFactorLR`."""
+    (module doc), for [tvlars.TVLARS][] or [tvlars.TVFactorLR][].
+
+    Args:
+        total_steps (float): the run's length T in optimizer steps, > 0.
+
+    Returns:
+        ``{"lam": 2 ln(99) / T, "delay": T / 2}``.
+    """
     if not total_steps > 0:
         raise ValueError(f"invalid total_steps: {total_steps}; must be > 0")
     return dict(lam=2.0 * math.log(1.0 / ANNEAL_END - 1.0) / total_steps, delay=total_steps / 2.0)
@@ -61,9 +74,19 @@ def resolve_factor_args(lam: Optional[float], delay: Optional[float], total_step
 
 
 def tv_factor(step: float, lam: float, delay: float = 0, alpha: float = 1.0, min_factor: float = 0.0) -> float:
-    """phi_t of Eq. 4 at optimizer step ``step`` (the first step is 0).
+    r"""phi_t of Eq. 4 at optimizer step ``step`` (the first step is 0).
 
-    Bounds (Eq. 5): ``min_factor <= phi_t <= 1 / (alpha + exp(-lam * delay)) + min_factor``.
+    Bounds (Eq. 5): $\phi_{\min} \le \phi_t \le 1 / (\alpha + e^{-\lambda d}) + \phi_{\min}$.
+
+    Args:
+        step (float): $t$, the optimizer steps taken so far.
+        lam (float): $\lambda$, how fast phi_t decays per step, >= 0.
+        delay (float): $d$, in optimizer steps, >= 0.
+        alpha (float): $\alpha$, > 0.
+        min_factor (float): $\phi_{\min}$, the floor, >= 0.
+
+    Returns:
+        phi_t.
     """
     check_factor_args(lam, delay, alpha, min_factor)
     exponent = lam * (step - delay)
@@ -83,11 +106,21 @@ def tv_factor_tensor(step: torch.Tensor, lam: float, delay: float, alpha: float,
 
 
 class TVFactorLR(LRScheduler):
-    """Multiplies each group's base lr by phi_t, t = number of ``scheduler.step()`` calls.
+    r"""Multiplies each group's base lr by phi_t, t = number of ``scheduler.step()`` calls.
 
     Call ``scheduler.step()`` once per optimizer step (not per epoch): the paper counts t in
     iterations, and ``delay`` is in steps as well. ``total_steps`` (instead of ``lam`` and
     ``delay``) anneals the run from 0.99 to 0.01 (module doc).
+
+    Args:
+        optimizer (torch.optim.Optimizer): any optimizer (LAMB, LARS, SGD, ...).
+        lam (float or None): $\lambda$; None: the paper's 1e-4 (or derived from ``total_steps``).
+        delay (float or None): $d$, in steps; None: 0 (or derived from ``total_steps``).
+        alpha (float): $\alpha$, > 0.
+        min_factor (float): $\phi_{\min}$, the floor, >= 0.
+        last_epoch (int): torch's ``LRScheduler`` argument: -1 starts a new schedule.
+        total_steps (float or None): the run's length T in optimizer steps: phi_t anneals from
+            0.99 to 0.01; give it or ``lam`` and ``delay``, not both.
     """
 
     def __init__(self, optimizer, lam: Optional[float] = None, delay: Optional[float] = None, alpha: float = 1.0,

@@ -35,13 +35,23 @@ def param_groups(
 ) -> list[dict]:
     """Split ``model``'s trainable parameters into at most four groups.
 
-    ``exclude_from_decay`` / ``exclude_from_adaptation``: ``True`` excludes 1-D parameters,
-    ``False`` excludes none, or a predicate ``(name, param) -> bool`` selects the excluded
-    ones. Excluded parameters get ``weight_decay=0.0`` / ``adapt=False`` (trust ratio 1).
-    ``group_options`` (e.g. ``lr=...``) are copied into every group. Empty groups are
-    dropped; parameter order inside a group follows ``model.named_parameters()``. Each group
-    carries its parameters' names under ``"param_names"``, the key torch's optimizers (>= 2.6)
-    keep for named parameters, so that :meth:`tvlars.LARS.last_stats` names its rows.
+    Excluded parameters get ``weight_decay=0.0`` / ``adapt=False`` (trust ratio 1). Empty
+    groups are dropped; parameter order inside a group follows ``model.named_parameters()``.
+    Each group carries its parameters' names under ``"param_names"``, the key torch's
+    optimizers (>= 2.6) keep for named parameters, so that
+    [last_stats][tvlars.LARS.last_stats] names its rows.
+
+    Args:
+        model (torch.nn.Module): the model whose trainable parameters are grouped.
+        weight_decay (float): >= 0, for the parameters not excluded from decay.
+        exclude_from_decay (bool or callable): ``True`` excludes 1-D parameters (biases, norm
+            weights), ``False`` excludes none, or a predicate ``(name, param) -> bool`` selects
+            the excluded ones.
+        exclude_from_adaptation (bool or callable): the same, for the trust ratio.
+        **group_options (Any): copied into every group (e.g. ``lr=...``).
+
+    Returns:
+        The groups, each with ``params``, ``param_names``, ``weight_decay`` and ``adapt``.
     """
     if weight_decay < 0:
         raise ValueError(f"invalid weight_decay: {weight_decay}; must be >= 0")

@@ -14,25 +14,45 @@ from ._sharding import local
 class LAMB(LayerwiseOptimizer):
     r"""LAMB with optional bias correction, LAMBC trust clipping and the authors' weight-norm cap.
 
-    Per parameter tensor w with gradient g (t = this parameter's step, from 1)::
+    Per parameter tensor $w$ with gradient $g$, $t$ = this parameter's step, from 1:
 
-        m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g^2
-        u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps) + wd * w
-        trust = ||w|| / ||u||        (1 where either is 0, or for adapt=False groups;
-                                      min(trust, 1) with trust_clip)
-                min(||w||, max_weight_norm) / ||u||   with max_weight_norm (the cybertronai /
-                                      pytorch-optimizer LAMB the TVLARS authors ran caps
-                                      ||w|| at 10; None: no cap)
-        w -= lr * trust * u
+    $$
+    \begin{split}
+    m &\leftarrow \beta_1 m + (1 - \beta_1)\, g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2)\, g^2 \\
+    u &= \frac{m / (1 - \beta_1^t)}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon} + \mathrm{wd}\, w \\
+    \tau &= \frac{\min(\lVert w \rVert, c)}{\lVert u \rVert} \\
+    w &\leftarrow w - \gamma\, \tau\, u
+    \end{split}
+    $$
 
-    The first step moves each adapted layer by exactly lr * ||w||. Without bias correction
-    the divisions by 1 - b^t are dropped. See :class:`tvlars.LARS` for ``foreach``,
-    ``fused``, ``stats`` and the skip rule. The default CPU path, eager, lets torch's fused
+    with $(\beta_1, \beta_2)$ = ``betas``, $c$ = ``max_weight_norm`` (None: no cap,
+    $\tau = \lVert w \rVert / \lVert u \rVert$; the cybertronai / pytorch-optimizer LAMB the
+    TVLARS authors ran caps $\lVert w \rVert$ at 10). $\tau = 1$ where either norm is 0 and in
+    groups with ``adapt=False``; ``trust_clip=True`` (LAMBC) uses $\min(\tau, 1)$. Without bias
+    correction the divisions by $1 - \beta^t$ are dropped. The first step moves each adapted
+    layer by exactly $\gamma \lVert w \rVert$.
+
+    Non-finite inputs skip the step: the [skip rule][skip-rule]. The default CPU path, eager, lets torch's fused
     AdamW kernel (``_fused_adamw_``) write the moments: for layers that adapt (or when
-    ``stats`` is on) it adds Adam's direction to wd*w in a workspace, which is u, and one
-    ``add_`` per layer takes the step w -= lr * trust * u; for a group that neither adapts
+    ``stats`` is on) it adds Adam's direction to `wd*w` in a workspace, which is u, and one
+    ``add_`` per layer takes the step `w -= lr * trust * u`; for a group that neither adapts
     nor records statistics (trust 1) it takes LAMB's step itself (AdamW's decoupled decay
-    lr*wd*w is LAMB's lr*(wd*w) term).
+    `lr*wd*w` is LAMB's `lr*(wd*w)` term).
+
+    Args:
+        params (iterable of Tensor or dict): parameters or parameter groups, as for any torch
+            optimizer; [tvlars.param_groups][] builds the usual groups.
+        lr (float or Tensor): the learning rate $\gamma$ (a tensor: as [tvlars.LARS][]).
+        betas (tuple[float, float]): $(\beta_1, \beta_2)$, each in [0, 1).
+        eps (float): added to $\sqrt{\hat v}$.
+        weight_decay (float): $\mathrm{wd}$, added to Adam's direction.
+        bias_correction (bool): divide the moments by $1 - \beta^t$.
+        trust_clip (bool): LAMBC: the trust ratio becomes $\min(\tau, 1)$.
+        foreach (bool or None): the execution path, as [tvlars.LARS][].
+        fused (bool or None): as [tvlars.LARS][].
+        stats (bool): record per-layer statistics, read with [last_stats][tvlars.LAMB.last_stats].
+        max_weight_norm (float or None): the cap $c$ on $\lVert w \rVert$ in the trust ratio
+            (the authors' 10); None: no cap.
     """
 
     _keys_since_0_1_0 = ("max_weight_norm",)

@@ -16,20 +16,40 @@ TRUST_FORMS = ("coupled", "separate")
 class LARS(LayerwiseOptimizer):
     r"""LARS with optional Nesterov momentum and LARC trust clipping.
 
-    Per parameter tensor ("layer") w with gradient g::
+    Per parameter tensor ("layer") $w$ with gradient $g$:
 
-        d     = g + wd * w
-        trust = eta * ||w|| / (||g + wd*w|| + eps)          trust_form="coupled"
-                eta * ||w|| / (||g|| + wd*||w|| + eps)      trust_form="separate" (timm)
-        trust = 1 where ||w|| or the measured gradient norm is 0; 1 for groups with adapt=False
-        trust = min(trust / lr, 1)                          trust_clip=True (LARC)
-        buf   = mu * buf + trust * d                        (buf starts at 0)
-        w    -= lr * buf            or  lr * (trust * d + mu * buf) with nesterov
+    $$
+    \begin{split}
+    d &= g + \mathrm{wd}\, w \\
+    \tau &= \frac{\eta \lVert w \rVert}{\lVert d \rVert + \epsilon}
+      \quad \text{or} \quad
+      \frac{\eta \lVert w \rVert}{\lVert g \rVert + \mathrm{wd} \lVert w \rVert + \epsilon} \\
+    b &\leftarrow \mu b + \tau d, \qquad b_0 = 0 \\
+    w &\leftarrow w - \gamma b \quad \text{or, with Nesterov,} \quad w - \gamma (\tau d + \mu b)
+    \end{split}
+    $$
 
-    Use :func:`tvlars.param_groups` to keep biases and norm weights out of weight decay
+    with $\gamma$ = ``lr``, $\mathrm{wd}$ = ``weight_decay``, $\eta$ = ``trust_coefficient``,
+    $\mu$ = ``momentum``, $\epsilon$ = ``eps``. The first trust ratio $\tau$ is
+    ``trust_form="coupled"`` (the paper's), the second ``"separate"`` (You et al., timm).
+    $\tau = 1$ where $\lVert w \rVert$ or the measured gradient norm is 0, and in groups with
+    ``adapt=False``; ``trust_clip=True`` (LARC) uses $\min(\tau / \gamma, 1)$ instead.
+
+    Use [tvlars.param_groups][] to keep biases and norm weights out of weight decay
     (``weight_decay=0``) and out of adaptation (``adapt=False``).
 
     Args:
+        params (iterable of Tensor or dict): parameters or parameter groups, as for any torch
+            optimizer; [tvlars.param_groups][] builds the usual groups.
+        lr (float or Tensor): the learning rate $\gamma$; a tensor is copied once per step to
+            each device the parameters live on.
+        momentum (float): $\mu$, in [0, 1).
+        weight_decay (float): $\mathrm{wd}$, added to the gradient before the trust ratio.
+        trust_coefficient (float): $\eta$, > 0.
+        eps (float): added to the trust ratio's denominator.
+        nesterov (bool): Nesterov momentum instead of heavy-ball (needs momentum > 0).
+        trust_clip (bool): LARC: the trust ratio becomes $\min(\tau / \gamma, 1)$.
+        trust_form (str): ``"coupled"`` (the paper's) or ``"separate"`` (You et al., timm).
         foreach: the execution path, all exact. Default (None): on the CPU, per-layer scalars
             computed on the host and torch's fused SGD kernel doing the update, eagerly (fastest
             there); on CUDA the multi-tensor path. ``True``: multi-tensor (``torch._foreach_*``;
@@ -37,10 +57,10 @@ class LARS(LayerwiseOptimizer):
             time with no host reads.
         fused: None or False, as torch's optimizers take it; ``True`` raises ``ValueError``
             (tvlars has no fused kernel of its own).
-        stats: record per-layer statistics, read with :meth:`last_stats`.
+        stats: record per-layer statistics, read with [last_stats][tvlars.LARS.last_stats].
 
-    A non-finite value in any gradient or weight of the step skips the whole step (the skip
-    rule: ``LayerwiseOptimizer``; ``skipped_steps`` counts them). ``p.grad`` is never written.
+    A non-finite value in any gradient or weight of the step skips the whole step (the
+    [skip rule][skip-rule]; ``skipped_steps`` counts them). ``p.grad`` is never written.
     """
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,

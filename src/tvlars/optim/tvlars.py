@@ -24,22 +24,29 @@ OFFICIAL_MAX_NORM = 10.0
 class TVLARS(LARS):
     r"""LARS plus a time-varying factor phi_t (paper Eq. 4) and a momentum form.
 
-    ``phi_t = 1 / (alpha + exp(lam * (t - delay))) + min_factor``, t = optimizer steps taken
-    so far (the first step is t = 0; skipped steps do not count), ``delay`` in steps; lam and
-    delay default to the paper's 1e-4 and 0. ``total_steps=T`` instead derives them from the
-    run's length, ``delay = T/2, lam = 2 ln(99)/T``: phi_t falls from 0.99 to 0.01 over the
+    $\phi_t = 1 / (\alpha + e^{\lambda (t - d)}) + \phi_{\min}$, $t$ = optimizer steps taken
+    so far (the first step is $t = 0$; skipped steps do not count), $d$ = ``delay`` in steps;
+    lam and delay default to the paper's 1e-4 and 0. ``total_steps=T`` instead derives them from
+    the run's length, $d = T/2$, $\lambda = 2 \ln 99 / T$: phi_t falls from 0.99 to 0.01 over the
     run, centred on its middle, an anneal with no warm-up and no setting beyond the run's
     length (``tvlars.optim.factor``; how it compares with other schedules: docs/study.md). As
     torch's Adam counts its bias-correction step, t is counted per parameter
     (``state[p]["step"]``): a parameter that had no gradient for a while is behind.
 
-    ``variant="paper"`` is Algorithm 1::
+    ``variant="paper"`` is Algorithm 1:
 
-        gamma = lr * phi_t * trust                  (trust = 1 for adapt=False groups,
-                                                     so they step by lr * phi_t * d)
-        m'    = w - gamma * (g + wd * w)            m_0 = w_0
-        w     = m' + mu * (m' - m)
+    $$
+    \begin{split}
+    \phi_t &= \frac{1}{\alpha + e^{\lambda (t - d)}} + \phi_{\min} \\
+    \gamma_t &= \gamma\, \phi_t\, \tau \\
+    m' &= w - \gamma_t (g + \mathrm{wd}\, w), \qquad m_0 = w_0 \\
+    w &\leftarrow m' + \mu (m' - m)
+    \end{split}
+    $$
 
+    with $\lambda$ = ``lam``, $\alpha$ = ``alpha``, $\phi_{\min}$ = ``min_factor`` and $\tau$
+    LARS's trust ratio ([tvlars.LARS][]; 1 in groups with ``adapt=False``, so they step by
+    $\gamma \phi_t (g + \mathrm{wd}\, w)$),
     computed as Nesterov momentum with the step size inside the buffer, which is the same
     recurrence without a copy of the weights. Unlike torch's SGD, the look-ahead keeps
     moving by momentum when lr drops to 0 mid-run (lr = 0 from the start leaves w unchanged).
@@ -51,10 +58,29 @@ class TVLARS(LARS):
     to below 0.91 at the switch;
     heavy-ball momentum, both norms clamped to 10, phi_t inside the trust ratio (so
     adapt=False and zero-norm layers step at the plain lr); ``trust_ratio`` in
-    :meth:`last_stats` then includes phi_t. Unlike that code, the step counter is saved in
+    [last_stats][tvlars.TVLARS.last_stats] then includes phi_t. Unlike that code, the step counter is saved in
     the optimizer state.
 
     No learning-rate scheduler is needed: phi_t is the schedule.
+
+    Args:
+        params (iterable of Tensor or dict): parameters or parameter groups, as for any torch
+            optimizer; [tvlars.param_groups][] builds the usual groups.
+        lr (float or Tensor): the learning rate $\gamma$ (a tensor: as [tvlars.LARS][]).
+        momentum (float): $\mu$, in [0, 1).
+        weight_decay (float): $\mathrm{wd}$, added to the gradient before the trust ratio.
+        trust_coefficient (float): $\eta$ of LARS's trust ratio, > 0.
+        lam (float or None): $\lambda$, how fast phi_t decays per step; None: the paper's 1e-4
+            (or derived from ``total_steps``).
+        delay (float or None): $d$, in optimizer steps; None: 0 (or derived from ``total_steps``).
+        alpha (float): $\alpha$, > 0 (the paper's 1).
+        min_factor (float): $\phi_{\min}$, the floor phi_t never goes under.
+        variant (str): ``"paper"`` (Algorithm 1) or ``"official"`` (the authors' code).
+        foreach (bool or None): the execution path, as [tvlars.LARS][].
+        fused (bool or None): as [tvlars.LARS][].
+        stats (bool): record per-layer statistics, read with [last_stats][tvlars.TVLARS.last_stats].
+        total_steps (float or None): the run's length T in optimizer steps: phi_t anneals from
+            0.99 to 0.01 (TVLARS-anneal); give it or ``lam`` and ``delay``, not both.
     """
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
