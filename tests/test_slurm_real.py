@@ -39,8 +39,8 @@ def _scheduler_answers() -> bool:
     return answer.returncode == 0 and any(s.strip("*~#") in ("idle", "mix", "alloc") for s in answer.stdout.split())
 
 
-pytestmark = [pytest.mark.slurm,
-              pytest.mark.skipif(not _scheduler_answers(), reason="no SLURM scheduler answers here (sinfo)")]
+SCHEDULER = _scheduler_answers()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(not SCHEDULER, reason="no SLURM scheduler answers here (sinfo)")]
 
 BASE = {"dataset": "digits", "model": "mlp", "batch_size": 128, "lr": 1.0, "seed": 0, "device": "cpu",
         "layer_stats_every": 0}
@@ -53,7 +53,7 @@ def slurm_config(key: str) -> str:
     return match.group(1) if match else ""
 
 
-ACCOUNTING = _scheduler_answers() and slurm_config("AccountingStorageType") != "accounting_storage/none"
+ACCOUNTING = SCHEDULER and slurm_config("AccountingStorageType") != "accounting_storage/none"
 
 
 @pytest.fixture(autouse=True)
@@ -258,7 +258,7 @@ def test_status_while_jobs_wait_and_run(tmp_path, capsys, jobs):
     assert "0 finished, 2 already queued or running, 0 submitted" in submit(path, out, capsys, jobs, "--time-limit", "10")
 
 
-@pytest.mark.skipif(_scheduler_answers() and int(slurm_config("MinJobAge") or 300) > 120,
+@pytest.mark.skipif(SCHEDULER and int(slurm_config("MinJobAge") or 300) > 120,
                     reason="squeue keeps ended jobs over 2 minutes here (MinJobAge): start SLURM with MIN_JOB_AGE_S=30")
 def test_status_of_a_job_gone_from_the_queue(tmp_path, capsys, jobs):
     """Once squeue has forgotten a cancelled job: with accounting, sacct says CANCELLED;
