@@ -129,6 +129,15 @@ def test_schedule_flags_act_only_on_their_schedules():
     assert resolve("train", ["--optimizer", "lars", "--schedule", "poly", "--power", "3"]).power == 3
 
 
+def test_data_and_model_flags_act_only_where_they_apply():
+    with pytest.raises(UserError, match="^--synthetic-classes shapes --dataset synthetic, not --dataset digits"):
+        resolve("train", ["--dataset", "digits", "--synthetic-classes", "4"])
+    with pytest.raises(UserError, match="^--stem is the ResNets'"):
+        resolve("ssl", ["--dataset", "digits", "--model", "mlp", "--stem", "imagenet"])
+    assert resolve("train", ["--dataset", "synthetic", "--synthetic-classes", "4"]).synthetic_classes == 4
+    assert resolve("train", ["--model", "resnet18", "--stem", "imagenet"]).stem == "imagenet"
+
+
 def test_a_delay_past_the_end_of_the_run_is_refused_or_said():
     with pytest.raises(UserError, match=r"^--delay-epochs 4 is past the run's end \(--epochs 4\)"):
         resolve("train", ["--optimizer", "tvlars", "--delay-epochs", "4"])

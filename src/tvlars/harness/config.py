@@ -168,6 +168,12 @@ class TrainConfig:
                                 f"--schedule {schedule}; drop it")
         if "base_batch_size" in given and values["lr_scaling"] == "none":
             raise UserError("--base-batch-size acts only with --lr-scaling linear or sqrt; drop it")
+        synthetic = [name for name in given if name.startswith("synthetic_")]
+        if synthetic and values["dataset"] != "synthetic":
+            raise UserError(f"--{synthetic[0].replace('_', '-')} shapes --dataset synthetic, not --dataset "
+                            f"{values['dataset']}; drop it")
+        if "stem" in given and not values["model"].startswith("resnet"):
+            raise UserError(f"--stem is the ResNets' (resnet18/34/50), not --model {values['model']}'s; drop it")
         phi_acts = optimizer == "tvlars" or values["tv_factor"]
         if phi_acts and not values["phi_anneal"] and values["delay_epochs"] is not None \
                 and values["delay_epochs"] >= values["epochs"]:
