@@ -2,9 +2,10 @@
 device, so that a step never reads the host. Its per-layer functions also serve the host
 path for the layers torch's fused kernels do not take (half precision, channels_last).
 
-Read against the algorithm box in ``_functional``: ``_lars_layer_norms`` / ``_lamb_layer_norms``
-measure [||w||, ||u||]; ``_lars_layer_update`` / ``_lamb_layer_update`` apply the step with the
-layer's ``scale`` from ``_scalars`` (0 on a skipped step). Every write is selected by the step
+Read against the algorithm box in ``_functional``: ``_lars_layer_norms`` and
+``_single_tensor_lamb_measure`` measure [||w||, ||u||] (LAMB's u from ``_lamb_layer_direction``);
+``_lars_layer_update`` / ``_lamb_layer_update`` apply the step with the layer's ``scale`` from
+``_scalars`` (0 on a skipped step). Every write is selected by the step
 decision ``ok`` (a 0-d bool tensor), so that a skipped step is an exact no-op without a host read.
 """
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from ._scalars import HEAVY_BALL, LOOK_AHEAD, LAMBOptions, LARSOptions, PerDevice, Scalars, _on, \
     lamb_bias_corrections, norm_dtype
 
-# -- selecting by the step decision, without a host read -----------------------------------
+# -- precision, and selecting by the step decision without a host read --------------------
 
 
 def _widened(t: Tensor) -> Tensor:
