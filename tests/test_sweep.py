@@ -226,6 +226,21 @@ def test_real_parser_validation_when_trainer_exists(tmp_path):
         sweep.plan(grid)
 
 
+def test_a_run_its_command_would_refuse_is_refused_before_any_starts(tmp_path, capsys):
+    """A flag the run's optimizer does not take fails the whole sweep up front, in one line
+    naming the grid and the run, not when that run's turn comes."""
+    pytest.importorskip("tvlars.harness.supervised.train")
+    path = write_grid(tmp_path, {"command": "train", "base": {"dataset": "digits", "epochs": 1},
+                                 "grid": [{"optimizer": "lars", "lr": 1},
+                                          {"optimizer": "tvlars", "trust_form": "separate"}]})
+    out = tmp_path / "out"
+    assert tvlars_sweep([str(path), "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optimizer-tvlars" in err[0] and "--trust-form applies to lars" in err[0]
+    assert tvlars_sweep([str(path), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
 def test_shipped_grid_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Path(grid_language.find_grid("quickstart")).resolve() == (GRIDS / "quickstart.yaml").resolve()

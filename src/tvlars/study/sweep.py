@@ -67,6 +67,7 @@ from typing import Any, Callable, Sequence
 from tvlars import runfolder
 from tvlars.cli import command_parser
 from tvlars.errors import UserError
+from tvlars.harness.config import check_run
 from tvlars.runfolder import FINISHED, RunLock, atomic_write, describe_holder, read_summary, run_holder, run_state
 from tvlars.study import cluster
 from tvlars.study.grid import Grid, Run, canonical, expand_grid, format_value, load_grid, shipped_grids
@@ -179,8 +180,13 @@ def _max_requeues(args: argparse.Namespace) -> int:
 
 
 def plan(grid: Grid) -> list[Run]:
-    """The grid's runs, checked against the real command's flags."""
-    return expand_grid(grid, command_parser(grid.command))
+    """The grid's runs, each resolved as its command will resolve it (the flags' syntax, and
+    what the command refuses: a flag its optimizer does not take, a delay past the run's end),
+    so that a bad run is refused before any run of the sweep starts."""
+    runs = expand_grid(grid, command_parser(grid.command))
+    for run in runs:
+        check_run(grid.command, run.flags, f"grid file {grid.path or grid.name}, run {run.name}")
+    return runs
 
 
 class _sigterm_as_interrupt:
