@@ -197,29 +197,30 @@ def _host_lamb_apply(params, grads, exp_avgs, exp_avg_sqs, steps, options: LAMBO
     workspace = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()} if directions_needed else {}
     parts = []
     for start, end in chunks:
-        ps, gs, chunk_steps = params[start:end], grads[start:end], steps[start:end]
-        exp_avg, exp_avg_sq = exp_avgs[start:end], exp_avg_sqs[start:end]
+        chunk_params, chunk_grads, chunk_steps = params[start:end], grads[start:end], steps[start:end]
+        chunk_exp_avgs, chunk_exp_avg_sqs = exp_avgs[start:end], exp_avg_sqs[start:end]
         if not on_kernels[start]:  # one layer, by the single-tensor functions
-            parts.append(_single_lamb_layer(ps[0], gs[0], exp_avg[0], exp_avg_sq[0], chunk_steps[0], options, ok,
-                                            w_norms[start:end]))
+            parts.append(_single_lamb_layer(chunk_params[0], chunk_grads[0], chunk_exp_avgs[0], chunk_exp_avg_sqs[0],
+                                            chunk_steps[0], options, ok, w_norms[start:end]))
             continue
         kernel_steps = chunk_steps if options.bias_correction else [no_bias_correction] * (end - start)
         if not directions_needed:  # trust 1: AdamW's step is LAMB's
             parts.append(lamb_scalars(w_norms[start:end], torch.zeros(end - start, dtype=torch.float64), options, ok))
             torch._foreach_add_(chunk_steps, 1.0)
-            torch._fused_adamw_(ps, gs, exp_avg, exp_avg_sq, [], kernel_steps, lr=lr,
+            torch._fused_adamw_(chunk_params, chunk_grads, chunk_exp_avgs, chunk_exp_avg_sqs, [], kernel_steps, lr=lr,
                                 weight_decay=options.weight_decay, **adam)
             continue
         directions, offset = [], 0  # wd*w, to which the kernel adds Adam's direction: u
-        for p in ps:
+        for p in chunk_params:
             out = workspace[p.dtype][offset:offset + p.numel()].view(p.shape)
             directions.append(torch.mul(p, options.weight_decay, out=out))
             offset += p.numel()
         torch._foreach_add_(chunk_steps, 1.0)
-        torch._fused_adamw_(directions, gs, exp_avg, exp_avg_sq, [], kernel_steps, lr=-1.0, weight_decay=0.0, **adam)
+        torch._fused_adamw_(directions, chunk_grads, chunk_exp_avgs, chunk_exp_avg_sqs, [], kernel_steps, lr=-1.0,
+                            weight_decay=0.0, **adam)
         scalars = lamb_scalars(w_norms[start:end], _norms(directions), options, ok)
         parts.append(scalars)
-        for p, u, step_size in zip(ps, directions, scalars.scale.tolist()):
+        for p, u, step_size in zip(chunk_params, directions, scalars.scale.tolist()):
             p.add_(u, alpha=-step_size)
     fields = ("w_norm", "u_norm", "trust", "step_size", "scale")
     return Scalars(ok, *(torch.cat([getattr(part, field) for part in parts]) for field in fields))
