@@ -9,27 +9,34 @@ What stays, and why:
   nor a multi-tensor select, so the per-layer scalars (trust ratio, bias corrections) are
   applied as one elementwise multiply of the chunk's direction, held flat, by the scalars
   repeated over each layer's elements (``torch.cat`` of expanded 0-d views: no element
-  counts to copy to the device, nothing cached between steps), and the skip as one masked
-  fill. The number of top-level ops a step issues is a constant per chunk, whatever the
-  number of layers (tests/test_optim_memory.py counts them with the profiler).
+  counts to copy to the device, nothing cached between steps: the counts cache this path
+  kept gained an entry for every new set of layers with gradients), and the skip as one
+  masked fill. The ops a step issues are a fixed number per bucket and per chunk (LARS about
+  20 per chunk, LAMB about 45), the same for 5 or 50 layers (tests/test_optim_memory.py
+  counts them with the profiler).
 * Chunks of at most ``WORKSPACE_BYTES`` of workspace and at most ``BUCKET_SHARE`` of the
   bucket's own bytes (so that a small model's temporaries stay a fraction of its size too),
   never below ``MIN_WORKSPACE_BYTES`` (below that a step is bound by launches, and the bytes
   are negligible). Layers are cut at chunk boundaries and into pieces of at most a quarter
-  chunk (a layer larger than a chunk is no exception): the update is elementwise, and the
-  norm of a cut layer is the norm of its pieces' norms. A quarter, because the CPU's
-  ``_foreach_norm`` copies each float32 piece to float64 before reducing it. A layer whose
-  tensors do not share one dense layout (a gradient set by hand with other strides) is one
-  piece, as large as it is.
-* measure keeps nothing for apply: apply builds each chunk's direction again (the
-  gradient is read twice). Keeping it, as this path did before, held 4.6x (LARS, TVLARS)
-  and 7.0x (LAMB) the parameters' size in temporaries at BERT-large shapes (issue 25).
-  Now: at most the workspace, half the bucket for a small model (bench/memory.py,
-  BENCHMARKS.md).
+  chunk, so a layer larger than a chunk (an embedding) is no exception: the update is
+  elementwise, and the norm of a cut layer is the norm of its pieces' norms. A quarter,
+  because the CPU's ``_foreach_norm`` copies each float32 piece to float64 before reducing
+  it. A layer whose tensors do not share one dense layout (a gradient set by hand with other
+  strides) is one piece, as large as it is. 128 MiB is a choice, not yet measured on a GPU:
+  at BERT-large shapes it is about 20 chunks, 0.1x of the parameters.
+* measure keeps nothing for apply (LAMB hands over its chunking and bias corrections, no
+  element-sized tensor): apply builds each chunk's direction again, reading the gradient a
+  second time. Keeping it, as this path did before, cost 4.0x (LARS, TVLARS) and 7.0x
+  (LAMB) the parameters' size in temporaries per step. Now, at BERT-large shapes (335M
+  float32, bench/memory.py: the profiler's memory events, one thread), 0.10x (LARS, TVLARS)
+  and 0.12x (LAMB), torch's foreach AdamW 1.00x; at a quarter of that size 0.40x / 0.47x,
+  and at most about half the bucket plus a quarter chunk for a small model.
 
 Exactness: every chunk computes, element by element, the same operations in the same order
 as the flat per-bucket version did, so the update is unchanged; only a cut layer's norm is
-summed in another order (float64, within 1e-16). No value is read on the host.
+summed in another order (float64, within 1e-16). No value is read on the host, and nothing
+here stops torch.compile from capturing step() whole (no ``storage_offset()``, no ``del``
+of a closure's variable): compile the training step to fuse the kernels.
 """
 
 from __future__ import annotations
@@ -152,12 +159,15 @@ class _Plan:
         if n == 0 or order is None or any(t.shape != p.shape or t.stride() != p.stride() for t in tensors):
             yield _Piece(layer, tensors, n, (p.shape, order))
             return
-        flat = [t.permute(order).view(-1) for t in tensors]  # each in memory order, one dense run
+        if order == sorted(order):  # contiguous (the common case; a permuted view costs 20x more)
+            flat = [t.view(-1) for t in tensors]
+        else:  # each in memory order, one dense run
+            flat = [t.permute(order).view(-1) for t in tensors]
         start = 0
         while start < n:
             room = self.chunk_numel - self.chunks[-1].numel
             take = min(n - start, piece_numel, room if room > 0 else self.chunk_numel)
-            yield _Piece(layer, tuple(t[start:start + take] for t in flat), take)
+            yield _Piece(layer, tuple(flat) if take == n else tuple(t[start:start + take] for t in flat), take)
             start += take
 
     def tensors(self, kind: int) -> list[Tensor]:
