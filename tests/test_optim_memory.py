@@ -154,7 +154,7 @@ def test_multi_tensor_ops_per_step_do_not_grow_with_the_number_of_layers(cls, kw
 # ------------------------------------------------------------------------------ nothing grows
 def live_tensors() -> int:
     gc.collect()
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+    return sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))  # type(): no proxy warns
 
 
 @pytest.mark.parametrize("path", [dict(foreach=True), dict(), dict(foreach=False)], ids=["multi", "default", "single"])
