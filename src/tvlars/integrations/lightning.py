@@ -4,7 +4,7 @@ Lightning steps every ``interval: "step"`` scheduler after every optimizer step 
 for, taken or not: tvlars skips a step whose gradients hold inf or NaN (no weight, state or
 counter changes), and an fp16 ``GradScaler`` skips one without calling the optimizer, yet
 the schedule moves on, so ``TVFactorLR`` runs ahead of phi_t's t and a warm-up ends early.
-:class:`FollowOptimizerSteps` makes the schedule count the steps the optimizer took.
+[FollowOptimizerSteps][tvlars.integrations.lightning.FollowOptimizerSteps] makes the schedule count the steps the optimizer took.
 
 The mixin only overrides a LightningModule hook, so this module imports no Lightning and
 serves ``lightning.pytorch`` and ``pytorch_lightning`` modules alike.
@@ -21,7 +21,11 @@ STEP = "step"  # the per-parameter counter of steps taken (README: "What you can
 
 def steps_taken(optimizer: torch.optim.Optimizer) -> int:
     """Steps a tvlars optimizer has taken, skipped ones not counted: the largest of its
-    per-parameter counters (one host read)."""
+    per-parameter counters (one host read).
+
+    Args:
+        optimizer: a tvlars optimizer ([tvlars.LARS][], [tvlars.LAMB][], [tvlars.TVLARS][]).
+    """
     counts = [s[STEP] for s in optimizer.state.values() if STEP in s]
     if not counts:
         return 0

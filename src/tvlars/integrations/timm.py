@@ -7,7 +7,7 @@ train.py with ``--device-modules tvlars.integrations.timm``.
 Groups: timm builds them from a model and sets only ``weight_decay`` (its no-decay group:
 1-D tensors, names ending in ``.bias`` and the model's ``no_weight_decay()``, e.g. ViT's
 ``pos_embed`` and ``cls_token``), plus ``lr_scale`` with ``layer_decay``. Adaptation
-follows tvlars's rule, as :func:`tvlars.param_groups` decides it: in every group that does
+follows tvlars's rule, as [tvlars.param_groups][] decides it: in every group that does
 not set ``adapt`` itself, 1-D tensors (biases, norm weights) get ``adapt=False`` (trust
 ratio 1) and the others ``adapt=True``, whatever their weight decay. So a model's 1-D
 tensors get neither decay nor adaptation, as with ``tvlars.param_groups``, and a tensor
@@ -38,7 +38,12 @@ from tvlars import LAMB, LARS, TVLARS
 
 def adapt_as_tvlars(params) -> list[dict]:
     """``params`` (tensors or groups) as groups that all set ``adapt``: a group without it
-    splits into its tensors of two or more dimensions (adapted) and its 1-D ones (not)."""
+    splits into its tensors of two or more dimensions (adapted) and its 1-D ones (not).
+
+    Args:
+        params (iterable of Tensor or dict): what timm's ``create_optimizer_v2`` hands an
+            optimizer class: tensors, or groups (timm's, or ``param_group_fn``'s).
+    """
     if isinstance(params, torch.Tensor):
         return params  # not an iterable of tensors: torch's own error says so
     groups = list(params)
