@@ -47,24 +47,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._scalars import (HEAVY_BALL, LOOK_AHEAD, LAMBOptions, LARSOptions, PerDevice, Scalar, Scalars,
+from ._scalars import (HEAVY_BALL, LOOK_AHEAD, LAMBOptions, LARSOptions, PerDevice, Scalar, Scalars, buckets,
                        lamb_bias_corrections, norm_dtype)
 
 WORKSPACE_BYTES = 128 << 20  # the most workspace a bucket holds during a step
 BUCKET_SHARE = 0.5  # and at most this share of the bucket's own bytes ...
 MIN_WORKSPACE_BYTES = 1 << 20  # ... unless that is below this
 PIECES_PER_CHUNK = 4  # a piece of a layer is at most this fraction of a chunk
-
-
-def _buckets(params: list[Tensor]) -> list[tuple[int, int]]:
-    """Contiguous [start, end) ranges of ``params`` sharing device and dtype (the optimizer
-    orders each group's layers so)."""
-    ranges, start = [], 0
-    for i in range(1, len(params) + 1):
-        if i == len(params) or (params[i].device, params[i].dtype) != (params[start].device, params[start].dtype):
-            ranges.append((start, i))
-            start = i
-    return ranges
 
 
 def add_scalar_(tensors: list[Tensor], value: Tensor) -> None:
@@ -285,7 +274,7 @@ def _lars_direction(chunk: _Chunk, workspace: Tensor, options: LARSOptions) -> t
 
 def _multi_tensor_lars_measure(params, grads, options: LARSOptions):
     norms = []
-    for start, end in _buckets(params):
+    for start, end in buckets(params):
         params_here, grads_here = params[start:end], grads[start:end]
         device, dtype = params_here[0].device, params_here[0].dtype
         plan = _lars_plan(list(zip(params_here, grads_here)), dtype)
@@ -304,7 +293,7 @@ def _multi_tensor_lars_measure(params, grads, options: LARSOptions):
 
 def _multi_tensor_lars_apply(params, grads, bufs, steps, options: LARSOptions, scalars: Scalars, work=None) -> None:
     scales, oks = PerDevice(scalars.scale), PerDevice(scalars.ok)
-    for start, end in _buckets(params):
+    for start, end in buckets(params):
         params_here = params[start:end]
         device, dtype = params_here[0].device, params_here[0].dtype
         layers = list(zip(params_here, grads[start:end], bufs[start:end])) if options.buffered \
@@ -386,8 +375,8 @@ class _LAMBBucket:
 
 
 def _lamb_buckets(params, grads, ms, vs, steps, options: LAMBOptions) -> list[_LAMBBucket]:
-    buckets = []
-    for start, end in _buckets(params):
+    found = []
+    for start, end in buckets(params):
         dtype = params[start].dtype
         scalar_dtype = _scalar_dtype(dtype)
         plan = _Plan(list(zip(params[start:end], grads[start:end], ms[start:end], vs[start:end])),
@@ -396,8 +385,8 @@ def _lamb_buckets(params, grads, ms, vs, steps, options: LAMBOptions) -> list[_L
         if options.bias_correction:
             bc1, bc2_sqrt = lamb_bias_corrections(torch.stack(steps[start:end]), options)
             corrections = (bc1.to(scalar_dtype).unbind(), bc2_sqrt.to(scalar_dtype).unbind())
-        buckets.append(_LAMBBucket(start, end, plan, corrections))
-    return buckets
+        found.append(_LAMBBucket(start, end, plan, corrections))
+    return found
 
 
 def _lamb_workspaces(plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
@@ -409,9 +398,9 @@ def _lamb_workspaces(plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, options: LAMBOptions):
-    buckets = _lamb_buckets(params, grads, ms, vs, steps, options)
+    lamb_buckets = _lamb_buckets(params, grads, ms, vs, steps, options)
     norms = []
-    for bucket in buckets:
+    for bucket in lamb_buckets:
         plan = bucket.plan
         device = params[bucket.start].device
         m_space, v_space, scalar_space = _lamb_workspaces(plan)
@@ -423,7 +412,7 @@ def _multi_tensor_lamb_measure(params, grads, ms, vs, steps, options: LAMBOption
         del m_space, v_space, scalar_space
         w_norms = _norms(plan.tensors(0), device)
         norms.append(torch.stack([plan.layer_norms(w_norms), plan.layer_norms(torch.cat(u_norms))]))
-    return torch.cat([n.to(norms[0].device) for n in norms], dim=1), buckets
+    return torch.cat([n.to(norms[0].device) for n in norms], dim=1), lamb_buckets
 
 
 def _multi_tensor_lamb_apply(params, grads, ms, vs, steps, options: LAMBOptions, scalars: Scalars, work=None) -> None:
